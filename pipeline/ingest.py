@@ -1,0 +1,267 @@
+"""Ingest: a video, a folder of images or a .zip of images → `frames/images/*.jpg` + `frames/frames.json`.
+
+For a video, the time range is cut into `frames.max` equal windows and the sharpest frame of each
+(variance of the Laplacian) is kept; then frames that barely differ from the one kept before them
+are dropped. Every decision is recorded in frames.json with its reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import FramesConfig
+from .errors import InputError
+from .stages import StageContext
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".m4v", ".avi"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+JPEG_QUALITY = 95
+THUMB = 64  # long side of the thumbnails compared for near-duplicates
+
+
+def input_kind(path: Path) -> str:
+    """'video', 'images' (a folder) or 'zip', or a clear error saying what is accepted."""
+    if not path.exists():
+        raise InputError(f"Input {path} does not exist.")
+    if path.is_dir():
+        return "images"
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
+    if suffix == ".zip":
+        return "zip"
+    if suffix in IMAGE_SUFFIXES:
+        raise InputError(
+            f"Input {path} is a single image; a reconstruction needs many views.",
+            hint="Pass the folder that holds the photos, a .zip of them, or a video.",
+        )
+    raise InputError(
+        f"Input {path} has an unsupported type '{suffix or '(none)'}'.",
+        hint="Use a video (.mp4 .mov .mkv .webm), a folder of .jpg/.png images, or a .zip of them.",
+    )
+
+
+def sharpness(gray: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian: low for blurred frames."""
+    lap = -4 * gray[1:-1, 1:-1] + gray[:-2, 1:-1] + gray[2:, 1:-1] + gray[1:-1, :-2] + gray[1:-1, 2:]
+    return float(lap.var())
+
+
+def _gray(img: Image.Image, long_side: int) -> np.ndarray:
+    scale = min(1.0, long_side / max(img.size))
+    small = img.convert("L").resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    return np.asarray(small, np.float32)
+
+
+def fit(img: Image.Image, max_side: int) -> Image.Image:
+    """Downscale (never upscale) so the long side fits max_side."""
+    if max(img.size) <= max_side:
+        return img
+    scale = max_side / max(img.size)
+    return img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+
+
+@dataclass
+class Candidate:
+    image: Image.Image
+    source: str
+    time: float | None
+    sharpness: float
+    reason: str
+
+
+# ---------------------------------------------------------------- video
+
+
+def _open_video(path: Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.InvalidDataError, av.error.FFmpegError, OSError) as exc:
+        raise InputError(f"Input {path} is not a readable video ({exc.__class__.__name__}: {exc}).") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"Input {path} has no video stream.")
+    return container
+
+
+def _decode(path: Path) -> Iterator[tuple[float, Image.Image]]:
+    import av
+
+    container = _open_video(path)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    rate = float(stream.average_rate or 30)
+    index = 0
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            t = float(frame.time) if frame.time is not None else index / rate
+            yield t, frame.to_image()
+    except av.error.FFmpegError as exc:
+        raise InputError(f"Input {path} could not be decoded past {index} frames ({exc}).") from None
+    finally:
+        container.close()
+
+
+def _duration(path: Path) -> float | None:
+    container = _open_video(path)
+    try:
+        stream = container.streams.video[0]
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base)
+        if container.duration is not None:
+            return container.duration / 1e6
+        return None
+    finally:
+        container.close()
+
+
+def sample_video(path: Path, cfg: FramesConfig, progress) -> tuple[list[Candidate], dict[str, Any]]:
+    """The sharpest frame in each of `cfg.max` equal windows of [start, stop)."""
+    duration = _duration(path)
+    if duration is None:  # some containers do not say: count by decoding once
+        duration = max((t for t, _ in _decode(path)), default=0.0) + 1e-3
+    start = cfg.start or 0.0
+    stop = min(cfg.stop, duration) if cfg.stop is not None else duration
+    if start >= duration:
+        raise InputError(f"frames.start ({start} s) is past the end of {path} ({duration:.2f} s long).")
+    span = max(stop - start, 1e-6)
+    windows = cfg.max
+    best: dict[int, Candidate] = {}
+    decoded = 0
+    for t, img in _decode(path):
+        decoded += 1
+        if t < start or t >= stop:
+            continue
+        window = min(int((t - start) / span * windows), windows - 1)
+        score = sharpness(_gray(img, 512))
+        if window not in best or score > best[window].sharpness:
+            best[window] = Candidate(img, f"{path.name}@{t:.3f}s", t, score, f"sharpest frame of window {window + 1}/{windows}")
+        if decoded % 10 == 0:
+            progress(min(0.95, (t - start) / span), f"decoding {t:.1f}/{stop:.1f} s")
+    if decoded == 0:
+        raise InputError(f"Input {path} holds no decodable video frames.")
+    if decoded == 1:
+        raise InputError(
+            f"Input {path} has only 1 frame; a reconstruction needs the camera to move through many views.",
+            hint="Record a few seconds while walking around the subject.",
+        )
+    picked = [best[k] for k in sorted(best)]
+    return picked, {"decoded_frames": decoded, "duration_s": round(duration, 3), "windows": windows,
+                    "start_s": start, "stop_s": round(stop, 3)}
+
+
+# ---------------------------------------------------------------- images
+
+
+def _image_sources(path: Path, kind: str) -> Iterable[tuple[str, bytes]]:
+    if kind == "images":
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        for file in files:
+            yield file.name, file.read_bytes()
+        return
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise InputError(f"Input {path} is not a readable .zip archive.") from None
+    with archive:
+        names = sorted(
+            n for n in archive.namelist()
+            if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX/")
+            and not Path(n).name.startswith(".")
+        )
+        for name in names:  # names are only read, never used as paths: no zip-slip
+            yield name, archive.read(name)
+
+
+def load_images(path: Path, kind: str, cfg: FramesConfig, progress) -> tuple[list[Candidate], dict[str, Any]]:
+    sources = list(_image_sources(path, kind))
+    if not sources:
+        raise InputError(f"Input {path} holds no .jpg or .png images.")
+    skipped = []
+    picked: list[Candidate] = []
+    # More photos than frames.max: keep an even spread, in name order.
+    keep = set(np.linspace(0, len(sources) - 1, num=min(cfg.max, len(sources))).round().astype(int).tolist())
+    for i, (name, data) in enumerate(sources):
+        if i not in keep:
+            skipped.append({"source": name, "kept": False, "reason": f"over frames.max ({cfg.max}): evenly thinned"})
+            continue
+        try:
+            img = Image.open(io.BytesIO(data))
+            img = ImageOps.exif_transpose(img)  # phones store portrait shots rotated, with an EXIF flag
+            img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            skipped.append({"source": name, "kept": False, "reason": f"unreadable image ({exc})"})
+            continue
+        picked.append(Candidate(img, name, None, sharpness(_gray(img, 512)), "photo"))
+        progress(0.9 * (i + 1) / len(sources), f"reading {name}")
+    return picked, {"files": len(sources), "skipped": skipped}
+
+
+# ---------------------------------------------------------------- stage
+
+
+def drop_near_duplicates(frames: list[Candidate], min_difference: float) -> tuple[list[Candidate], list[dict]]:
+    kept: list[Candidate] = []
+    dropped = []
+    last = None
+    for cand in frames:
+        thumb = _gray(cand.image, THUMB)
+        if last is not None and thumb.shape == last.shape:
+            diff = float(np.abs(thumb - last).mean())
+            if diff < min_difference:
+                dropped.append({"source": cand.source, "kept": False, "sharpness": round(cand.sharpness, 2),
+                                "reason": f"near-duplicate of {kept[-1].source} (difference {diff:.2f} < {min_difference})"})
+                continue
+        kept.append(cand)
+        last = thumb
+    return kept, dropped
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.config.frames
+    path = ctx.input
+    kind = input_kind(path)
+    if kind == "video":
+        candidates, info = sample_video(path, cfg, ctx.progress)
+        rejected = []
+    else:
+        candidates, info = load_images(path, kind, cfg, ctx.progress)
+        rejected = info.pop("skipped")
+    kept, dupes = drop_near_duplicates(candidates, cfg.min_difference)
+    rejected += dupes
+    if len(kept) < 2:
+        raise InputError(
+            f"Input {path} gave {len(kept)} usable frame{'s' if len(kept) != 1 else ''}; at least 2 distinct views are needed.",
+            hint="Use a capture where the camera moves around the subject.",
+        )
+
+    out = ctx.dir("frames") / "images"
+    if out.exists():
+        for old in out.iterdir():
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    sizes = set()
+    for i, cand in enumerate(kept):
+        img = fit(cand.image, cfg.max_side)
+        name = f"frame_{i:05d}.jpg"
+        img.save(out / name, quality=JPEG_QUALITY)
+        sizes.add(img.size)
+        records.append({"file": name, "source": cand.source, "time_s": cand.time, "kept": True,
+                        "sharpness": round(cand.sharpness, 2), "reason": cand.reason, "size": list(img.size)})
+    (ctx.dir("frames") / "frames.json").write_text(
+        json.dumps({"input": str(path), "kind": kind, **info, "frames": records, "rejected": rejected}, indent=2)
+    )
+    ctx.progress(1.0, f"{len(kept)} frames")
+    return {"kind": kind, "kept": len(kept), "rejected": len(rejected), "candidates": len(candidates),
+            "same_size": len(sizes) == 1, **{k: v for k, v in info.items() if k != "files"}}

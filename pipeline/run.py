@@ -1,0 +1,49 @@
+"""Run the pipeline: the stages in order (or the ones asked for), skipping what is up to date."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from . import export, ingest, sfm, train
+from .config import PipelineConfig
+from .errors import InputError
+from .stages import GROUPS, STAGES, RunSummary, StageContext, run_stage
+
+STAGE_FUNCTIONS = {"frames": ingest.run, "sfm": sfm.run, "train": train.run, "export": export.run}
+STAGE_CHOICES = tuple(GROUPS) + tuple(s for s in STAGES if s not in GROUPS)
+
+
+def stages_for(selection: str) -> tuple[str, ...]:
+    if selection in GROUPS:
+        return GROUPS[selection]
+    if selection in STAGES:
+        return (selection,)
+    raise InputError(f"--stage must be one of {', '.join(STAGE_CHOICES)}, got '{selection}'.")
+
+
+def run_pipeline(
+    input_path: Path | None,
+    work: Path,
+    config: PipelineConfig,
+    *,
+    stage: str = "all",
+    force: bool = False,
+    on_stage: Callable[[str], Callable[[float, str], None]] = lambda name: (lambda f, n: None),
+    on_done: Callable[[str, dict, bool], None] = lambda name, manifest, skipped: None,
+) -> RunSummary:
+    """Run `stage` (a stage or a group) in `work`. `on_stage(name)` returns that stage's progress
+    callback; `on_done(name, manifest, skipped)` is told when each one ends."""
+    selected = stages_for(stage)
+    if "frames" in selected and input_path is None:
+        raise InputError("INPUT is required for the frames stage: a video, a folder of images or a .zip of images.")
+    if input_path is not None:
+        ingest.input_kind(input_path)  # fail on a bad input before any work starts
+    work.mkdir(parents=True, exist_ok=True)
+    summary = RunSummary(work)
+    for name in selected:
+        ctx = StageContext(work=work, config=config, input=input_path, progress=on_stage(name))
+        result = run_stage(name, STAGE_FUNCTIONS[name], ctx, force=force)
+        summary.results.append(result)
+        on_done(name, result.manifest, result.skipped)
+    return summary
