@@ -5,8 +5,9 @@
 - .splat: 32 bytes a Gaussian (position, linear scale as float32; RGBA and the wxyz quaternion as
   bytes), the antimatter15 viewer format. gsplat's `export_splats`.
 - .spz: Niantic's gzipped, quantised format. gsplat has no writer, so this module writes version 3
-  (smallest-three quaternions), converting from the PLY axes (right-down-front) to SPZ's
-  right-up-back as the reference library does when it converts a .ply.
+  (smallest-three quaternions). Axes are stored as trained, like the .ply (the reference library's
+  default `from: UNSPECIFIED`), which is what splat-transform and Spark read back, so the .ply and
+  the .spz of one job line up in the same viewer.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ import torch
 SPZ_MAGIC = 0x5053474E  # "NGSP"
 SPZ_VERSION = 3
 SPZ_COLOR_SCALE = 0.15
-# RDF (PLY) → RUB (SPZ): y and z flip; quaternion x stays, y and z flip; SH coefficients by parity.
-SPZ_FLIP_P = np.array([1, -1, -1], np.float32)
-SPZ_FLIP_Q = np.array([1, -1, -1], np.float32)  # applied to (x, y, z) of an xyzw quaternion
-SPZ_FLIP_SH = np.array([-1, -1, 1, -1, 1, 1, -1, 1, -1, 1, -1, -1, 1, -1, 1], np.float32)
 
 
 def write_ply_or_splat(params: dict[str, torch.Tensor], sh_degree: int, fmt: str, path: Path) -> None:
@@ -65,7 +62,7 @@ def _quantize_sh(x: np.ndarray, bits: int) -> np.ndarray:
 
 def spz_bytes(params: dict[str, torch.Tensor], sh_degree: int) -> bytes:
     """Encode Gaussians as SPZ version 3 (before gzip: 16-byte header, then attribute arrays)."""
-    means = params["means"].numpy().astype(np.float32) * SPZ_FLIP_P
+    means = params["means"].numpy().astype(np.float32)
     n = len(means)
     # 24-bit fixed point: 12 fractional bits unless the scene is too large for them
     extent = float(np.abs(means).max()) if n else 0.0
@@ -77,11 +74,11 @@ def spz_bytes(params: dict[str, torch.Tensor], sh_degree: int) -> bytes:
     colors = _u8(params["sh0"].reshape(n, 3).numpy() * (SPZ_COLOR_SCALE * 255.0) + 127.5)
     scales = _u8((params["scales"].numpy() + 10.0) * 16.0)
     wxyz = params["quats"].numpy().astype(np.float32)
-    xyzw = np.concatenate([wxyz[:, 1:] * SPZ_FLIP_Q, wxyz[:, :1]], axis=1)
+    xyzw = np.concatenate([wxyz[:, 1:], wxyz[:, :1]], axis=1)
     rotations = _smallest_three(xyzw)
 
     k = (sh_degree + 1) ** 2 - 1
-    sh = params["shN"][:, :k].numpy().astype(np.float32) * SPZ_FLIP_SH[:k, None]  # [n, k, 3], rgb fastest
+    sh = params["shN"][:, :k].numpy().astype(np.float32)  # [n, k, 3]: colour fastest, as SPZ stores it
     sh_bytes = np.concatenate([_quantize_sh(sh[:, :3], 5), _quantize_sh(sh[:, 3:], 4)], axis=1) if k else sh
 
     header = struct.pack("<IIIBBBB", SPZ_MAGIC, SPZ_VERSION, n, sh_degree, frac_bits, 0, 0)

@@ -87,7 +87,8 @@ def _open_video(path: Path):
     try:
         container = av.open(str(path))
     except (av.error.InvalidDataError, av.error.FFmpegError, OSError) as exc:
-        raise InputError(f"Input {path} is not a readable video ({exc.__class__.__name__}: {exc}).") from None
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"Input {path} is not a readable video ({reason}).") from None
     if not container.streams.video:
         container.close()
         raise InputError(f"Input {path} has no video stream.")

@@ -1,0 +1,160 @@
+"""The container's entrypoint: one image for Bacalhau jobs and SageMaker training jobs.
+
+Bacalhau (`codsplat-entrypoint bacalhau ...`): inputs are mounted where the job spec puts them and
+results go to the result path that the S3 publisher uploads. A split job passes the previous
+stages' published folders as `--upstream` mounts; only the stages run here are written to `--out`,
+so each stage publishes its own folder and nothing twice:
+
+    codsplat-entrypoint bacalhau --stage preprocess --input /inputs/media --config /inputs/job/job.json --out /outputs
+    codsplat-entrypoint bacalhau --stage train  --upstream /inputs/preprocess --config ... --out /outputs
+    codsplat-entrypoint bacalhau --stage export --upstream /inputs/preprocess --upstream /inputs/train --config ... --out /outputs
+
+SageMaker (`codsplat-entrypoint train`, which is how SageMaker starts an image): the media channel is
+`/opt/ml/input/data/media`, settings come from `/opt/ml/input/config/hyperparameters.json` (string
+values: `preset`, `stage`, and `settings` holding the job's pipeline sections as JSON). The work
+directory is `/opt/ml/checkpoints` when SageMaker syncs one (so a restarted job resumes finished
+stages), else `/opt/ml/model`; the exports are copied to `/opt/ml/model`. On failure the reason goes
+to `/opt/ml/output/failure`, which SageMaker shows as the job's FailureReason.
+
+Every failure also leaves `error.json` in the output folder with the stage, message and exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import build_config, load_settings
+from .errors import EXIT_INTERNAL, InputError, PipelineError
+from .ingest import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from .run import STAGE_CHOICES, run_pipeline, stages_for
+from .stages import STAGES
+
+SM_ROOT_ENV = "CODSPLAT_SAGEMAKER_ROOT"  # lets tests point SageMaker mode at a folder of their own
+
+
+def resolve_media(path: Path) -> Path:
+    """A mounted input is a file, or a folder holding one video/zip, or a folder of images."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise InputError(f"Input mount {path} does not exist.")
+    files = [p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    single = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES | {".zip"}]
+    if len(single) == 1:
+        return single[0]
+    if len(single) > 1:
+        raise InputError(f"Input mount {path} holds {len(single)} videos or archives; a job takes one.")
+    images = {p.parent for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    if len(images) == 1:
+        return images.pop()
+    raise InputError(f"Input mount {path} holds no video, .zip or folder of images.")
+
+
+def assemble_work(scratch: Path, upstream: list[Path], out: Path, stages: tuple[str, ...]) -> Path:
+    """A work directory whose earlier stages link to the read-only upstream mounts and whose
+    stages to run link into `out`, so that only they are published."""
+    work = scratch / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    for mount in upstream:
+        for stage in STAGES:
+            if (mount / stage).is_dir() and stage not in stages:
+                (work / stage).symlink_to((mount / stage).resolve(), target_is_directory=True)
+    for stage in stages:
+        (out / stage).mkdir(parents=True, exist_ok=True)
+        link = work / stage
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(out.resolve() / stage, target_is_directory=True)
+    return work
+
+
+def _write_error(out: Path, exc: PipelineError) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "error.json").write_text(json.dumps(exc.to_dict(), indent=2))
+
+
+def bacalhau(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    try:
+        stages = stages_for(args.stage)
+        config = load_settings(Path(args.config) if args.config else None, args.preset)
+        media = resolve_media(Path(args.input)) if args.input else None
+        with tempfile.TemporaryDirectory(prefix="codsplat-") as scratch:
+            work = assemble_work(Path(scratch), [Path(u) for u in args.upstream], out, stages)
+            summary = run_pipeline(media, work, config, stage=args.stage,
+                                   on_done=lambda name, m, skipped: print(json.dumps(
+                                       {"stage": name, "skipped": skipped, "seconds": m["seconds"],
+                                        "stats": m["stats"]}), flush=True))
+        print(json.dumps({"ok": True, "stages": [r.stage for r in summary.results]}), flush=True)
+        return 0
+    except PipelineError as exc:
+        _write_error(out, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def sagemaker(root: Path) -> int:
+    failure = root / "output" / "failure"
+    model = root / "model"
+    try:
+        hp_path = root / "input" / "config" / "hyperparameters.json"
+        hp = json.loads(hp_path.read_text()) if hp_path.is_file() else {}
+        unknown = set(hp) - {"preset", "stage", "settings"}
+        if unknown:
+            raise InputError(f"Unknown hyperparameters {sorted(unknown)}; valid: preset, stage, settings.")
+        try:
+            settings = json.loads(hp.get("settings", "{}")) if isinstance(hp.get("settings", "{}"), str) else hp["settings"]
+        except json.JSONDecodeError as exc:
+            raise InputError(f"Hyperparameter 'settings' is not valid JSON: {exc.msg}.") from None
+        config = build_config(settings, hp.get("preset"))
+        stage = hp.get("stage", "all")
+        stages_for(stage)
+        media_dir = root / "input" / "data" / "media"
+        media = resolve_media(media_dir) if "frames" in stages_for(stage) else None
+        checkpoints = root / "checkpoints"
+        work = checkpoints if checkpoints.is_dir() else model
+        run_pipeline(media, work, config, stage=stage)
+        if work != model and (work / "export").is_dir():
+            shutil.copytree(work / "export", model / "export", dirs_exist_ok=True)
+        return 0
+    except PipelineError as exc:
+        code = exc.exit_code
+        message = str(exc)
+    except Exception as exc:  # SageMaker needs the reason in the failure file, whatever it is
+        code = EXIT_INTERNAL
+        message = f"Internal error: {exc.__class__.__name__}: {exc}"
+    failure.parent.mkdir(parents=True, exist_ok=True)
+    failure.write_text(message[:1024])
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # SageMaker runs `docker run IMAGE train`
+        sys.exit(sagemaker(Path(os.environ.get(SM_ROOT_ENV, "/opt/ml"))))
+    if argv[:1] != ["bacalhau"]:
+        from .cli import main as cli_main  # anything else is the ordinary command line
+
+        sys.argv = ["codsplat", *argv]
+        cli_main()
+        return
+    parser = argparse.ArgumentParser(prog="codsplat-entrypoint bacalhau")
+    parser.add_argument("--stage", default="all", choices=STAGE_CHOICES)
+    parser.add_argument("--input", help="mounted media: a file, or a folder with one video/zip or with images")
+    parser.add_argument("--upstream", action="append", default=[], help="a mounted folder of earlier stages' outputs")
+    parser.add_argument("--config", help="the job document (JSON or YAML)")
+    parser.add_argument("--preset", choices=("tiny", "fast", "quality"))
+    parser.add_argument("--out", required=True, help="the result path the publisher uploads")
+    args = parser.parse_args(argv[1:])
+    sys.exit(bacalhau(args))
+
+
+if __name__ == "__main__":
+    main()

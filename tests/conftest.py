@@ -1,0 +1,62 @@
+"""Shared fixtures: the sample capture, a whole tiny run of it, and a way to call the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "sample.mp4"
+SPLAT_TRANSFORM = ROOT / "node_modules" / ".bin" / "splat-transform"
+# A quick configuration for tests that exercise stages rather than quality.
+QUICK = {"train": {"steps": 100, "refine_start": 40, "refine_stop": 90, "refine_every": 25}, "export": {"min_psnr": 5.0}}
+
+
+def codsplat(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the command line as a user would, in a separate process."""
+    return subprocess.run(
+        [sys.executable, "-m", "codsplat.pipeline.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def entrypoint(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "codsplat.pipeline.entrypoint", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_video() -> Path:
+    assert SAMPLE.is_file(), "examples/sample.mp4 is missing: run python examples/make_sample.py"
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def quick_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "quick.json"
+    path.write_text(json.dumps(QUICK))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, sample_video):
+    """The README's sample job: the whole pipeline on the sample at the tiny preset, once."""
+    work = tmp_path_factory.mktemp("tiny") / "run"
+    proc = codsplat("run", sample_video, "--preset", "tiny", "--out", work, "--json")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return work, json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def splat_transform() -> Path:
+    assert SPLAT_TRANSFORM.exists(), "run `npm ci` at the repository root (the .ci/run script does)"
+    assert shutil.which("node"), "node is needed for the third-party splat reader"
+    return SPLAT_TRANSFORM

@@ -1,0 +1,64 @@
+"""Settings: presets, layering, and every error reported at once with its path."""
+
+import json
+
+import pytest
+
+from codsplat.pipeline.config import PipelineConfig, build_config, load_settings
+from codsplat.pipeline.errors import InputError
+
+
+def problems(settings, preset=None) -> str:
+    with pytest.raises(InputError) as info:
+        build_config(settings, preset)
+    return info.value.message
+
+
+def test_defaults_presets_and_user_keys_layer_in_that_order():
+    assert build_config({}).train.steps == 30000
+    tiny = build_config({}, "tiny")
+    assert tiny.train.steps == 600 and tiny.frames.max == 30 and tiny.preset == "tiny"
+    mine = build_config({"preset": "tiny", "train": {"steps": 250}})
+    assert mine.train.steps == 250 and mine.train.max_side == 80  # preset kept for the other keys
+
+
+def test_every_error_is_reported_with_its_path():
+    msg = problems({"train": {"steps": 5, "sh_degree": 7}, "frames": {"max_side": "big"}})
+    assert "3 problems" in msg
+    assert "train.steps: must be ≥ 100, got 5" in msg
+    assert "train.sh_degree: must be ≤ 3, got 7" in msg
+    assert 'frames.max_side: must be an integer, got "big"' in msg
+
+
+def test_unknown_keys_name_the_closest_valid_one():
+    assert "train.stepz: unknown key; did you mean 'steps'?" in problems({"train": {"stepz": 100}})
+    assert "trian: unknown key; did you mean 'train'?" in problems({"trian": {}})
+
+
+def test_types_are_real_types():
+    assert "sfm.loop_detection: must be true or false" in problems({"sfm": {"loop_detection": "true"}})
+    assert "train.steps: must be an integer" in problems({"train": {"steps": "1000"}})
+    assert build_config({"train": {"ssim_lambda": 0}}).train.ssim_lambda == 0.0  # an int is a fine number
+
+
+def test_choices_and_cross_field_rules():
+    assert "must be one of" in problems({"sfm": {"matcher": "fuzzy"}})
+    assert "frames.stop (1.0) must be after frames.start (2.0)" in problems({"frames": {"start": 2.0, "stop": 1.0}})
+    assert "preset: must be one of tiny, fast, quality" in problems({}, "huge")
+
+
+def test_files_json_yaml_and_job_documents(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  steps: 300\n")
+    assert load_settings(tmp_path / "a.yaml").train.steps == 300
+    (tmp_path / "job.json").write_text(json.dumps({"version": 1, "input": "s3://b/k.mp4", "train": {"steps": 200}}))
+    assert load_settings(tmp_path / "job.json").train.steps == 200
+    (tmp_path / "bad.json").write_text('{"train": {"steps": 100,}}')
+    with pytest.raises(InputError, match=r"bad.json is not valid JSON: .* line 1"):
+        load_settings(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="does not exist"):
+        load_settings(tmp_path / "missing.json")
+
+
+def test_each_stage_section_is_separate_for_fingerprints():
+    cfg = PipelineConfig()
+    assert set(cfg.section("export")) == {"formats", "min_psnr", "previews"}

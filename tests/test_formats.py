@@ -1,0 +1,106 @@
+"""Exports are read back by third-party readers: plyfile for .ply, splat-transform for all three."""
+
+import csv
+import gzip
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from plyfile import PlyData
+
+from codsplat.pipeline import formats
+
+
+def cloud(n=500, sh_degree=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = (sh_degree + 1) ** 2 - 1
+    return {
+        "means": (torch.rand(n, 3, generator=g) - 0.5) * 8,
+        "scales": torch.rand(n, 3, generator=g) * 4 - 6,
+        "quats": torch.randn(n, 4, generator=g),
+        "opacities": torch.randn(n, generator=g) * 2,
+        "sh0": torch.rand(n, 1, 3, generator=g) * 2 - 1,
+        "shN": (torch.rand(n, k, 3, generator=g) - 0.5) * 0.8,
+    }
+
+
+def read_csv(splat_transform, path, tmp_path):
+    out = tmp_path / f"{path.name}.csv"
+    proc = subprocess.run([splat_transform, "-q", "-w", path, out], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    return {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
+
+
+def same_rotation(q_wxyz, cols):
+    a = q_wxyz / np.linalg.norm(q_wxyz, axis=1, keepdims=True)
+    b = np.stack([cols[f"rot_{i}"] for i in range(4)], 1)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.abs((a * b).sum(1))  # 1 = same rotation (q and -q are one rotation)
+
+
+def test_ply_has_the_standard_3dgs_layout(tmp_path):
+    params = cloud(sh_degree=3)
+    path = tmp_path / "s.ply"
+    formats.write(params, 3, "ply", path)
+    ply = PlyData.read(str(path))
+    v = ply["vertex"]
+    names = [p.name for p in v.properties]
+    assert names[:3] == ["x", "y", "z"] and names[3:6] == ["f_dc_0", "f_dc_1", "f_dc_2"]
+    assert names[6:51] == [f"f_rest_{i}" for i in range(45)]
+    assert names[51:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert ply.text is False and ply.byte_order == "<"
+    np.testing.assert_allclose(v["opacity"], params["opacities"].numpy(), rtol=0, atol=1e-6)  # logit
+    np.testing.assert_allclose(v["scale_1"], params["scales"][:, 1].numpy(), atol=1e-6)  # log
+    np.testing.assert_allclose(v["rot_0"], params["quats"][:, 0].numpy(), atol=1e-6)  # w first
+    # f_rest runs channel by channel: all red coefficients, then green, then blue
+    np.testing.assert_allclose(v["f_rest_15"], params["shN"][:, 0, 1].numpy(), atol=1e-6)
+
+
+def test_ply_and_splat_read_by_splat_transform(tmp_path, splat_transform):
+    params = cloud(sh_degree=1)
+    for fmt in ("ply", "splat"):
+        path = tmp_path / f"s.{fmt}"
+        formats.write(params, 1, fmt, path)
+        cols = read_csv(splat_transform, path, tmp_path)
+        assert len(cols["x"]) == 500
+        # .splat is re-ordered by the writer; match Gaussians by position
+        order = np.lexsort((cols["z"], cols["y"], cols["x"]))
+        mine = params["means"].numpy()
+        ref = np.lexsort((mine[:, 2], mine[:, 1], mine[:, 0]))
+        np.testing.assert_allclose(cols["x"][order], mine[ref, 0], atol=1e-5)
+        np.testing.assert_allclose(cols["scale_0"][order], params["scales"][ref, 0].numpy(), atol=1e-4)
+        assert same_rotation(params["quats"][ref].numpy(), {k: v[order] for k, v in cols.items()}).min() > (0.999 if fmt == "ply" else 0.97)
+
+
+def test_spz_version_3_header(tmp_path):
+    path = tmp_path / "s.spz"
+    formats.write(cloud(n=7, sh_degree=2), 2, "spz", path)
+    raw = gzip.decompress(path.read_bytes())
+    magic, version, n, sh_degree, frac_bits, flags, reserved = struct.unpack("<IIIBBBB", raw[:16])
+    assert (magic, version, n, sh_degree, frac_bits, flags, reserved) == (0x5053474E, 3, 7, 2, 12, 0, 0)
+    assert len(raw) == 16 + 7 * (9 + 1 + 3 + 3 + 4 + 8 * 3)
+
+
+@pytest.mark.parametrize("sh_degree", [0, 1, 3])
+def test_spz_read_by_splat_transform_within_quantisation(tmp_path, splat_transform, sh_degree):
+    params = cloud(sh_degree=sh_degree, seed=sh_degree)
+    path = tmp_path / "s.spz"
+    formats.write(params, sh_degree, "spz", path)
+    cols = read_csv(splat_transform, path, tmp_path)
+    p = {k: v.numpy() for k, v in params.items()}
+    for i, axis in enumerate("xyz"):
+        np.testing.assert_allclose(cols[axis], p["means"][:, i], atol=1.5 / 4096)
+        np.testing.assert_allclose(cols[f"scale_{i}"], p["scales"][:, i], atol=1 / 32 + 1e-4)
+        np.testing.assert_allclose(cols[f"f_dc_{i}"], p["sh0"][:, 0, i], atol=0.5 / (0.15 * 255) + 1e-3)
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    np.testing.assert_allclose(sigmoid(cols["opacity"]), sigmoid(p["opacities"]), atol=0.6 / 255)
+    assert same_rotation(p["quats"], cols).min() > 0.998
+    k = (sh_degree + 1) ** 2 - 1
+    for j in range(k):  # f_rest_{c*k + j}: channel-major, as in .ply
+        step = 8 / 128 if j < 3 else 16 / 128
+        for c in range(3):
+            np.testing.assert_allclose(cols[f"f_rest_{c * k + j}"], p["shN"][:, j, c], atol=step / 2 + 1 / 128)
