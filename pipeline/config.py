@@ -107,10 +107,11 @@ def preset_settings(name: str) -> dict[str, Any]:
     return json.loads((PRESET_DIR / f"{name}.json").read_text())
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """Deep-merge `over` into `base` (objects merge, everything else replaces)."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -120,7 +121,7 @@ def build_config(settings: dict[str, Any] | None = None, preset: str | None = No
     name = preset or settings.get("preset")
     if name is not None and name not in PRESETS:
         raise InputError(f"preset: must be one of {', '.join(PRESETS)}, got {name!r}.")
-    layered = _merge(preset_settings(name), settings) if name else settings
+    layered = merge(preset_settings(name), settings) if name else settings
     if name:
         layered["preset"] = name
     try:

@@ -83,7 +83,14 @@ def bacalhau(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         stages = stages_for(args.stage)
-        config = load_settings(Path(args.config) if args.config else None, args.preset)
+        if args.settings:
+            try:
+                settings = json.loads(args.settings)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"--settings is not valid JSON: {exc.msg}.") from None
+            config = build_config(settings, args.preset)
+        else:
+            config = load_settings(Path(args.config) if args.config else None, args.preset)
         media = resolve_media(Path(args.input)) if args.input else None
         with tempfile.TemporaryDirectory(prefix="codsplat-") as scratch:
             work = assemble_work(Path(scratch), [Path(u) for u in args.upstream], out, stages)
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", help="mounted media: a file, or a folder with one video/zip or with images")
     parser.add_argument("--upstream", action="append", default=[], help="a mounted folder of earlier stages' outputs")
     parser.add_argument("--config", help="the job document (JSON or YAML)")
+    parser.add_argument("--settings", help="pipeline settings as JSON text (what the job specs pass)")
     parser.add_argument("--preset", choices=("tiny", "fast", "quality"))
     parser.add_argument("--out", required=True, help="the result path the publisher uploads")
     args = parser.parse_args(argv[1:])

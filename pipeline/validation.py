@@ -53,13 +53,16 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def explain(error: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One sentence per error, in document order."""
+def explain(error: ValidationError, model: type[BaseModel], forbidden: dict[str, str] | None = None) -> list[str]:
+    """One sentence per error, in document order. `forbidden` maps keys that are unknown on purpose
+    (a job may not pick its container image) to the reason, which replaces "did you mean"."""
     lines = []
     for err in error.errors(include_url=False):
         loc, kind, ctx, got = tuple(err["loc"]), err["type"], err.get("ctx", {}), err.get("input")
         path = _path(loc)
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and forbidden and loc[-1] in forbidden:
+            lines.append(f"{path}: not allowed; {forbidden[loc[-1]]}")
+        elif kind == "extra_forbidden":
             valid = _known_keys(model, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
@@ -69,6 +72,7 @@ def explain(error: ValidationError, model: type[BaseModel]) -> list[str]:
         elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
             sign = {"greater_than_equal": "≥", "greater_than": ">", "less_than_equal": "≤", "less_than": "<"}[kind]
             bound = next(iter(ctx.values()))
+            bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
             lines.append(f"{path}: must be {sign} {bound}, got {_show(got)}")
         elif kind in ("literal_error", "enum"):
             lines.append(f"{path}: must be one of {ctx.get('expected')}, got {_show(got)}")

@@ -21,7 +21,7 @@ QUICK = {"train": {"steps": 100, "refine_start": 40, "refine_stop": 90, "refine_
 def codsplat(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the command line as a user would, in a separate process."""
     return subprocess.run(
-        [sys.executable, "-m", "codsplat.pipeline.cli", *map(str, args)],
+        [sys.executable, "-m", "codsplat.orchestrator.cli", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})},
     )
 

@@ -1,0 +1,1 @@
+"""codsplat orchestrator: job documents, Bacalhau, the daemon and its AWS parts."""

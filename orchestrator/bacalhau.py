@@ -1,0 +1,330 @@
+"""A small typed client for Bacalhau's v1 orchestrator API, on httpx.
+
+Facts it relies on (see shared/reference/bacalhau/NOTES.md): keys are PascalCase; job states are
+strings; execution ComputeState is an integer whose numbering changed in v1.6 (so `version()` is
+read once and the numbers are mapped to `ExecutionState` names); the log WebSocket is best effort,
+state is followed by polling. Server errors become `BacalhauError` subclasses that carry the
+server's own message.
+
+    client = BacalhauClient.from_env()          # BACALHAU_API_HOST / BACALHAU_API_PORT / ...
+    job_id = client.submit(spec).job_id
+    info = client.describe(job_id)              # state, executions (with RunOutput), history
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterator
+
+import httpx
+
+DEFAULT_PORT = 1234
+
+
+class BacalhauError(Exception):
+    """The server said no. `message` is the server's own text."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, request_id: str | None = None):
+        super().__init__(f"Bacalhau {status}: {message}")
+        self.status, self.message, self.code, self.request_id = status, message, code, request_id
+
+
+class BadRequest(BacalhauError):
+    """The spec was rejected (HTTP 400); the message lists every problem, one per line."""
+
+
+class Unauthorized(BacalhauError):
+    pass
+
+
+class NotFound(BacalhauError):
+    pass
+
+
+class Unavailable(BacalhauError):
+    """The server could not be reached or answered 5xx: try again later, or fall back."""
+
+
+class JobState(str, Enum):
+    UNDEFINED = "Undefined"
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    STOPPED = "Stopped"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.STOPPED)
+
+
+class ExecutionState(str, Enum):
+    UNDEFINED = "Undefined"
+    NEW = "New"
+    ASK_FOR_BID = "AskForBid"
+    ASK_FOR_BID_ACCEPTED = "AskForBidAccepted"
+    ASK_FOR_BID_REJECTED = "AskForBidRejected"
+    BID_ACCEPTED = "BidAccepted"
+    RUNNING = "Running"
+    PUBLISHING = "Publishing"
+    BID_REJECTED = "BidRejected"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+
+# ComputeState.StateType numbers: v1.6 inserted Running and Publishing before BidRejected.
+_V16 = [ExecutionState.UNDEFINED, ExecutionState.NEW, ExecutionState.ASK_FOR_BID, ExecutionState.ASK_FOR_BID_ACCEPTED,
+        ExecutionState.ASK_FOR_BID_REJECTED, ExecutionState.BID_ACCEPTED, ExecutionState.RUNNING,
+        ExecutionState.PUBLISHING, ExecutionState.BID_REJECTED, ExecutionState.COMPLETED, ExecutionState.FAILED,
+        ExecutionState.CANCELLED]
+_V15 = _V16[:6] + [ExecutionState.BID_REJECTED, ExecutionState.COMPLETED, ExecutionState.FAILED, ExecutionState.CANCELLED]
+
+
+def execution_state(number: int, version: tuple[int, int]) -> ExecutionState:
+    table = _V15 if version < (1, 6) else _V16
+    return table[number] if 0 <= number < len(table) else ExecutionState.UNDEFINED
+
+
+@dataclass(frozen=True)
+class Version:
+    major: int
+    minor: int
+    git_version: str
+
+    @property
+    def tuple(self) -> tuple[int, int]:
+        return (self.major, self.minor)
+
+
+@dataclass
+class Execution:
+    id: str
+    node_id: str
+    state: ExecutionState
+    message: str = ""
+    exit_code: int | None = None
+    error_msg: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failure(self) -> str:
+        """The most useful text about why it failed: error, then the end of stderr."""
+        parts = [self.error_msg or self.message] + ([self.stderr.strip()[-2000:]] if self.stderr.strip() else [])
+        return "\n".join(p for p in parts if p)
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    state: JobState
+    message: str
+    labels: dict[str, str]
+    meta: dict[str, str]
+    create_time: int
+    executions: list[Execution] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Node:
+    id: str
+    labels: dict[str, str]
+    connected: bool
+    gpu_models: list[str]
+    gpus_available: int
+    gpus_total: int
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    evaluation_id: str
+    warnings: list[str]
+
+
+def _parse_job(raw: dict[str, Any], version: tuple[int, int]) -> Job:
+    job = raw["Job"] if "Job" in raw else raw
+    state = job.get("State") or {}
+    executions = [
+        _parse_execution(e, version) for e in ((raw.get("Executions") or {}).get("Items") or [])
+    ]
+    return Job(
+        id=job.get("ID", ""), name=job.get("Name", ""),
+        state=JobState(state.get("StateType", "Undefined")), message=state.get("Message", ""),
+        labels=job.get("Labels") or {}, meta=job.get("Meta") or {}, create_time=int(job.get("CreateTime") or 0),
+        executions=executions, history=(raw.get("History") or {}).get("Items") or [], raw=raw,
+    )
+
+
+def _parse_execution(e: dict[str, Any], version: tuple[int, int]) -> Execution:
+    compute = e.get("ComputeState") or {}
+    out = e.get("RunOutput") or {}
+    return Execution(
+        id=e.get("ID", ""), node_id=e.get("NodeID", ""),
+        state=execution_state(int(compute.get("StateType", 0)), version), message=compute.get("Message", ""),
+        exit_code=out.get("ExitCode"), error_msg=out.get("ErrorMsg", ""), stdout=out.get("Stdout", ""),
+        stderr=out.get("stderr", out.get("Stderr", "")),  # the server sends lowercase "stderr"
+        details=compute.get("Details") or {},
+    )
+
+
+def _parse_node(n: dict[str, Any]) -> Node:
+    info = n.get("Info") or {}
+    compute = info.get("ComputeNodeInfo") or {}
+    labels = info.get("Labels") or {}
+    total = (compute.get("MaxCapacity") or {}).get("GPU") or 0
+    available = (compute.get("AvailableCapacity") or {}).get("GPU") or 0
+    models = [g.get("name", "") for g in (compute.get("MaxCapacity") or {}).get("GPUs") or []]
+    connection = (n.get("ConnectionState") or {}).get("Status") or n.get("Connection")
+    connected = connection in (0, "CONNECTED", "connected", {"connection": 0})
+    return Node(id=info.get("NodeID", ""), labels=labels, connected=connected,
+                gpu_models=models or [v for k, v in sorted(labels.items()) if k.startswith("GPU-") and k.count("-") == 1],
+                gpus_available=int(available), gpus_total=int(total))
+
+
+class BacalhauClient:
+    """One orchestrator endpoint. Thread-safe (httpx.Client is)."""
+
+    def __init__(
+        self,
+        base_url: str = f"http://127.0.0.1:{DEFAULT_PORT}",
+        *,
+        token: str | None = None,
+        basic: tuple[str, str] | None = None,
+        verify: bool | str = True,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, auth=basic, verify=verify,
+                                  timeout=timeout, transport=transport)
+        self._version: Version | None = None
+        self._token, self._basic, self._verify = token, basic, verify
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "BacalhauClient":
+        """BACALHAU_API_HOST, BACALHAU_API_PORT, BACALHAU_API_TLS_USETLS, BACALHAU_API_KEY (bearer),
+        BACALHAU_API_USERNAME/PASSWORD (basic), BACALHAU_API_TLS_CACERT, BACALHAU_API_TLS_INSECURE."""
+        env = os.environ
+        host = env.get("BACALHAU_API_HOST", "127.0.0.1")
+        port = env.get("BACALHAU_API_PORT", str(DEFAULT_PORT))
+        tls = env.get("BACALHAU_API_TLS_USETLS", "").lower() in ("1", "true", "yes")
+        verify: bool | str = env.get("BACALHAU_API_TLS_CACERT") or not env.get("BACALHAU_API_TLS_INSECURE")
+        basic = (env["BACALHAU_API_USERNAME"], env.get("BACALHAU_API_PASSWORD", "")) if env.get("BACALHAU_API_USERNAME") else None
+        kwargs = {"token": env.get("BACALHAU_API_KEY"), "basic": basic, "verify": verify, **overrides}
+        return cls(f"{'https' if tls else 'http'}://{host}:{port}", **kwargs)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "BacalhauClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unavailable(0, f"cannot reach {self.base_url}: {exc.__class__.__name__}: {exc}") from None
+        if response.status_code < 400:
+            return response.json() if response.content else {}
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"Message": response.text.strip()}
+        message = body.get("Message") or body.get("message") or response.reason_phrase
+        cls = {400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound}.get(response.status_code)
+        cls = cls or (Unavailable if response.status_code >= 500 else BacalhauError)
+        raise cls(response.status_code, message, body.get("Code"), body.get("RequestID"))
+
+    # ------------------------------------------------------------------ agent
+
+    def alive(self) -> bool:
+        try:
+            return self._request("GET", "/api/v1/agent/alive").get("Status") == "OK"
+        except BacalhauError:
+            return False
+
+    def version(self) -> Version:
+        if self._version is None:
+            raw = self._request("GET", "/api/v1/agent/version")
+            body = raw.get("BuildVersionInfo", raw)
+            self._version = Version(int(body.get("Major") or 0), int(str(body.get("Minor") or 0).rstrip("+")),
+                                    body.get("GitVersion", ""))
+        return self._version
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, job: dict[str, Any], force: bool = False) -> Submitted:
+        body = self._request("PUT", "/api/v1/orchestrator/jobs", json={"Job": job, "Force": force})
+        return Submitted(body["JobID"], body.get("EvaluationID", ""), body.get("Warnings") or [])
+
+    def describe(self, job_id: str, executions: bool = True, history: bool = False) -> Job:
+        include = ",".join(k for k, on in (("executions", executions), ("history", history)) if on)
+        raw = self._request("GET", f"/api/v1/orchestrator/jobs/{job_id}", params={"include": include} if include else None)
+        return _parse_job(raw, self.version().tuple)
+
+    def list_jobs(self, labels: dict[str, str] | None = None, limit: int = 100) -> list[Job]:
+        """Every job matching the labels (all pages), newest first."""
+        params: dict[str, Any] = {"limit": limit, "order_by": "created_at", "reverse": "true"}
+        if labels:
+            params["labels"] = ",".join(f"{k}={v}" for k, v in labels.items())
+        jobs, token = [], None
+        while True:
+            body = self._request("GET", "/api/v1/orchestrator/jobs", params={**params, **({"next_token": token} if token else {})})
+            jobs += [_parse_job(j, self.version().tuple) for j in body.get("Items") or []]
+            token = body.get("NextToken")
+            if not token:
+                return jobs
+
+    def executions(self, job_id: str) -> list[Execution]:
+        body = self._request("GET", f"/api/v1/orchestrator/jobs/{job_id}/executions")
+        return [_parse_execution(e, self.version().tuple) for e in body.get("Items") or []]
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/api/v1/orchestrator/jobs/{job_id}/history", params={"event_type": "all"}).get("Items") or []
+
+    def results(self, job_id: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/api/v1/orchestrator/jobs/{job_id}/results").get("Items") or []
+
+    def stop(self, job_id: str, reason: str = "stopped by codsplat") -> str:
+        return self._request("DELETE", f"/api/v1/orchestrator/jobs/{job_id}", json={"reason": reason}).get("EvaluationID", "")
+
+    def nodes(self) -> list[Node]:
+        body = self._request("GET", "/api/v1/orchestrator/nodes")
+        return [_parse_node(n) for n in body.get("Nodes") or []]
+
+    def logs(self, job_id: str, follow: bool = False, execution_id: str | None = None, timeout: float = 10.0) -> Iterator[tuple[str, str]]:
+        """(stream, line) pairs over the log WebSocket. Best effort: ends quietly if it breaks."""
+        from websockets.exceptions import WebSocketException
+        from websockets.sync.client import connect
+
+        url = self.base_url.replace("http", "ws", 1) + f"/api/v1/orchestrator/jobs/{job_id}/logs?follow={str(follow).lower()}"
+        if execution_id:
+            url += f"&execution_id={execution_id}"
+        headers = dict(self._http.headers)
+        try:
+            with connect(url, additional_headers={k: v for k, v in headers.items() if k.lower() == "authorization"},
+                         open_timeout=timeout) as ws:
+                for message in ws:
+                    frame = json.loads(message)
+                    if frame.get("error"):
+                        return
+                    value = frame.get("value") or {}
+                    yield ("stderr" if value.get("Type") == 2 else "stdout"), value.get("Line", "")
+        except (OSError, WebSocketException, TimeoutError):
+            return

@@ -1,0 +1,185 @@
+"""`codsplat` command line: the pipeline's `run`, plus job documents and Bacalhau.
+
+    codsplat validate job.json            every error, or the normalised job with defaults
+    codsplat jobspec job.json [--stage]   the Bacalhau job specs the job becomes (YAML)
+    codsplat submit job.json --backend bacalhau
+    codsplat status JOB_ID · codsplat logs JOB_ID
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.live import Live
+from rich.table import Table
+
+from codsplat.pipeline.cli import app, err, fail
+from codsplat.pipeline.errors import EXIT_INTERNAL, EXIT_USAGE, PipelineError
+
+from .bacalhau import BacalhauClient, BacalhauError
+from .job import load_job
+from .runner import Attempt, BacalhauRunner, CannotRunHere, Hooks, JobFailed
+from .settings import load_settings
+from .translate import SPLIT, stages_of, translate_all
+
+EXIT_CANNOT_RUN = 6  # Bacalhau cannot run the job here (no GPU node, queue timeout, repeated failures)
+SettingsOption = typer.Option(None, "--settings", help="Deployment settings file (YAML/JSON); CODSPLAT_* variables override it.")
+
+
+def _load(job_path: Path, settings_path: Path | None):
+    settings = load_settings(settings_path)
+    return settings, load_job(job_path, settings.policy)
+
+
+@app.command()
+def validate(
+    job: Path = typer.Argument(..., help="The job document (JSON or YAML)."),
+    settings: Optional[Path] = SettingsOption,
+) -> None:
+    """Check a job document: print every error, or the normalised job with defaults filled in."""
+    try:
+        _, doc = _load(job, settings)
+    except PipelineError as exc:
+        fail(exc, as_json=False)
+    print(json.dumps(doc.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def jobspec(
+    job: Path = typer.Argument(..., help="The job document (JSON or YAML)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Only this stage: all, preprocess, train or export."),
+    output: str = typer.Option("yaml", "--format", help="yaml (for `bacalhau job run`) or json (the API's body)."),
+    settings: Optional[Path] = SettingsOption,
+) -> None:
+    """Print the Bacalhau job specs that a job document becomes (first attempt of each stage)."""
+    try:
+        conf, doc = _load(job, settings)
+        specs = translate_all(doc, conf.deployment)
+        if stage is not None:
+            names = list(stages_of(doc))
+            if stage not in names:
+                raise PipelineError(f"--stage must be one of {', '.join(names)} for this job "
+                                    f"(compute.split_stages is {str(doc.compute.split_stages).lower()}).")
+            specs = [specs[names.index(stage)]]
+    except PipelineError as exc:
+        exc.exit_code = EXIT_USAGE
+        fail(exc, as_json=False)
+    if output == "json":
+        print(json.dumps(specs if len(specs) > 1 else specs[0], indent=2))
+    else:
+        print(yaml.safe_dump_all(specs, sort_keys=False, width=1000), end="")
+
+
+def _client() -> BacalhauClient:
+    return BacalhauClient.from_env()
+
+
+@app.command()
+def submit(
+    job: Path = typer.Argument(..., help="The job document (JSON or YAML); its input must already be in S3."),
+    backend: str = typer.Option("bacalhau", "--backend", help="bacalhau"),
+    settings: Optional[Path] = SettingsOption,
+    poll: float = typer.Option(2.0, "--poll", help="Seconds between state checks."),
+) -> None:
+    """Submit a job to Bacalhau and follow it to the end, stage by stage."""
+    if backend != "bacalhau":
+        fail(PipelineError(f"--backend must be 'bacalhau' here, got {backend!r}.", hint="The daemon runs the other backends."), False)
+    try:
+        conf, doc = _load(job, settings)
+    except PipelineError as exc:
+        fail(exc, as_json=False)
+    title = f"codsplat job {doc.id}"
+    rows: dict[str, list[str]] = {}
+    started: dict[str, float] = {}
+
+    def render() -> Table:
+        t = Table(title=title, title_justify="left")
+        for column in ("stage", "attempt", "bacalhau job", "state", "time"):
+            t.add_column(column)
+        for row in rows.values():
+            t.add_row(*row)
+        return t
+
+    with _client() as client, Live(render(), console=err, refresh_per_second=4) as live:
+        def update(attempt: Attempt, info=None) -> None:
+            started.setdefault(attempt.name, time.monotonic())
+            rows[attempt.name] = [attempt.stage, str(attempt.number), attempt.bacalhau_id or "…",
+                                  attempt.state or "submitting", f"{time.monotonic() - started[attempt.name]:.0f} s"]
+            live.update(render())
+
+        hooks = Hooks(before_submit=update, submitted=update, progress=update)
+        try:
+            result = BacalhauRunner(client, conf.deployment, poll_interval=poll).run(doc, hooks)
+        except CannotRunHere as exc:
+            err.print(f"[bold red]cannot run on Bacalhau:[/bold red] {exc.reason}")
+            raise typer.Exit(EXIT_CANNOT_RUN)
+        except JobFailed as exc:
+            err.print(f"[bold red]error:[/bold red] {exc.message} [dim](stage {exc.stage})[/dim]", highlight=False)
+            raise typer.Exit(exc.exit_code or EXIT_INTERNAL)
+    out = doc.output_uri(conf.policy)
+    err.print(f"results: s3://{out.bucket}/{result.output_key}export/")
+    print(json.dumps({"ok": True, "job": doc.id, "output": f"s3://{out.bucket}/{result.output_key}",
+                      "attempts": [a.__dict__ for a in result.attempts]}, indent=2))
+
+
+@app.command()
+def status(job_id: str = typer.Argument(..., help="The codsplat job id.")) -> None:
+    """Show every Bacalhau attempt of a job: stage, state, and why it failed."""
+    try:
+        with _client() as client:
+            jobs = client.list_jobs(labels={"codsplat-job": job_id})
+            jobs = [client.describe(j.id) for j in jobs]
+    except BacalhauError as exc:
+        fail(PipelineError(f"Bacalhau: {exc.message}"), False)
+    if not jobs:
+        fail(PipelineError(f"No Bacalhau job carries the label codsplat-job={job_id}.", hint="Check the id."), False)
+    table = Table(title=f"codsplat job {job_id}", title_justify="left")
+    for column in ("stage", "name", "bacalhau job", "state", "detail"):
+        table.add_column(column)
+    order = {s: i for i, s in enumerate(("all", *SPLIT))}
+    for j in sorted(jobs, key=lambda j: (order.get(j.labels.get("codsplat-stage", ""), 9), j.create_time)):
+        detail = j.message or (j.executions[-1].failure.splitlines()[-1] if j.executions and j.executions[-1].failure else "")
+        table.add_row(j.labels.get("codsplat-stage", "?"), j.name, j.id, j.state.value, detail[:120])
+    err.print(table)
+
+
+@app.command()
+def logs(job_id: str = typer.Argument(..., help="The codsplat job id."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
+    """Print the container output of a job's latest attempt of each stage (best effort)."""
+    try:
+        with _client() as client:
+            jobs = client.list_jobs(labels={"codsplat-job": job_id})
+            latest: dict[str, object] = {}
+            for j in sorted(jobs, key=lambda j: j.create_time):
+                latest[j.labels.get("codsplat-stage", "?")] = j
+            if not latest:
+                fail(PipelineError(f"No Bacalhau job carries the label codsplat-job={job_id}."), False)
+            for stage, j in latest.items():
+                err.print(f"[bold]── {stage}: {j.name} ({j.id})[/bold]")
+                for stream, line in client.logs(j.id, follow=follow):
+                    print(line, end="" if line.endswith("\n") else "\n")
+    except BacalhauError as exc:
+        fail(PipelineError(f"Bacalhau: {exc.message}"), False)
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if os.environ.get("CODSPLAT_DEBUG"):
+            raise
+        err.print(f"[bold red]error:[/bold red] Internal error: {exc.__class__.__name__}: {exc}", highlight=False)
+        err.print("[yellow]hint:[/yellow] Set CODSPLAT_DEBUG=1 for the traceback and report it.")
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The job document: what a user writes to ask for a splat, validated in one place.
+
+    {"version": 1, "input": "s3://bucket/uploads/alice/kitchen.mp4",
+     "notify": {"email": ["alice@example.com"]}, "preset": "fast",
+     "train": {"steps": 10000}, "compute": {"backend": "auto", "gpu_model": "NVIDIA-A10G"}}
+
+The pipeline sections (`frames`, `sfm`, `train`, `export`, `preset`) are exactly those of
+`codsplat run --config`. Safety belongs to the model: a job reads and writes only under the prefixes
+the deployment allows (`Policy`), and it has no way to name a container image, an entrypoint,
+environment variables or network access, nor to ask for unbounded GPUs or time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+
+from codsplat.jobspecs import HERE as JOBSPECS
+from codsplat.pipeline.config import PRESETS, PipelineConfig, merge, preset_settings, read_document
+from codsplat.pipeline.errors import InputError
+from codsplat.pipeline.validation import StrictModel, explain
+
+SCHEMA_PATH = JOBSPECS / "job.schema.json"
+JOB_ID = r"^[a-z0-9][a-z0-9-]{2,62}$"
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$")
+SAGEMAKER_GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5")
+# Keys people try that a job may not set: say so plainly instead of "unknown key".
+FORBIDDEN = {
+    "image": "the deployment chooses the container image",
+    "entrypoint": "the container's entrypoint is fixed",
+    "command": "the container's command is fixed",
+    "env": "jobs cannot set environment variables",
+    "environment": "jobs cannot set environment variables",
+    "network": "jobs run without network access",
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a deployment lets jobs touch. Comes from the operator's settings, never from a job."""
+
+    bucket: str = "codsplat-data"
+    input_prefixes: tuple[str, ...] = ("uploads/", "jobs/")
+    output_prefix: str = "results/"
+    max_gpus: int = 8
+    max_runtime_minutes: int = 24 * 60
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.key.endswith("/")
+
+
+def parse_s3(value: str, what: str) -> S3Uri:
+    if not value.startswith("s3://"):
+        raise ValueError(f"must be an s3:// URI, got {json.dumps(value)}")
+    bucket, _, key = value[5:].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"must name a bucket and a key, like s3://bucket/{what}/..., got {json.dumps(value)}")
+    if key.startswith("/") or "\\" in key or "//" in key:
+        raise ValueError(f"has an absolute or malformed key {json.dumps(key)}")
+    if any(part in ("..", ".") for part in PurePosixPath(key).parts):
+        raise ValueError(f"may not contain '..' or '.' path segments, got {json.dumps(key)}")
+    return S3Uri(bucket, key)
+
+
+def _policy(info: ValidationInfo) -> Policy:
+    return (info.context or {}).get("policy") or Policy()
+
+
+class Notify(StrictModel):
+    email: list[str] = Field(default_factory=list, max_length=10, description="Who is emailed when the job ends.")
+
+    @field_validator("email")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not EMAIL.match(v)]
+        if bad:
+            raise ValueError(f"not an email address: {', '.join(map(json.dumps, bad))}")
+        return value
+
+
+class Compute(StrictModel):
+    backend: Literal["auto", "bacalhau", "sagemaker", "local"] = Field(
+        "auto", description="auto: Bacalhau first, SageMaker when Bacalhau cannot run the job."
+    )
+    gpus: int = Field(1, ge=0, description="GPUs for training (0 trains on the CPU).")
+    gpu_model: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,63}$",
+        description="Only nodes with this GPU, as Bacalhau labels it (model name with dashes, e.g. NVIDIA-A10G).",
+    )
+    sagemaker_instance_type: str = Field("ml.g5.2xlarge", pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+    max_runtime_minutes: int = Field(180, ge=5, description="Longest a stage may run.")
+    queue_timeout_minutes: int = Field(30, ge=0, le=24 * 60, description="How long to wait for a free node.")
+    split_stages: bool = Field(False, description="Run preprocess (CPU), train (GPU), export (CPU) as three jobs.")
+    retries: int = Field(2, ge=0, le=5, description="New attempts after a failed execution.")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: int, info: ValidationInfo) -> int:
+        limit = _policy(info).max_gpus
+        if value > limit:
+            raise ValueError(f"must be ≤ {limit} (this deployment's limit), got {value}")
+        return value
+
+    @field_validator("max_runtime_minutes")
+    @classmethod
+    def _runtime(cls, value: int, info: ValidationInfo) -> int:
+        limit = _policy(info).max_runtime_minutes
+        if value > limit:
+            raise ValueError(f"must be ≤ {limit} (this deployment's limit), got {value}")
+        return value
+
+    @field_validator("sagemaker_instance_type")
+    @classmethod
+    def _instance(cls, value: str) -> str:
+        family = value.split(".")[1]
+        if family not in SAGEMAKER_GPU_FAMILIES:
+            raise ValueError(f"must be a GPU instance ({', '.join(f'ml.{f}.*' for f in SAGEMAKER_GPU_FAMILIES)}), got {json.dumps(value)}")
+        return value
+
+
+class JobDocument(PipelineConfig):
+    """A job: the media, where results go, who to tell, pipeline settings and compute."""
+
+    version: Literal[1] = Field(description="Document format version.")
+    id: str | None = Field(None, pattern=JOB_ID, description="Job id; defaults to the job file's name.")
+    input: str = Field(description="s3:// URI of a video, a .zip of images, or a prefix (ending in /) of images.")
+    output: str | None = Field(None, description="s3:// prefix for results; defaults to <output prefix><id>/.")
+    notify: Notify = Field(default_factory=Notify)
+    compute: Compute = Field(default_factory=Compute)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str, info: ValidationInfo) -> str:
+        policy = _policy(info)
+        uri = parse_s3(value, "uploads")
+        if uri.bucket != policy.bucket:
+            raise ValueError(f"bucket '{uri.bucket}' is not allowed; use s3://{policy.bucket}/")
+        if not uri.key.startswith(policy.input_prefixes):
+            raise ValueError(f"must be under {' or '.join(f's3://{policy.bucket}/{p}' for p in policy.input_prefixes)}, got {json.dumps(value)}")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        policy = _policy(info)
+        uri = parse_s3(value, "results")
+        if uri.bucket != policy.bucket:
+            raise ValueError(f"bucket '{uri.bucket}' is not allowed; use s3://{policy.bucket}/")
+        if not uri.key.startswith(policy.output_prefix):
+            raise ValueError(f"must be under s3://{policy.bucket}/{policy.output_prefix}, got {json.dumps(value)}")
+        return value if value.endswith("/") else value + "/"
+
+    # ----------------------------------------------------------------- derived values
+
+    @property
+    def input_uri(self) -> S3Uri:
+        return parse_s3(self.input, "uploads")
+
+    def output_uri(self, policy: Policy) -> S3Uri:
+        return parse_s3(self.output or f"s3://{policy.bucket}/{policy.output_prefix}{self.id}/", "results")
+
+    def pipeline_settings(self) -> dict[str, Any]:
+        """The sections the container's `codsplat` reads, as plain JSON."""
+        return self.model_dump(mode="json", include={"preset", "frames", "sfm", "train", "export"})
+
+
+def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = None) -> JobDocument:
+    """Validate a job document (a dict) against the deployment's policy, with every error at once."""
+    if not isinstance(data, dict):
+        raise InputError("A job document must be an object with keys such as version, input, notify, compute.")
+    preset = data.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f"The job has 1 problem: preset: must be one of {', '.join(PRESETS)}, got {json.dumps(preset)}.")
+    layered = merge(preset_settings(preset), data) if isinstance(preset, str) else dict(data)
+    if "id" not in layered:
+        if not default_id:
+            raise InputError("The job has 1 problem: id: required (or let it default to the job file's name).")
+        layered["id"] = default_id
+    try:
+        return JobDocument.model_validate(layered, context={"policy": policy or Policy()})
+    except ValidationError as exc:
+        problems = explain(exc, JobDocument, forbidden=FORBIDDEN)
+        raise InputError(
+            f"The job has {len(problems)} problem{'s' if len(problems) > 1 else ''}: " + "; ".join(problems) + "."
+        ) from None
+
+
+def job_id_from_key(key: str) -> str:
+    """`jobs/alice/Kitchen Scan.json` → `kitchen-scan`: a default id that is valid and readable."""
+    stem = PurePosixPath(key).stem.lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", stem).strip("-")[:63]
+    return slug if len(slug) >= 3 else f"job-{slug or 'x'}"
+
+
+def load_job(path: Path, policy: Policy | None = None) -> JobDocument:
+    return parse_job(read_document(path), policy, default_id=job_id_from_key(path.name))
+
+
+def json_schema() -> dict[str, Any]:
+    schema = JobDocument.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://codsplat.dev/schemas/job.schema.json"
+    return schema
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> None:
+    path.write_text(json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":  # python -m codsplat.orchestrator.job: regenerate jobspecs/job.schema.json
+    write_schema()
+    print(f"wrote {SCHEMA_PATH}")

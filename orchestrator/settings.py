@@ -1,0 +1,74 @@
+"""Deployment settings: a config file (YAML/JSON), overridden by environment variables.
+
+    bucket: codsplat-data            # CODSPLAT_BUCKET
+    input_prefixes: [uploads/, jobs/]
+    output_prefix: results/          # CODSPLAT_OUTPUT_PREFIX
+    image: 123.dkr.ecr.../codsplat:1.2.0   # CODSPLAT_IMAGE
+    region: eu-west-1                # AWS_REGION
+    s3_endpoint: null                # CODSPLAT_S3_ENDPOINT (MinIO, tests)
+    max_gpus: 8                      # CODSPLAT_MAX_GPUS
+    max_runtime_minutes: 1440        # CODSPLAT_MAX_RUNTIME_MINUTES
+    bacalhau_namespace: default      # CODSPLAT_BACALHAU_NAMESPACE
+
+The Bacalhau endpoint itself comes from BACALHAU_API_HOST / BACALHAU_API_PORT (see bacalhau.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+
+from codsplat.pipeline.config import read_document
+from codsplat.pipeline.errors import InputError
+from codsplat.pipeline.validation import StrictModel, explain
+
+from .job import Policy
+from .translate import Deployment
+
+ENV = {
+    "bucket": "CODSPLAT_BUCKET", "output_prefix": "CODSPLAT_OUTPUT_PREFIX", "image": "CODSPLAT_IMAGE",
+    "region": "AWS_REGION", "s3_endpoint": "CODSPLAT_S3_ENDPOINT", "max_gpus": "CODSPLAT_MAX_GPUS",
+    "max_runtime_minutes": "CODSPLAT_MAX_RUNTIME_MINUTES", "bacalhau_namespace": "CODSPLAT_BACALHAU_NAMESPACE",
+    "input_prefixes": "CODSPLAT_INPUT_PREFIXES",
+}
+
+
+class Settings(StrictModel):
+    bucket: str = Field("codsplat-data", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    input_prefixes: list[str] = Field(default_factory=lambda: ["uploads/", "jobs/"], min_length=1)
+    output_prefix: str = Field("results/", pattern=r"^[A-Za-z0-9._-]+/$")
+    image: str = "codsplat:latest"
+    region: str | None = None
+    s3_endpoint: str | None = None
+    max_gpus: int = Field(8, ge=0, le=64)
+    max_runtime_minutes: int = Field(24 * 60, ge=5)
+    bacalhau_namespace: str = "default"
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(bucket=self.bucket, input_prefixes=tuple(self.input_prefixes), output_prefix=self.output_prefix,
+                      max_gpus=self.max_gpus, max_runtime_minutes=self.max_runtime_minutes)
+
+    @property
+    def deployment(self) -> Deployment:
+        return Deployment(image=self.image, namespace=self.bacalhau_namespace, policy=self.policy,
+                          region=self.region, s3_endpoint=self.s3_endpoint)
+
+
+def load_settings(path: Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    data = read_document(path) if path else {}
+    for key, var in ENV.items():
+        if env.get(var):
+            value: object = env[var]
+            if key in ("max_gpus", "max_runtime_minutes"):
+                value = int(value) if str(value).isdigit() else value
+            if key == "input_prefixes":
+                value = [p.strip() for p in str(value).split(",") if p.strip()]
+            data[key] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise InputError("The deployment settings have problems: " + "; ".join(explain(exc, Settings)) + ".") from None
