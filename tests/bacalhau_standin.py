@@ -52,8 +52,8 @@ OPERATORS = {"in", "notin", "exists", "!", "=", "==", "!=", "gt", "lt", "doesnot
 # ComputeState numbers, v1.6+ and v1.5
 STATES_16 = {"New": 1, "AskForBid": 2, "AskForBidAccepted": 3, "BidAccepted": 5, "Running": 6, "Publishing": 7,
              "BidRejected": 8, "Completed": 9, "Failed": 10, "Cancelled": 11}
-STATES_15 = {"New": 1, "AskForBid": 2, "AskForBidAccepted": 3, "BidAccepted": 5, "BidRejected": 6, "Completed": 7,
-             "Failed": 8, "Cancelled": 9}
+STATES_15 = {"New": 1, "AskForBid": 2, "AskForBidAccepted": 3, "BidAccepted": 5, "Running": 5, "Publishing": 5,
+             "BidRejected": 6, "Completed": 7, "Failed": 8, "Cancelled": 9}  # v1.5: BidAccepted is "running"
 
 
 def ci_get(d: dict | None, key: str, default: Any = None) -> Any:
@@ -354,7 +354,7 @@ class Node:
                 self.knobs["vanish_next"] -= 1
             if fail:
                 self.knobs["fail_next"] -= 1
-                argv = [sys.executable, "-c", "import sys; print('boom: injected failure', file=sys.stderr); sys.exit(3)"]
+                argv = [sys.executable, "-c", "import sys; print('boom: injected failure', file=sys.stderr); sys.exit(1)"]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                     cwd=ci_get(engine, "WorkingDirectory") and remap(ci_get(engine, "WorkingDirectory")) or root,
                                     start_new_session=True)

@@ -60,3 +60,35 @@ def splat_transform() -> Path:
     assert SPLAT_TRANSFORM.exists(), "run `npm ci` at the repository root (the .ci/run script does)"
     assert shutil.which("node"), "node is needed for the third-party splat reader"
     return SPLAT_TRANSFORM
+
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    from servers import start_moto
+
+    os.environ.update(AWS_ENV)  # moto accepts any key; never real credentials
+    server = start_moto()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(moto_server):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_server.url, region_name="us-east-1")
+    client.create_bucket(Bucket="codsplat-data")
+    return client
+
+
+@pytest.fixture
+def standin(moto_server):
+    """A fresh Bacalhau stand-in for each test (its knobs and jobs start clean)."""
+    from servers import start_standin
+
+    server = start_standin(moto_server.url)
+    yield server
+    server.stop()
