@@ -2,6 +2,7 @@
 
     python benchmarks/run.py pipeline   # the README's sample job at the tiny preset, end to end
     python benchmarks/run.py raster     # CPU rasterizer forward+backward per step
+    python benchmarks/run.py submit     # job → Bacalhau spec → submitted, against the stand-in
     python benchmarks/run.py            # both
 
 Each result file records the machine (cores, torch threads) and the figures; ratios are taken
@@ -116,14 +117,61 @@ def bench_raster(repeats: int) -> None:
     save("raster_cpu", out)
 
 
+def bench_submit(jobs: int) -> None:
+    """Translation + submission overhead per job against the Bacalhau stand-in on loopback.
+
+    The stand-in holds jobs in its queue (knob `hold`) so that only the orchestration path is timed:
+    job document → Bacalhau spec → HTTP PUT → JobID.
+    """
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from servers import start_standin
+
+    from codsplat.orchestrator.bacalhau import BacalhauClient
+    from codsplat.orchestrator.job import parse_job
+    from codsplat.orchestrator.translate import Deployment, translate
+
+    server = start_standin("http://127.0.0.1:9")
+    try:
+        httpx.post(f"{server.url}/standin/knobs", json={"hold": True})
+        deployment = Deployment()
+        out = {}
+        with BacalhauClient(server.url) as client:
+            client.version()
+            for split in (False, True):
+                translate_ms, total_ms = [], []
+                for i in range(jobs):
+                    t0 = time.perf_counter()
+                    job = parse_job({"version": 1, "id": f"bench-{int(split)}-{i}", "input": "s3://codsplat-data/uploads/b/x.mp4",
+                                     "preset": "fast", "compute": {"split_stages": split}})
+                    spec = translate(job, deployment, "preprocess" if split else "all", 1)
+                    t1 = time.perf_counter()
+                    client.submit(spec)
+                    t2 = time.perf_counter()
+                    translate_ms.append((t1 - t0) * 1000)
+                    total_ms.append((t2 - t0) * 1000)
+                pct = lambda xs, q: round(sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 2)  # noqa: E731
+                out["split_first_stage" if split else "single_stage"] = {
+                    "jobs": jobs, "translate_p50_ms": pct(translate_ms, 0.5), "translate_p99_ms": pct(translate_ms, 0.99),
+                    "total_p50_ms": pct(total_ms, 0.5), "total_p99_ms": pct(total_ms, 0.99),
+                }
+        save("bacalhau_submit", {"goal": {"single_stage_total_p99_ms_below": 50}, **out})
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", nargs="?", choices=("pipeline", "raster", "all"), default="all")
+    ap.add_argument("which", nargs="?", choices=("pipeline", "raster", "submit", "all"), default="all")
+    ap.add_argument("--jobs", type=int, default=500, help="jobs submitted by the submit benchmark")
     ap.add_argument("--runs", type=int, default=1, help="pipeline runs")
     ap.add_argument("--repeats", type=int, default=5, help="rasterizer repeats")
     args = ap.parse_args()
     if args.which in ("raster", "all"):
         bench_raster(args.repeats)
+    if args.which in ("submit", "all"):
+        bench_submit(args.jobs)
     if args.which in ("pipeline", "all"):
         bench_pipeline(args.runs)
 

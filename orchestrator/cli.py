@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 import yaml
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
@@ -145,9 +146,11 @@ def status(job_id: str = typer.Argument(..., help="The codsplat job id.")) -> No
         table.add_column(column)
     order = {s: i for i, s in enumerate(("all", *SPLIT))}
     for j in sorted(jobs, key=lambda j: (order.get(j.labels.get("codsplat-stage", ""), 9), j.create_time)):
-        detail = j.message or (j.executions[-1].failure.splitlines()[-1] if j.executions and j.executions[-1].failure else "")
-        table.add_row(j.labels.get("codsplat-stage", "?"), j.name, j.id, j.state.value, detail[:120])
-    err.print(table)
+        detail = ""
+        if j.state.value == "Failed":
+            detail = j.message or (j.executions[-1].failure.splitlines()[-1] if j.executions and j.executions[-1].failure else "")
+        table.add_row(j.labels.get("codsplat-stage", "?"), j.name, j.id, j.state.value, detail[:160])
+    Console(width=max(160, Console().width)).print(table)
 
 
 @app.command()

@@ -189,6 +189,12 @@ class Node:
         self.knobs = {"gpu_nodes": 1 if gpus else 0, "gpus": gpus, "gpu_model": gpu_model, "fail_next": 0,
                       "vanish_next": 0, "hold": False, "submit_delay_ms": 0, "running": 0}
         self.node_id = "n-" + uuid.uuid4().hex[:8]
+        self.changed = threading.Condition()  # knobs changed: queued jobs look again
+
+    def set_knobs(self, values: dict) -> None:
+        with self.changed:
+            self.knobs.update(values)
+            self.changed.notify_all()
 
     # -------------------------------------------------------------- state changes
 
@@ -246,11 +252,13 @@ class Node:
             while not self._matches(job) or self.knobs["hold"]:
                 if job.stop.is_set():
                     return
-                if time.monotonic() - started > queue_timeout:
+                remaining = queue_timeout - (time.monotonic() - started)
+                if remaining <= 0:
                     self._event(job, f"job queue timeout exceeded ({queue_timeout}s)", new_state="Failed")
                     job.message = job.history[-1]["Event"]["Message"]
                     return
-                time.sleep(0.05)
+                with self.changed:
+                    self.changed.wait(timeout=min(remaining, 0.5))
         execution = Execution(id="e-" + str(uuid.uuid4()), node_id=self.node_id)
         job.executions.append(execution)
         for state in ("AskForBid", "AskForBidAccepted", "BidAccepted"):
@@ -538,7 +546,7 @@ def build_app(node: Node) -> Starlette:
                              "GitCommit": "standin", "BuildDate": "2026-01-01T00:00:00Z", "GOOS": "linux", "GOARCH": "amd64"})
 
     async def knobs(request: Request):
-        node.knobs.update(await request.json())
+        node.set_knobs(await request.json())
         return JSONResponse(node.knobs)
 
     async def logs(ws: WebSocket):
