@@ -433,7 +433,14 @@ def error(status: int, message: str, code: str) -> JSONResponse:
 
 def build_app(node: Node) -> Starlette:
     def authorized(request: Request) -> bool:
-        return not node.token or request.headers.get("authorization") == f"Bearer {node.token}"
+        if not node.token:
+            return True
+        given = request.headers.get("authorization", "")
+        if given.startswith("Basic "):  # --token user:password also accepts HTTP basic auth
+            import base64
+
+            return base64.b64decode(given[6:]).decode() == node.token
+        return given == f"Bearer {node.token}"
 
     def guarded(handler):
         async def wrapper(request: Request):

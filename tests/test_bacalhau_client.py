@@ -82,6 +82,20 @@ def test_not_found_unauthorized_and_unreachable(moto_server, standin):
             assert client.nodes()
     finally:
         secured.stop()
+    basic = start_standin(moto_server.url, token="ops:pa55")
+    try:
+        with BacalhauClient(basic.url, basic=("ops", "wrong")) as client:
+            with pytest.raises(Unauthorized):
+                client.nodes()
+        env = {"BACALHAU_API_HOST": "127.0.0.1", "BACALHAU_API_PORT": basic.url.rsplit(":", 1)[1],
+               "BACALHAU_API_USERNAME": "ops", "BACALHAU_API_PASSWORD": "pa55"}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            with BacalhauClient.from_env() as client:
+                assert client.base_url == basic.url and client.nodes()
+    finally:
+        basic.stop()
     with BacalhauClient(f"http://127.0.0.1:{free_port()}", timeout=1) as client:
         with pytest.raises(Unavailable, match="cannot reach"):
             client.nodes()

@@ -1,0 +1,91 @@
+"""Telling the user: one message per finished job, through SNS (email) or a local sink.
+
+SNS messages carry attributes (`job_id`, `status`, `recipient`) so each email subscription can
+filter to its own jobs. Links are presigned and expire within 7 days.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .records import JobRecord
+
+log = logging.getLogger("codsplat.notify")
+
+ADVICE = {
+    "input": "Check that the upload is a video (.mp4/.mov/.mkv/.webm), a .zip of photos or a folder of photos, "
+             "and that the job document is valid (`codsplat validate job.json`).",
+    "reconstruction": "The frames could not be placed in 3D. Capture again moving slowly around the subject, "
+                      "with each view overlapping the last, good light and no motion blur.",
+    "quality": "The result was too poor to send. Train longer (train.steps), keep more frames (frames.max), "
+               "or capture more views.",
+    "compute": "No compute could run the job. It is safe to upload the job document again later.",
+    "internal": "Something went wrong on our side; the operators have the logs. Uploading the job again may help.",
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    subject: str
+    body: str
+    attributes: dict[str, str]
+
+
+def compose(record: JobRecord, links: dict[str, str]) -> Message:
+    if record.state == "SUCCEEDED":
+        metrics = (record.result or {}).get("metrics", {})
+        lines = [f"Your splat for job {record.job_id} is ready.", ""]
+        if metrics:
+            lines += [f"Held-out quality: {metrics.get('psnr', 0):.2f} dB PSNR, SSIM {metrics.get('ssim', 0):.3f}",
+                      f"Gaussians: {metrics.get('gaussians', 0):,}", ""]
+        lines += [f"{name}: {url}" for name, url in links.items()]
+        lines += ["", "Links expire within 7 days."]
+        subject = f"codsplat: {record.job_id} is ready"
+    else:
+        error = record.error or {}
+        lines = [f"Job {record.job_id} {record.state.lower()}" + (f" at the {error['stage']} stage." if error.get("stage") else "."),
+                 "", error.get("message", ""), "", "What to try next: " + error.get("advice", ADVICE["internal"])]
+        subject = f"codsplat: {record.job_id} {record.state.lower()}"
+    recipient = ",".join(record.notify) or "-"
+    return Message(subject[:100], "\n".join(lines).strip() + "\n",
+                   {"job_id": record.job_id, "status": record.state, "recipient": recipient})
+
+
+class Notifier(Protocol):
+    def send(self, message: Message) -> str: ...
+
+
+class SnsNotifier:
+    def __init__(self, client, topic_arn: str):
+        self.client, self.topic_arn = client, topic_arn
+
+    def send(self, message: Message) -> str:
+        attributes = {k: {"DataType": "String", "StringValue": v} for k, v in message.attributes.items()}
+        reply = self.client.publish(TopicArn=self.topic_arn, Subject=message.subject, Message=message.body,
+                                    MessageAttributes=attributes)
+        return reply["MessageId"]
+
+
+class FileNotifier:
+    """Embedded mode: each message is a JSON file in a folder (and a log line)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def send(self, message: Message) -> str:
+        name = f"{message.attributes['job_id']}.json"
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_text(json.dumps({"subject": message.subject, "body": message.body, "attributes": message.attributes}, indent=2))
+        os.replace(tmp, self.folder / name)
+        log.info("notification", extra={"job_id": message.attributes["job_id"], "subject": message.subject})
+        return name
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return {"subject": message.subject, "body": message.body, "attributes": message.attributes}

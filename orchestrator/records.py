@@ -1,0 +1,243 @@
+"""Job records: one per job, changed only by conditional writes on a version number.
+
+States: RECEIVED → VALIDATED → QUEUED → RUNNING (with a stage) → SUCCEEDED | FAILED | CANCELLED.
+Every change appends to `history` with a timestamp and bumps `version`; a write whose version no
+longer matches is refused (`Conflict`), so two daemons, or a daemon and the fallback state machine,
+never overwrite each other. Creation is a conditional put: a second event for the same job id
+changes nothing.
+
+Two stores behind one interface: `SQLiteStore` (the embedded default) and `DynamoStore` (AWS).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+RECEIVED, VALIDATED, QUEUED, RUNNING = "RECEIVED", "VALIDATED", "QUEUED", "RUNNING"
+SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ALLOWED = {
+    RECEIVED: {VALIDATED, FAILED, CANCELLED},
+    VALIDATED: {QUEUED, FAILED, CANCELLED},
+    QUEUED: {RUNNING, FAILED, CANCELLED},
+    RUNNING: {RUNNING, SUCCEEDED, FAILED, CANCELLED},  # RUNNING → RUNNING: the next stage
+    SUCCEEDED: set(), FAILED: set(), CANCELLED: set(),
+}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Conflict(Exception):
+    """The record changed since it was read (its version moved on)."""
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    job_key: str  # where the job document came from (an S3 key or a local path)
+    state: str = RECEIVED
+    stage: str | None = None
+    version: int = 0
+    created_at: str = field(default_factory=now)
+    updated_at: str = field(default_factory=now)
+    input: str | None = None
+    output: str | None = None
+    notify: list[str] = field(default_factory=list)
+    backend: str | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    notified_at: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobRecord":
+        return cls(**json.loads(text))
+
+
+class Store(Protocol):
+    def create(self, record: JobRecord) -> bool: ...
+    def get(self, job_id: str) -> JobRecord | None: ...
+    def put(self, record: JobRecord, expected_version: int) -> None: ...
+    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]: ...
+
+
+def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to: str | None = None,
+           stage: str | None = None, note: str = "", retries: int = 20) -> JobRecord:
+    """Read, mutate, write conditionally; re-read and retry when another writer got there first.
+
+    With `to`, the state moves (checked against ALLOWED) and the history gets an entry.
+    """
+    for _ in range(retries):
+        record = store.get(job_id)
+        if record is None:
+            raise KeyError(job_id)
+        if to is not None and to not in ALLOWED[record.state] and not (to == record.state and stage == record.stage):
+            raise InvalidTransition(f"{job_id}: {record.state} → {to} is not allowed")
+        expected = record.version
+        mutate(record)
+        if to is not None and (to, stage) != (record.state, record.stage) or note:
+            record.history.append({"at": now(), "state": to or record.state, "stage": stage, "note": note})
+        if to is not None:
+            record.state, record.stage = to, stage
+        record.version = expected + 1
+        record.updated_at = now()
+        try:
+            store.put(record, expected)
+            return record
+        except Conflict:
+            time.sleep(0.005)
+    raise Conflict(f"{job_id}: too many concurrent updates")
+
+
+class SQLiteStore:
+    """Records in one SQLite file (WAL), safe across threads and processes."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("""CREATE TABLE IF NOT EXISTS jobs (
+                job_id TEXT PRIMARY KEY, version INTEGER NOT NULL, state TEXT NOT NULL,
+                updated_at TEXT NOT NULL, body TEXT NOT NULL)""")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, updated_at)")
+
+    def _db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    def create(self, record: JobRecord) -> bool:
+        cur = self._db().execute(
+            "INSERT OR IGNORE INTO jobs (job_id, version, state, updated_at, body) VALUES (?, ?, ?, ?, ?)",
+            (record.job_id, record.version, record.state, record.updated_at, record.to_json()))
+        return cur.rowcount == 1
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._db().execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return JobRecord.from_json(row[0]) if row else None
+
+    def put(self, record: JobRecord, expected_version: int) -> None:
+        cur = self._db().execute(
+            "UPDATE jobs SET version = ?, state = ?, updated_at = ?, body = ? WHERE job_id = ? AND version = ?",
+            (record.version, record.state, record.updated_at, record.to_json(), record.job_id, expected_version))
+        if cur.rowcount != 1:
+            raise Conflict(record.job_id)
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        if state:
+            rows = self._db().execute("SELECT body FROM jobs WHERE state = ? ORDER BY updated_at DESC LIMIT ?", (state, limit))
+        else:
+            rows = self._db().execute("SELECT body FROM jobs ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return [JobRecord.from_json(r[0]) for r in rows]
+
+
+class DynamoStore:
+    """Records in a DynamoDB table (key `job_id`; GSI `by_state` on `state` + `updated_at`).
+
+    The record body is one JSON attribute, so floats in metrics need no Decimal dance; the state,
+    version and time are top-level attributes for conditions and the index.
+    """
+
+    def __init__(self, table: str, client=None, ttl_days: int = 365):
+        import boto3
+
+        self.table = table
+        self.client = client or boto3.client("dynamodb")
+        self.ttl_days = ttl_days
+
+    def _item(self, record: JobRecord) -> dict[str, Any]:
+        item = {"job_id": {"S": record.job_id}, "version": {"N": str(record.version)},
+                "state": {"S": record.state}, "updated_at": {"S": record.updated_at}, "body": {"S": record.to_json()}}
+        if record.terminal:  # old finished records expire by TTL
+            item["expires_at"] = {"N": str(int(time.time()) + self.ttl_days * 86400)}
+        return item
+
+    def create(self, record: JobRecord) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_item(TableName=self.table, Item=self._item(record),
+                                 ConditionExpression="attribute_not_exists(job_id)")
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    def get(self, job_id: str) -> JobRecord | None:
+        item = self.client.get_item(TableName=self.table, Key={"job_id": {"S": job_id}}, ConsistentRead=True).get("Item")
+        return JobRecord.from_json(item["body"]["S"]) if item else None
+
+    def put(self, record: JobRecord, expected_version: int) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_item(TableName=self.table, Item=self._item(record),
+                                 ConditionExpression="version = :v", ExpressionAttributeValues={":v": {"N": str(expected_version)}})
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                raise Conflict(record.job_id) from None
+            raise
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        if state:
+            pages = self.client.get_paginator("query").paginate(
+                TableName=self.table, IndexName="by_state", KeyConditionExpression="#s = :s",
+                ExpressionAttributeNames={"#s": "state"}, ExpressionAttributeValues={":s": {"S": state}},
+                ScanIndexForward=False)
+        else:
+            pages = self.client.get_paginator("scan").paginate(TableName=self.table)
+        records: list[JobRecord] = []
+        for page in pages:
+            records += [JobRecord.from_json(i["body"]["S"]) for i in page.get("Items", [])]
+            if len(records) >= limit and state:
+                break
+        records.sort(key=lambda r: r.updated_at, reverse=True)
+        return records[:limit]
+
+    @staticmethod
+    def table_definition(name: str) -> dict[str, Any]:
+        """The table as the CDK stack and local set-up create it (one source for both)."""
+        return {
+            "TableName": name, "BillingMode": "PAY_PER_REQUEST",
+            "AttributeDefinitions": [{"AttributeName": n, "AttributeType": "S"} for n in ("job_id", "state", "updated_at")],
+            "KeySchema": [{"AttributeName": "job_id", "KeyType": "HASH"}],
+            "GlobalSecondaryIndexes": [{"IndexName": "by_state", "Projection": {"ProjectionType": "ALL"},
+                                        "KeySchema": [{"AttributeName": "state", "KeyType": "HASH"},
+                                                      {"AttributeName": "updated_at", "KeyType": "RANGE"}]}],
+        }
+
+
+def unfinished(store: Store, states: Iterable[str] = (RECEIVED, VALIDATED, QUEUED, RUNNING)) -> list[JobRecord]:
+    """Records a restarted daemon must pick up again."""
+    out: list[JobRecord] = []
+    for state in states:
+        out += store.list(state, limit=10_000)
+    return out
