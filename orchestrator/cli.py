@@ -173,6 +173,95 @@ def logs(job_id: str = typer.Argument(..., help="The codsplat job id."),
         fail(PipelineError(f"Bacalhau: {exc.message}"), False)
 
 
+EmbeddedOption = typer.Option(None, "--embedded", help="Run with no AWS: this folder is the bucket, SQLite the table.")
+jobs_app = typer.Typer(help="Read and change job records.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@app.command()
+def daemon(
+    embedded: Optional[Path] = EmbeddedOption,
+    settings: Optional[Path] = SettingsOption,
+    health_port: Optional[int] = typer.Option(None, "--health-port", help="Serve /health on 127.0.0.1 (0 = off)."),
+) -> None:
+    """Run the orchestrator: take job uploads, run them, record and notify. Stops cleanly on SIGTERM."""
+    from .assemble import build_daemon, setup_logging
+
+    try:
+        conf = load_settings(settings)
+        setup_logging()
+        built = build_daemon(conf, embedded)
+    except PipelineError as exc:
+        fail(exc, as_json=False)
+    port = conf.health_port if health_port is None else health_port
+    built.serve(health_port=port or None)
+
+
+def _store(embedded: Path | None, settings: Path | None):
+    from .assemble import store_for
+
+    return store_for(load_settings(settings), embedded)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Optional[str] = typer.Option(None, "--state", help="Only records in this state (e.g. RUNNING)."),
+    embedded: Optional[Path] = EmbeddedOption,
+    settings: Optional[Path] = SettingsOption,
+    as_json: bool = typer.Option(False, "--json"),
+    limit: int = typer.Option(50, "--limit"),
+) -> None:
+    """List job records, newest first."""
+    try:
+        records = _store(embedded, settings).list(state.upper() if state else None, limit)
+    except PipelineError as exc:
+        fail(exc, as_json)
+    if as_json:
+        print(json.dumps([json.loads(r.to_json()) for r in records], indent=2))
+        return
+    table = Table(title="codsplat jobs", title_justify="left")
+    for column in ("job", "state", "stage", "backend", "updated", "PSNR", "error"):
+        table.add_column(column)
+    for r in records:
+        psnr = (r.result or {}).get("metrics", {}).get("psnr")
+        table.add_row(r.job_id, r.state, r.stage or "", r.backend or "", r.updated_at[:19],
+                      f"{psnr:.2f}" if psnr else "", ((r.error or {}).get("message") or "")[:80])
+    Console(width=max(160, Console().width)).print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, embedded: Optional[Path] = EmbeddedOption, settings: Optional[Path] = SettingsOption) -> None:
+    """Print one record: state, history, attempts, result or error."""
+    try:
+        record = _store(embedded, settings).get(job_id)
+    except PipelineError as exc:
+        fail(exc, False)
+    if record is None:
+        fail(PipelineError(f"No job record {job_id!r}.", hint="`codsplat jobs list` shows the ids."), False)
+    print(json.dumps(json.loads(record.to_json()), indent=2))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, embedded: Optional[Path] = EmbeddedOption, settings: Optional[Path] = SettingsOption) -> None:
+    """Cancel a job: at once if it has not started, else at the daemon's next check (Bacalhau jobs are stopped)."""
+    from .records import CANCELLED, TERMINAL, change
+
+    try:
+        store = _store(embedded, settings)
+        record = store.get(job_id)
+        if record is None:
+            raise PipelineError(f"No job record {job_id!r}.")
+        if record.state in TERMINAL:
+            raise PipelineError(f"Job {job_id} already ended ({record.state}).")
+        record = change(store, job_id, lambda r: setattr(r, "cancel_requested", True), note="cancel requested")
+        if record.state in ("RECEIVED", "VALIDATED", "QUEUED"):
+            record = change(store, job_id, lambda r: None, to=CANCELLED)
+    except PipelineError as exc:
+        exc.exit_code = EXIT_USAGE
+        fail(exc, False)
+    err.print(f"{job_id}: {record.state}" + (" (cancel requested)" if record.state != CANCELLED else ""))
+
+
 def main() -> None:
     try:
         app()

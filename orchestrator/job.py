@@ -81,6 +81,11 @@ def _policy(info: ValidationInfo) -> Policy:
     return (info.context or {}).get("policy") or Policy()
 
 
+def _absolute(value: str, policy: Policy) -> str:
+    """A bare key (`uploads/scan.mp4`) is a key in the deployment's own bucket (or folder)."""
+    return value if "://" in value else f"s3://{policy.bucket}/{value}"
+
+
 class Notify(StrictModel):
     email: list[str] = Field(default_factory=list, max_length=10, description="Who is emailed when the job ends.")
 
@@ -138,8 +143,9 @@ class JobDocument(PipelineConfig):
 
     version: Literal[1] = Field(description="Document format version.")
     id: str | None = Field(None, pattern=JOB_ID, description="Job id; defaults to the job file's name.")
-    input: str = Field(description="s3:// URI of a video, a .zip of images, or a prefix (ending in /) of images.")
-    output: str | None = Field(None, description="s3:// prefix for results; defaults to <output prefix><id>/.")
+    input: str = Field(description="s3:// URI (or a key in the deployment's bucket) of a video, a .zip of images, "
+                                   "or a prefix ending in / of images.")
+    output: str | None = Field(None, description="s3:// prefix (or key prefix) for results; defaults to <output prefix><id>/.")
     notify: Notify = Field(default_factory=Notify)
     compute: Compute = Field(default_factory=Compute)
 
@@ -147,6 +153,7 @@ class JobDocument(PipelineConfig):
     @classmethod
     def _input(cls, value: str, info: ValidationInfo) -> str:
         policy = _policy(info)
+        value = _absolute(value, policy)
         uri = parse_s3(value, "uploads")
         if uri.bucket != policy.bucket:
             raise ValueError(f"bucket '{uri.bucket}' is not allowed; use s3://{policy.bucket}/")
@@ -160,6 +167,7 @@ class JobDocument(PipelineConfig):
         if value is None:
             return value
         policy = _policy(info)
+        value = _absolute(value, policy)
         uri = parse_s3(value, "results")
         if uri.bucket != policy.bucket:
             raise ValueError(f"bucket '{uri.bucket}' is not allowed; use s3://{policy.bucket}/")

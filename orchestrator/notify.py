@@ -72,7 +72,8 @@ class SnsNotifier:
 
 
 class FileNotifier:
-    """Embedded mode: each message is a JSON file in a folder (and a log line)."""
+    """Embedded mode: each message is `<job id>.json` in a folder, also appended to `sent.jsonl`
+    (one line per message sent, the record of what went out) and logged."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -80,9 +81,12 @@ class FileNotifier:
 
     def send(self, message: Message) -> str:
         name = f"{message.attributes['job_id']}.json"
+        body = to_dict(message)
         tmp = self.folder / f".{name}.tmp"
-        tmp.write_text(json.dumps({"subject": message.subject, "body": message.body, "attributes": message.attributes}, indent=2))
+        tmp.write_text(json.dumps(body, indent=2))
         os.replace(tmp, self.folder / name)
+        with open(self.folder / "sent.jsonl", "a") as fh:  # one short O_APPEND write: whole lines
+            fh.write(json.dumps(body) + "\n")
         log.info("notification", extra={"job_id": message.attributes["job_id"], "subject": message.subject})
         return name
 

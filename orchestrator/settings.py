@@ -31,8 +31,12 @@ ENV = {
     "bucket": "CODSPLAT_BUCKET", "output_prefix": "CODSPLAT_OUTPUT_PREFIX", "image": "CODSPLAT_IMAGE",
     "region": "AWS_REGION", "s3_endpoint": "CODSPLAT_S3_ENDPOINT", "max_gpus": "CODSPLAT_MAX_GPUS",
     "max_runtime_minutes": "CODSPLAT_MAX_RUNTIME_MINUTES", "bacalhau_namespace": "CODSPLAT_BACALHAU_NAMESPACE",
-    "input_prefixes": "CODSPLAT_INPUT_PREFIXES",
+    "input_prefixes": "CODSPLAT_INPUT_PREFIXES", "queue_url": "CODSPLAT_QUEUE_URL", "table": "CODSPLAT_TABLE",
+    "topic_arn": "CODSPLAT_TOPIC_ARN", "concurrency": "CODSPLAT_CONCURRENCY", "health_port": "CODSPLAT_HEALTH_PORT",
+    "media_wait_seconds": "CODSPLAT_MEDIA_WAIT_SECONDS", "jobs_prefix": "CODSPLAT_JOBS_PREFIX",
+    "aws_endpoint": "CODSPLAT_AWS_ENDPOINT", "cache_dir": "CODSPLAT_CACHE_DIR",
 }
+INTEGERS = ("max_gpus", "max_runtime_minutes", "concurrency", "health_port")
 
 
 class Settings(StrictModel):
@@ -45,6 +49,16 @@ class Settings(StrictModel):
     max_gpus: int = Field(8, ge=0, le=64)
     max_runtime_minutes: int = Field(24 * 60, ge=5)
     bacalhau_namespace: str = "default"
+    # the daemon
+    jobs_prefix: str = Field("jobs/", pattern=r"^[A-Za-z0-9._-]+/$")
+    queue_url: str | None = None
+    table: str | None = None
+    topic_arn: str | None = None
+    aws_endpoint: str | None = None  # every AWS API at one endpoint (the tests' moto server)
+    concurrency: int = Field(2, ge=1, le=256)
+    health_port: int | None = Field(8787, ge=0, le=65535)
+    media_wait_seconds: float = Field(120.0, ge=0)
+    cache_dir: str = Field(str(Path.home() / ".cache" / "codsplat"), description="Work folders of local runs.")
 
     @property
     def policy(self) -> Policy:
@@ -63,8 +77,13 @@ def load_settings(path: Path | None = None, env: dict[str, str] | None = None) -
     for key, var in ENV.items():
         if env.get(var):
             value: object = env[var]
-            if key in ("max_gpus", "max_runtime_minutes"):
+            if key in INTEGERS:
                 value = int(value) if str(value).isdigit() else value
+            if key == "media_wait_seconds":
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if key == "input_prefixes":
                 value = [p.strip() for p in str(value).split(",") if p.strip()]
             data[key] = value

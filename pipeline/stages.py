@@ -35,6 +35,7 @@ STAGES = ("frames", "sfm", "train", "export")
 # Groups that run as one Bacalhau job each: frames+SfM on a CPU node, training on a GPU node, then export.
 GROUPS = {"preprocess": ("frames", "sfm"), "train": ("train",), "export": ("export",), "all": STAGES}
 MANIFEST = "manifest.json"
+RUN_LOG = "runs.jsonl"  # one line per stage execution that completed (skips are not runs)
 FORMAT_VERSION = 1  # bump when a stage's outputs change meaning, so old work directories re-run
 
 Progress = Callable[[float, str], None]  # (fraction done 0..1, short note)
@@ -170,6 +171,9 @@ def run_stage(name: str, fn: StageFn, ctx: StageContext, force: bool = False) ->
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(manifest_path)  # the manifest appears whole or not at all
+    with open(ctx.work / RUN_LOG, "a") as fh:  # every completed execution of a stage, for audits
+        fh.write(json.dumps({"stage": name, "fingerprint": fp, "finished_at": manifest["finished_at"],
+                             "seconds": manifest["seconds"]}) + "\n")
     return StageResult(name, manifest)
 
 

@@ -82,7 +82,8 @@ def test_stages_split_across_machines(sample_video, quick_config, tmp_path):
     cpu_node, gpu_node, export_node = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     proc = codsplat("run", sample_video, "--preset", "tiny", "--config", quick_config, "--out", cpu_node, "--stage", "preprocess")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in cpu_node.iterdir()) == ["frames", "sfm"]
+    assert sorted(p.name for p in cpu_node.iterdir() if p.is_dir()) == ["frames", "sfm"]
+    assert [json.loads(line)["stage"] for line in open(cpu_node / "runs.jsonl")] == ["frames", "sfm"]
 
     shutil.copytree(cpu_node, gpu_node)
     proc = codsplat("run", "--preset", "tiny", "--config", quick_config, "--out", gpu_node, "--stage", "train", "--json")

@@ -1,0 +1,77 @@
+"""Build a daemon (and a record store) from settings: AWS mode, or the embedded default.
+
+Embedded (`--embedded DIR`): the folder is the bucket (`DIR/uploads`, `DIR/jobs`, `DIR/results`),
+SQLite at `DIR/codsplat.db` holds the records, notifications are files in `DIR/notifications`, and
+jobs run in local processes. AWS: S3 + SQS + DynamoDB + SNS named in the settings, Bacalhau as the
+executor (and the local one for `compute.backend: local`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from codsplat.pipeline.errors import InputError
+
+from .bacalhau import BacalhauClient
+from .blobs import FolderBlobs, S3Blobs
+from .daemon import Daemon, DaemonOptions, JsonLogFormatter
+from .events import FolderSource, SqsSource
+from .executors import BacalhauExecutor, LocalExecutor
+from .job import Policy
+from .notify import FileNotifier, SnsNotifier
+from .records import DynamoStore, SQLiteStore, Store
+from .settings import Settings
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger("codsplat")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def embedded_policy(settings: Settings) -> Policy:
+    return Policy(bucket="local", input_prefixes=tuple(settings.input_prefixes), output_prefix=settings.output_prefix,
+                  max_gpus=settings.max_gpus, max_runtime_minutes=settings.max_runtime_minutes)
+
+
+def aws_client(settings: Settings, service: str):
+    import boto3
+
+    return boto3.client(service, endpoint_url=settings.aws_endpoint, region_name=settings.region or "us-east-1")
+
+
+def store_for(settings: Settings, embedded: Path | None) -> Store:
+    if embedded is not None:
+        return SQLiteStore(embedded / "codsplat.db")
+    if not settings.table:
+        raise InputError("Set the DynamoDB table (table: in the settings, or CODSPLAT_TABLE), or use --embedded DIR.")
+    return DynamoStore(settings.table, aws_client(settings, "dynamodb"))
+
+
+def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
+    options = DaemonOptions(concurrency=settings.concurrency, media_wait_seconds=settings.media_wait_seconds)
+    if embedded is not None:
+        embedded.mkdir(parents=True, exist_ok=True)
+        blobs = FolderBlobs(embedded)
+        local = LocalExecutor(blobs, embedded / ".cache")
+        return Daemon(store=store_for(settings, embedded), blobs=blobs,
+                      source=FolderSource(embedded, settings.jobs_prefix),
+                      notifier=FileNotifier(embedded / "notifications"), executors={"local": local},
+                      policy=embedded_policy(settings), options=options)
+    missing = [name for name in ("queue_url", "table", "topic_arn") if not getattr(settings, name)]
+    if missing:
+        raise InputError(f"The daemon needs {', '.join(missing)} in its settings (or CODSPLAT_* variables), "
+                         "or --embedded DIR to run with no AWS at all.")
+    blobs = S3Blobs(aws_client(settings, "s3"), settings.bucket)
+    bacalhau = BacalhauExecutor(BacalhauClient.from_env(), settings.deployment)
+    options.default_backend = "bacalhau"
+    return Daemon(store=store_for(settings, None), blobs=blobs,
+                  source=SqsSource(aws_client(settings, "sqs"), settings.queue_url, settings.jobs_prefix),
+                  notifier=SnsNotifier(aws_client(settings, "sns"), settings.topic_arn),
+                  executors={"bacalhau": bacalhau, "local": LocalExecutor(blobs, Path(settings.cache_dir))},
+                  policy=settings.policy, options=options)

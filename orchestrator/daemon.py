@@ -1,0 +1,358 @@
+"""The orchestrator daemon: job uploads in, one finished record and one message out per job.
+
+    source (SQS or a folder) → intake: read + validate the job document, check the media,
+        create the record (conditional put: a duplicate event changes nothing), then acknowledge
+    → worker pool (bounded): QUEUED → RUNNING(stage) on an executor → SUCCEEDED | FAILED
+    → notify once (the record's `notified_at` is the guard)
+
+Nothing is lost: a message is acknowledged only after its job has a record, and on start the daemon
+picks up every record that is not finished. Nothing runs twice: records are created conditionally,
+executors resume (the local one skips finished stages; Bacalhau attempts are found again by label).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from codsplat.pipeline.errors import InputError
+
+from .blobs import Blobs
+from .events import Delivery, JobEvent
+from .executors import Executor, Progress
+from .faults import crashpoint
+from .job import JobDocument, Policy, job_id_from_key, parse_job
+from .notify import ADVICE, Notifier, compose
+from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, JobRecord, Store, change,
+                      now, unfinished)
+from .runner import CannotRunHere, JobFailed
+
+log = logging.getLogger("codsplat.daemon")
+STAGE_ADVICE = {2: "input", 3: "reconstruction", 4: "quality"}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the job id when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        for key in ("job_id", "stage", "state", "backend", "error", "subject"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+@dataclass
+class DaemonOptions:
+    concurrency: int = 2
+    media_wait_seconds: float = 120.0
+    media_poll_seconds: float = 2.0
+    link_seconds: int = 7 * 24 * 3600 - 300
+    default_backend: str = "local"
+    gpu_hour_usd: float = 1.006  # an A10G (g5.xlarge) on-demand hour: the estimate in records
+    cpu_hour_usd: float = 0.10
+
+
+@dataclass
+class Daemon:
+    store: Store
+    blobs: Blobs
+    source: Any  # SqsSource | FolderSource
+    notifier: Notifier
+    executors: dict[str, Executor]
+    policy: Policy = field(default_factory=Policy)
+    options: DaemonOptions = field(default_factory=DaemonOptions)
+    fallback: Callable[[JobDocument, JobRecord, str], None] | None = None  # SageMaker hand-over
+
+    def __post_init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="job")
+        self._stopping = threading.Event()
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+        self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0}
+
+    # ------------------------------------------------------------------ intake
+
+    def handle(self, delivery: Delivery) -> None:
+        """Record every job in a delivery, then acknowledge it. A message we cannot read is logged
+        and left unacknowledged: the queue's redrive policy moves it to the dead-letter queue."""
+        if delivery.error:
+            log.error("unreadable message %s: %s", delivery.message_id, delivery.error,
+                      extra={"error": delivery.error})
+            return
+        for event in delivery.events:
+            self.intake(event)
+        self.source.ack(delivery)
+
+    def intake(self, event: JobEvent) -> str | None:
+        self.stats["received"] += 1
+        job_id = job_id_from_key(event.key)
+        try:
+            raw = self.blobs.read(event.key)
+        except Exception:  # deleted again before we looked: nothing to do
+            log.warning("job document %s has gone", event.key, extra={"job_id": job_id})
+            return None
+        data, problem = None, None
+        try:
+            data = json.loads(raw)
+            if isinstance(data, dict) and isinstance(data.get("id"), str):
+                job_id = data["id"] if len(data["id"]) >= 3 else job_id
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            problem = f"{event.key} is not valid JSON: {getattr(exc, 'msg', exc)}"
+        job = None
+        if problem is None:
+            try:
+                job = parse_job(data, self.policy, default_id=job_id_from_key(event.key))
+                job_id = job.id
+            except InputError as exc:
+                problem = exc.message
+        notify = [e for e in (data or {}).get("notify", {}).get("email", []) if isinstance(e, str)] \
+            if isinstance(data, dict) and isinstance(data.get("notify"), dict) else []
+        record = JobRecord(job_id=job_id, job_key=event.key, notify=notify,
+                           input=getattr(job, "input", None), history=[{"at": now(), "state": RECEIVED, "stage": None, "note": event.event}])
+        crashpoint("before-create")
+        if not self.store.create(record):
+            self.stats["duplicates"] += 1
+            log.info("duplicate event for %s", job_id, extra={"job_id": job_id})
+            return job_id
+        self.stats["created"] += 1
+        log.info("job received", extra={"job_id": job_id, "state": RECEIVED})
+        crashpoint("after-create")
+        if problem:
+            self._fail(job_id, "validate", problem, "input")
+            self.finish(job_id)
+            return job_id
+        output = self.blobs.uri(job.output_uri(self.policy).key)
+        change(self.store, job_id, lambda r: setattr(r, "output", output), to=VALIDATED)
+        crashpoint("after-validate")
+        self.submit(job_id)
+        return job_id
+
+    def submit(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._inflight:
+                return
+            self._inflight.add(job_id)
+        self._pool.submit(self._run_guarded, job_id)
+
+    # ------------------------------------------------------------------ running
+
+    def _run_guarded(self, job_id: str) -> None:
+        try:
+            self.run(job_id)
+        except Exception as exc:  # a bug must fail one job, never the daemon
+            log.exception("job crashed the worker", extra={"job_id": job_id})
+            try:
+                self._fail(job_id, None, f"Internal error: {exc.__class__.__name__}: {exc}", "internal")
+                self.finish(job_id)
+            except Exception:
+                log.exception("could not record the failure", extra={"job_id": job_id})
+        finally:
+            with self._lock:
+                self._inflight.discard(job_id)
+
+    def run(self, job_id: str) -> None:
+        record = self.store.get(job_id)
+        if record is None or record.terminal:
+            if record is not None:
+                self.finish(job_id)
+            return
+        job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=job_id)
+        if record.state == VALIDATED:
+            if not self._wait_for_media(job):
+                self._fail(job_id, "validate", f"The media {job.input} was not found (waited "
+                           f"{self.options.media_wait_seconds:.0f} s for it to finish uploading).", "input")
+                return self.finish(job_id)
+            record = change(self.store, job_id, lambda r: None, to=QUEUED)
+            crashpoint("after-queue")
+        if record.cancel_requested:
+            change(self.store, job_id, lambda r: None, to=CANCELLED, note="cancelled before it ran")
+            return self.finish(job_id)
+        backend = job.compute.backend if job.compute.backend in self.executors else self.options.default_backend
+        if record.backend == "sagemaker":  # handed over before a restart: the state machine finishes it
+            return
+        executor = self.executors[backend]
+        change(self.store, job_id, lambda r: setattr(r, "backend", backend), to=RUNNING, stage="all" if record.state == QUEUED else record.stage)
+        output_key = job.output_uri(self.policy).key
+        crashpoint("after-running")
+        started = time.monotonic()
+        try:
+            executor.run(job, output_key, self._progress(job_id, backend))
+        except JobFailed as exc:
+            advice = STAGE_ADVICE.get(exc.exit_code or 0, "internal")
+            self._fail(job_id, exc.stage, exc.message, advice)
+            return self.finish(job_id)
+        except CannotRunHere as exc:
+            if self.fallback is not None and backend != "local":
+                change(self.store, job_id, lambda r: setattr(r, "backend", "sagemaker"), to=RUNNING, stage="sagemaker",
+                       note=f"Bacalhau cannot run it: {exc.reason}")
+                self.fallback(job, self.store.get(job_id), exc.reason)
+                return
+            self._fail(job_id, exc.stage, f"No backend could run the job: {exc.reason}", "compute")
+            return self.finish(job_id)
+        crashpoint("after-compute")
+        if self.store.get(job_id).cancel_requested:
+            change(self.store, job_id, lambda r: None, to=CANCELLED)
+            return self.finish(job_id)
+        self._succeed(job, job_id, output_key, time.monotonic() - started)
+        crashpoint("after-succeed")
+        self.finish(job_id)
+
+    def _progress(self, job_id: str, backend: str) -> Progress:
+        def upsert(attempt: dict) -> None:
+            def mutate(r: JobRecord) -> None:
+                key = (attempt.get("stage"), attempt.get("number"))
+                for existing in r.attempts:
+                    if (existing.get("stage"), existing.get("number")) == key:
+                        existing.update({k: v for k, v in attempt.items() if v is not None}, updated_at=now())
+                        return
+                r.attempts.append({**attempt, "started_at": now()})
+            change(self.store, job_id, mutate)
+
+        def stage(name: str) -> None:
+            record = self.store.get(job_id)
+            if record.stage != name and not record.terminal:
+                change(self.store, job_id, lambda r: None, to=RUNNING, stage=name)
+
+        return Progress(attempt_started=upsert, attempt_updated=upsert, stage=stage,
+                        cancelled=lambda: bool(self.store.get(job_id).cancel_requested))
+
+    def _wait_for_media(self, job: JobDocument) -> bool:
+        uri = job.input_uri
+        deadline = time.monotonic() + self.options.media_wait_seconds
+        while True:
+            found = self.blobs.exists_prefix(uri.key) if uri.is_prefix else self.blobs.exists(uri.key)
+            if found or time.monotonic() >= deadline or self._stopping.is_set():
+                return found
+            time.sleep(self.options.media_poll_seconds)
+
+    def _succeed(self, job: JobDocument, job_id: str, output_key: str, seconds: float) -> None:
+        export = output_key + "export/"
+        missing = [f"splat.{fmt}" for fmt in job.export.formats if not self.blobs.exists(export + f"splat.{fmt}")]
+        if missing or not self.blobs.exists(export + "metrics.json"):
+            self._fail(job_id, "export", f"The job ended but its outputs are missing: {', '.join(missing) or 'metrics.json'}.", "internal")
+            return
+        metrics = json.loads(self.blobs.read(export + "metrics.json"))
+        stages = {k: v.get("seconds") for k, v in metrics.get("stages", {}).items()}
+        on_gpu = metrics.get("train", {}).get("device") == "cuda"
+        gpu_seconds = (stages.get("train") or 0) * job.compute.gpus if on_gpu else 0.0
+        cpu_seconds = sum(v or 0 for v in stages.values()) - (stages.get("train") or 0 if on_gpu else 0)
+        cost = gpu_seconds / 3600 * self.options.gpu_hour_usd + cpu_seconds / 3600 * self.options.cpu_hour_usd
+        result = {
+            "outputs": sorted(k for k in self.blobs.list(export) if "/previews/" not in k),
+            "metrics": {k: metrics.get(k) for k in ("psnr", "ssim", "gaussians")},
+            "stage_seconds": stages, "gpu_seconds": round(gpu_seconds, 1), "wall_seconds": round(seconds, 1),
+            "estimated_cost_usd": round(cost, 4),
+        }
+        change(self.store, job_id, lambda r: setattr(r, "result", result), to=SUCCEEDED)
+        self.stats["succeeded"] += 1
+        log.info("job succeeded", extra={"job_id": job_id, "state": SUCCEEDED})
+
+    def _fail(self, job_id: str, stage: str | None, message: str, advice: str) -> None:
+        error = {"stage": stage, "message": message, "advice": ADVICE[advice], "kind": advice}
+        change(self.store, job_id, lambda r: setattr(r, "error", error), to=FAILED, stage=stage)
+        self.stats["failed"] += 1
+        log.warning("job failed: %s", message, extra={"job_id": job_id, "state": FAILED, "stage": stage})
+
+    def finish(self, job_id: str) -> None:
+        """Send the one message a finished job gets, unless it has been sent."""
+        record = self.store.get(job_id)
+        if record is None or not record.terminal or record.notified_at:
+            return
+        links = {}
+        for key in (record.result or {}).get("outputs", []):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith("splat.") or name in ("report.html", "metrics.json"):
+                links[name] = self.blobs.link(key, self.options.link_seconds)
+        message = compose(record, links)
+        crashpoint("before-notify")
+        self.notifier.send(message)
+        change(self.store, job_id, lambda r: setattr(r, "notified_at", now()))
+        crashpoint("after-notify")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def recover(self) -> int:
+        """Pick up every unfinished record (a previous daemon died or was stopped)."""
+        records = unfinished(self.store)
+        for record in records:
+            if record.state == RECEIVED:
+                self.intake_again(record)
+            else:
+                self.submit(record.job_id)
+        for record in self.store.list(SUCCEEDED, 10_000) + self.store.list(FAILED, 10_000) + self.store.list(CANCELLED, 10_000):
+            if not record.notified_at:
+                self.finish(record.job_id)
+        return len(records)
+
+    def intake_again(self, record: JobRecord) -> None:
+        """A record created just before a crash: validate and go on from there."""
+        try:
+            job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=record.job_id)
+        except (InputError, ValueError) as exc:
+            self._fail(record.job_id, "validate", getattr(exc, "message", str(exc)), "input")
+            return self.finish(record.job_id)
+        output = self.blobs.uri(job.output_uri(self.policy).key)
+        change(self.store, record.job_id, lambda r: setattr(r, "output", output), to=VALIDATED)
+        self.submit(record.job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        record = change(self.store, job_id, lambda r: setattr(r, "cancel_requested", True), note="cancel requested")
+        if record.state in (RECEIVED, VALIDATED, QUEUED):
+            record = change(self.store, job_id, lambda r: None, to=CANCELLED)
+            self.finish(job_id)
+        return record
+
+    def serve(self, health_port: int | None = None, install_signals: bool = True) -> None:
+        if install_signals:
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        health = self._health_server(health_port) if health_port is not None else None
+        log.info("daemon started; %d unfinished jobs picked up", self.recover())
+        while not self._stopping.is_set():
+            try:
+                deliveries = self.source.receive()
+            except Exception:
+                log.exception("receiving failed; retrying")
+                self._stopping.wait(2.0)
+                continue
+            for delivery in deliveries:
+                if self._stopping.is_set():
+                    break  # not acknowledged: it will be delivered again
+                self.handle(delivery)
+        self._pool.shutdown(wait=True, cancel_futures=False)
+        if health:
+            health.shutdown()
+        log.info("daemon stopped")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _health_server(self, port: int) -> ThreadingHTTPServer:
+        daemon = self
+
+        class Health(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = json.dumps({"status": "stopping" if daemon._stopping.is_set() else "ok",
+                                   "inflight": len(daemon._inflight), **daemon.stats}).encode()
+                self.send_response(200 if self.path == "/health" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body if self.path == "/health" else b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", port), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server

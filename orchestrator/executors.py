@@ -1,0 +1,123 @@
+"""Where a job's compute runs: in a local process (the embedded default) or on Bacalhau.
+
+An executor runs every stage of a job to the end and leaves the results under the job's output
+prefix (`<output>/export/...`). It reports attempts through `Progress` so the daemon can record
+them, and raises `JobFailed` (the job's own fault) or `CannotRunHere` (try another backend).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from codsplat.pipeline.errors import EXIT_CODES
+
+from .bacalhau import BacalhauClient
+from .blobs import Blobs, FolderBlobs
+from .faults import crashpoint
+from .job import JobDocument
+from .runner import Attempt, BacalhauRunner, CannotRunHere, Hooks, JobFailed
+from .translate import Deployment
+
+
+@dataclass
+class Progress:
+    attempt_started: Callable[[dict], None] = lambda attempt: None  # before anything is sent
+    attempt_updated: Callable[[dict], None] = lambda attempt: None
+    stage: Callable[[str], None] = lambda stage: None
+    cancelled: Callable[[], bool] = lambda: False
+
+
+class Executor(Protocol):
+    name: str
+
+    def run(self, job: JobDocument, output_key: str, progress: Progress) -> None: ...
+
+
+def _die_with_parent() -> None:  # a child of a killed daemon must not run on unseen
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    os.setsid()
+
+
+@dataclass
+class LocalExecutor:
+    """Runs `codsplat run` as a child process. Its work folder persists per job, so a job picked up
+    again after a crash resumes at the first unfinished stage instead of starting over."""
+
+    blobs: Blobs
+    cache: Path
+    name: str = "local"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def run(self, job: JobDocument, output_key: str, progress: Progress) -> None:
+        embedded = isinstance(self.blobs, FolderBlobs)
+        work = Path(self.blobs.uri(output_key)) if embedded else self.cache / job.id
+        work.mkdir(parents=True, exist_ok=True)
+        media = self.blobs.download(job.input_uri.key, self.cache / job.id / "media")
+        settings = work / ".settings.json"
+        settings.write_text(json.dumps(job.pipeline_settings()))
+        attempt = {"backend": self.name, "stage": "all", "number": len(list(work.glob(".attempt-*"))) + 1, "state": "Running"}
+        (work / f".attempt-{attempt['number']}").touch()
+        progress.attempt_started(attempt)
+        progress.stage("all")
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "codsplat.pipeline.cli", "run", str(media), "--config", str(settings),
+                 "--out", str(work), "--json"],
+                stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=_die_with_parent,
+                env={**os.environ, **self.extra_env})
+            crashpoint("during-compute", delay=3.0)  # the crash tests: die with the child half way
+            stdout, _ = proc.communicate()
+            err.seek(0)
+            stderr = err.read()
+        if proc.returncode != 0:
+            attempt.update(state="Failed", exit_code=proc.returncode)
+            progress.attempt_updated(attempt)
+            try:
+                body = json.loads(stdout)
+                message, stage = body.get("message", ""), body.get("stage") or "pipeline"
+            except json.JSONDecodeError:
+                message, stage = (stderr.strip().splitlines() or ["the pipeline crashed"])[-1], "pipeline"
+            if proc.returncode in (2, 3, 4):
+                raise JobFailed(message, stage, proc.returncode)
+            raise CannotRunHere(f"local run ended with exit code {proc.returncode} "
+                                f"({EXIT_CODES.get(proc.returncode, 'killed')}): {message}", stage)
+        attempt["state"] = "Completed"
+        progress.attempt_updated(attempt)
+        if not embedded:
+            self.blobs.upload_dir(work / "export", output_key + "export/")
+
+
+@dataclass
+class BacalhauExecutor:
+    client: BacalhauClient
+    deployment: Deployment
+    poll_interval: float = 5.0
+    name: str = "bacalhau"
+
+    def run(self, job: JobDocument, output_key: str, progress: Progress) -> None:
+        def as_dict(a: Attempt) -> dict:
+            return {"backend": self.name, "stage": a.stage, "number": a.number, "name": a.name,
+                    "bacalhau_id": a.bacalhau_id, "state": a.state or "Submitting", "error": a.error}
+
+        def on_progress(a: Attempt, info) -> None:
+            progress.stage(a.stage)
+            if progress.cancelled():
+                self.client.stop(a.bacalhau_id, "cancelled by the user")
+
+        hooks = Hooks(before_submit=lambda a: progress.attempt_started(as_dict(a)),
+                      submitted=lambda a: progress.attempt_updated(as_dict(a)),
+                      progress=on_progress)
+        runner = BacalhauRunner(self.client, self.deployment, self.poll_interval)
+        result = runner.run(job, hooks)
+        for attempt in result.attempts:
+            progress.attempt_updated(as_dict(attempt))

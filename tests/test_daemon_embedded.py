@@ -1,0 +1,156 @@
+"""The daemon in its embedded default (a folder, SQLite, file notifications, local processes):
+the whole flow, duplicates, bad jobs, and kill -9 at many points of a job's life."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from codsplat.orchestrator.assemble import build_daemon
+from codsplat.orchestrator.events import Delivery, JobEvent
+from codsplat.orchestrator.records import SQLiteStore
+from codsplat.orchestrator.settings import Settings
+from conftest import QUICK
+from test_cli_errors import one_frame_video
+
+QUICK_JOB = {"version": 1, "input": "uploads/sample.mp4", "preset": "tiny", "notify": {"email": ["u@example.com"]}, **QUICK}
+STAGES = ["frames", "sfm", "train", "export"]
+
+
+@pytest.fixture
+def home(tmp_path, sample_video):
+    (tmp_path / "uploads").mkdir()
+    (tmp_path / "jobs").mkdir()
+    shutil.copy(sample_video, tmp_path / "uploads" / "sample.mp4")
+    return tmp_path
+
+
+def write_job(home: Path, name: str, doc) -> str:
+    path = home / "jobs" / f"{name}.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return f"jobs/{name}.json"
+
+
+def sent(home: Path) -> list[dict]:
+    log = home / "notifications" / "sent.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def stage_runs(home: Path, job_id: str) -> list[str]:
+    log = home / "results" / job_id / "runs.jsonl"
+    return [json.loads(line)["stage"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def wait_for(predicate, timeout=300, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    raise AssertionError("timed out")
+
+
+def run_daemon(home, **settings):
+    daemon = build_daemon(Settings(media_wait_seconds=1.0, **settings), home)
+    thread = threading.Thread(target=daemon.serve, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    return daemon, thread
+
+
+def stop(daemon, thread):
+    daemon.stop()
+    thread.join(timeout=600)
+
+
+def test_embedded_flow_from_upload_to_notification(home):
+    daemon, thread = run_daemon(home)
+    try:
+        write_job(home, "kitchen", QUICK_JOB)
+        wait_for(lambda: any(m["attributes"]["job_id"] == "kitchen" for m in sent(home)))
+    finally:
+        stop(daemon, thread)
+    record = SQLiteStore(home / "codsplat.db").get("kitchen")
+    assert record.state == "SUCCEEDED" and record.notified_at
+    assert [h["state"] for h in record.history] == ["RECEIVED", "VALIDATED", "QUEUED", "RUNNING", "SUCCEEDED"]
+    assert record.result["metrics"]["gaussians"] > 0 and record.result["estimated_cost_usd"] >= 0
+    assert "results/kitchen/export/splat.ply" in record.result["outputs"]
+    [message] = sent(home)
+    assert message["attributes"] == {"job_id": "kitchen", "status": "SUCCEEDED", "recipient": "u@example.com"}
+    assert "splat.ply: file://" in message["body"] and "PSNR" in message["body"]
+    assert stage_runs(home, "kitchen") == STAGES
+
+
+def test_duplicate_events_run_once_and_notify_once(home):
+    daemon = build_daemon(Settings(media_wait_seconds=1.0), home)
+    a, b = write_job(home, "twice", QUICK_JOB), write_job(home, "tentimes", QUICK_JOB)
+    threads = [threading.Thread(target=daemon.handle, args=(Delivery([JobEvent(None, key)]),))
+               for key in [a] * 2 + [b] * 10]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    daemon._pool.shutdown(wait=True)
+    store = SQLiteStore(home / "codsplat.db")
+    assert daemon.stats["created"] == 2 and daemon.stats["duplicates"] == 10
+    for job_id in ("twice", "tentimes"):
+        assert store.get(job_id).state == "SUCCEEDED"
+        assert stage_runs(home, job_id) == STAGES  # each stage computed once
+        assert [m["attributes"]["job_id"] for m in sent(home)].count(job_id) == 1
+
+
+@pytest.mark.parametrize("name,make,expect", [
+    ("notjson", lambda h: "{not json", "jobs/notjson.json is not valid JSON"),
+    ("badkey", lambda h: {**QUICK_JOB, "train": {"stepz": 100}}, "train.stepz: unknown key; did you mean 'steps'?"),
+    ("nomedia", lambda h: {**QUICK_JOB, "input": "uploads/missing.mp4"}, "was not found (waited 1 s"),
+    ("oneframe", lambda h: one_frame_video(h / "uploads" / "one.mp4") or {**QUICK_JOB, "input": "uploads/one.mp4"},
+     "has only 1 frame"),
+])
+def test_bad_jobs_end_failed_with_a_reason_and_the_daemon_lives_on(home, name, make, expect):
+    daemon, thread = run_daemon(home)
+    try:
+        write_job(home, name, make(home))
+        wait_for(lambda: sent(home))
+        assert thread.is_alive()
+    finally:
+        stop(daemon, thread)
+    record = SQLiteStore(home / "codsplat.db").get(name)
+    assert record.state == "FAILED" and expect in record.error["message"]
+    assert record.error["advice"] and len(sent(home)) == 1
+    assert "What to try next:" in sent(home)[0]["body"]
+
+
+CRASH_POINTS = ["before-create", "after-create", "after-validate", "after-queue", "after-running",
+                "during-compute", "after-compute", "after-succeed", "before-notify", "after-notify"]
+
+
+def daemon_process(home, env=None):
+    return subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon", "--embedded", str(home),
+                             "--health-port", "0"], env={**os.environ, "CODSPLAT_MEDIA_WAIT_SECONDS": "1", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_killed_at_any_point_the_job_finishes_once(home, point):
+    """The daemon dies (as with kill -9) at `point`; a restarted daemon finishes the job with each
+    stage computed once and exactly one notification."""
+    write_job(home, "crash", QUICK_JOB)
+    first = daemon_process(home, {"CODSPLAT_CRASH_AT": point})
+    assert first.wait(timeout=300) == 137, first.stderr.read()
+    second = daemon_process(home)
+    try:
+        wait_for(lambda: sent(home) and SQLiteStore(home / "codsplat.db").get("crash").notified_at)
+        time.sleep(1.0)  # anything that would wrongly repeat has time to show
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(timeout=60)
+    record = SQLiteStore(home / "codsplat.db").get("crash")
+    assert record.state == "SUCCEEDED"
+    assert [m["attributes"]["job_id"] for m in sent(home)] == ["crash"]
+    assert sorted(stage_runs(home, "crash")) == sorted(STAGES)  # no stage computed twice
