@@ -41,8 +41,11 @@ def embedded_policy(settings: Settings) -> Policy:
 
 def aws_client(settings: Settings, service: str):
     import boto3
+    from botocore.config import Config
 
-    return boto3.client(service, endpoint_url=settings.aws_endpoint, region_name=settings.region or "us-east-1")
+    # SigV4 presigned links: they carry X-Amz-Expires and cannot outlive 7 days
+    config = Config(signature_version="s3v4") if service == "s3" else None
+    return boto3.client(service, endpoint_url=settings.aws_endpoint, region_name=settings.region or "us-east-1", config=config)
 
 
 def store_for(settings: Settings, embedded: Path | None) -> Store:
@@ -68,10 +71,11 @@ def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
         raise InputError(f"The daemon needs {', '.join(missing)} in its settings (or CODSPLAT_* variables), "
                          "or --embedded DIR to run with no AWS at all.")
     blobs = S3Blobs(aws_client(settings, "s3"), settings.bucket)
-    bacalhau = BacalhauExecutor(BacalhauClient.from_env(), settings.deployment)
+    bacalhau = BacalhauExecutor(BacalhauClient.from_env(), settings.deployment, settings.bacalhau_poll_seconds)
     options.default_backend = "bacalhau"
     return Daemon(store=store_for(settings, None), blobs=blobs,
-                  source=SqsSource(aws_client(settings, "sqs"), settings.queue_url, settings.jobs_prefix),
+                  source=SqsSource(aws_client(settings, "sqs"), settings.queue_url, settings.jobs_prefix,
+                                   wait_seconds=settings.queue_wait_seconds),
                   notifier=SnsNotifier(aws_client(settings, "sns"), settings.topic_arn),
                   executors={"bacalhau": bacalhau, "local": LocalExecutor(blobs, Path(settings.cache_dir))},
                   policy=settings.policy, options=options)

@@ -86,9 +86,15 @@ class Daemon:
     def handle(self, delivery: Delivery) -> None:
         """Record every job in a delivery, then acknowledge it. A message we cannot read is logged
         and left unacknowledged: the queue's redrive policy moves it to the dead-letter queue."""
-        if delivery.error:
+        if delivery.error:  # recorded, never acknowledged: the redrive policy moves it to the DLQ
+            job_id = f"message-{(delivery.message_id or 'unknown')[:36]}"
+            record = JobRecord(job_id=job_id, job_key=f"sqs:{delivery.message_id}", state=FAILED, notified_at=now(),
+                               error={"stage": "intake", "message": f"Unreadable queue message: {delivery.error}",
+                                      "advice": ADVICE["internal"], "kind": "message"},
+                               history=[{"at": now(), "state": FAILED, "stage": "intake", "note": delivery.error}])
+            self.store.create(record)
             log.error("unreadable message %s: %s", delivery.message_id, delivery.error,
-                      extra={"error": delivery.error})
+                      extra={"job_id": job_id, "error": delivery.error})
             return
         for event in delivery.events:
             self.intake(event)

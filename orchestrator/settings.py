@@ -58,6 +58,8 @@ class Settings(StrictModel):
     concurrency: int = Field(2, ge=1, le=256)
     health_port: int | None = Field(8787, ge=0, le=65535)
     media_wait_seconds: float = Field(120.0, ge=0)
+    queue_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait.")
+    bacalhau_poll_seconds: float = Field(5.0, gt=0, description="Seconds between Bacalhau state checks.")
     cache_dir: str = Field(str(Path.home() / ".cache" / "codsplat"), description="Work folders of local runs.")
 
     @property

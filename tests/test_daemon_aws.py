@@ -1,0 +1,94 @@
+"""The daemon against AWS APIs (the moto server) and Bacalhau (the stand-in): S3 upload → SNS → SQS
+→ record in DynamoDB → Bacalhau → results in S3 → one SNS message, filtered to its recipient."""
+
+import json
+import threading
+import time
+
+import boto3
+import pytest
+
+from codsplat.orchestrator.assemble import build_daemon
+from codsplat.orchestrator.provision import provision
+from codsplat.orchestrator.records import DynamoStore
+from codsplat.orchestrator.settings import Settings
+from conftest import QUICK
+
+
+@pytest.fixture
+def aws(moto_server, standin, monkeypatch):
+    prefix = f"t{int(time.time() * 1000) % 10**8}"
+    names = provision(boto3.Session(), prefix, endpoint=moto_server.url, max_receive_count=2, visibility_timeout=1)
+    client = lambda s: boto3.client(s, endpoint_url=moto_server.url, region_name="us-east-1")  # noqa: E731
+    sqs, sns = client("sqs"), client("sns")
+    mailbox = sqs.create_queue(QueueName=f"{prefix}-mailbox")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=mailbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=names["topic_arn"], Protocol="sqs", Endpoint=arn,
+                  Attributes={"FilterPolicy": json.dumps({"recipient": ["u@example.com"]})})
+    monkeypatch.setenv("BACALHAU_API_HOST", "127.0.0.1")
+    monkeypatch.setenv("BACALHAU_API_PORT", standin.url.rsplit(":", 1)[1])
+    settings = Settings(bucket=names["bucket"], queue_url=names["queue_url"], table=names["table"],
+                        topic_arn=names["topic_arn"], aws_endpoint=moto_server.url, s3_endpoint=moto_server.url,
+                        queue_wait_seconds=1, bacalhau_poll_seconds=0.2, media_wait_seconds=2)
+    return {**names, "settings": settings, "s3": client("s3"), "sqs": sqs, "mailbox": mailbox}
+
+
+def mail(aws):
+    out = []
+    for m in aws["sqs"].receive_message(QueueUrl=aws["mailbox"], MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", []):
+        out.append(json.loads(m["Body"]))
+    return out
+
+
+def test_upload_to_email_through_aws_and_bacalhau(aws, sample_video):
+    s3, bucket = aws["s3"], aws["bucket"]
+    s3.upload_file(str(sample_video), bucket, "uploads/u/scan.mp4")
+    daemon = build_daemon(aws["settings"])
+    thread = threading.Thread(target=daemon.serve, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        job = {"version": 1, "input": "uploads/u/scan.mp4", "preset": "tiny", "notify": {"email": ["u@example.com"]}, **QUICK}
+        s3.put_object(Bucket=bucket, Key="jobs/u/My Scan.json", Body=json.dumps(job))  # a space: URL-encoded in the event
+        received = []
+        deadline = time.monotonic() + 300
+        while not received and time.monotonic() < deadline:
+            received = mail(aws)
+        assert received, "no notification"
+        # the same upload delivered again (SQS is at-least-once): nothing changes
+        event = {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                              "s3": {"bucket": {"name": bucket}, "object": {"key": "jobs/u/My+Scan.json"}}}]}
+        for _ in range(2):
+            aws["sqs"].send_message(QueueUrl=aws["queue_url"], MessageBody=json.dumps(event))
+        time.sleep(4)
+        received += mail(aws)
+    finally:
+        daemon.stop()
+        thread.join(timeout=120)
+    [message] = received
+    assert message["MessageAttributes"]["job_id"]["Value"] == "my-scan"
+    assert message["MessageAttributes"]["status"]["Value"] == "SUCCEEDED"
+    assert "X-Amz-Expires" in message["Message"] and "splat.ply" in message["Message"]
+    record = DynamoStore(aws["table"], boto3.client("dynamodb", endpoint_url=aws["settings"].aws_endpoint,
+                                                    region_name="us-east-1")).get("my-scan")
+    assert record.state == "SUCCEEDED" and record.backend == "bacalhau"
+    assert record.attempts[0]["bacalhau_id"].startswith("j-") and record.attempts[0]["name"] == "codsplat-my-scan-all-a1"
+    assert daemon.stats["duplicates"] == 2 and daemon.stats["created"] == 1
+    assert s3.head_object(Bucket=bucket, Key="results/my-scan/export/splat.spz")["ContentLength"] > 0
+
+
+def test_unreadable_messages_are_recorded_then_dead_lettered(aws):
+    aws["sqs"].send_message(QueueUrl=aws["queue_url"], MessageBody="this is not json")
+    daemon = build_daemon(aws["settings"])
+    thread = threading.Thread(target=daemon.serve, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        dead = []
+        while not dead and time.monotonic() < deadline:
+            dead = aws["sqs"].receive_message(QueueUrl=aws["dlq_url"], WaitTimeSeconds=1).get("Messages", [])
+    finally:
+        daemon.stop()
+        thread.join(timeout=60)
+    assert dead and dead[0]["Body"] == "this is not json"
+    [record] = [r for r in daemon.store.list("FAILED") if r.job_id.startswith("message-")]
+    assert "Unreadable queue message: message body is not JSON" in record.error["message"]
