@@ -19,6 +19,7 @@ from .blobs import FolderBlobs, S3Blobs
 from .daemon import Daemon, DaemonOptions, JsonLogFormatter
 from .events import FolderSource, SqsSource
 from .executors import BacalhauExecutor, LocalExecutor
+from .fallback import SageMakerFallback
 from .job import Policy
 from .notify import FileNotifier, SnsNotifier
 from .records import DynamoStore, SQLiteStore, Store
@@ -73,7 +74,12 @@ def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
     blobs = S3Blobs(aws_client(settings, "s3"), settings.bucket)
     bacalhau = BacalhauExecutor(BacalhauClient.from_env(), settings.deployment, settings.bacalhau_poll_seconds)
     options.default_backend = "bacalhau"
-    return Daemon(store=store_for(settings, None), blobs=blobs,
+    store = store_for(settings, None)
+    fallback = None
+    if settings.state_machine_arn:
+        fallback = SageMakerFallback(aws_client(settings, "stepfunctions"), settings.state_machine_arn, store,
+                                     settings.policy, settings.table, settings.topic_arn, settings.fallback_poll_seconds)
+    return Daemon(store=store, blobs=blobs, fallback=fallback,
                   source=SqsSource(aws_client(settings, "sqs"), settings.queue_url, settings.jobs_prefix,
                                    wait_seconds=settings.queue_wait_seconds),
                   notifier=SnsNotifier(aws_client(settings, "sns"), settings.topic_arn),

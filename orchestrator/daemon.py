@@ -184,9 +184,16 @@ class Daemon:
         if record.cancel_requested:
             change(self.store, job_id, lambda r: None, to=CANCELLED, note="cancelled before it ran")
             return self.finish(job_id)
-        backend = job.compute.backend if job.compute.backend in self.executors else self.options.default_backend
         if record.backend == "sagemaker":  # handed over before a restart: the state machine finishes it
+            if self.fallback and not any(a.get("backend") == "sagemaker" for a in record.attempts):
+                self.fallback(job, record, "resumed after a restart")  # died before it was started
             return
+        if job.compute.backend == "sagemaker" and self.fallback is not None:
+            change(self.store, job_id, lambda r: setattr(r, "backend", "sagemaker"), to=RUNNING, stage="sagemaker",
+                   note="the job asks for SageMaker")
+            self.fallback(job, self.store.get(job_id), "the job asks for SageMaker")
+            return
+        backend = job.compute.backend if job.compute.backend in self.executors else self.options.default_backend
         executor = self.executors[backend]
         change(self.store, job_id, lambda r: setattr(r, "backend", backend), to=RUNNING, stage="all" if record.state == QUEUED else record.stage)
         output_key = job.output_uri(self.policy).key

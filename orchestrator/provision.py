@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from .fallback import definition
 from .records import DynamoStore
 
 
 def provision(session, prefix: str = "codsplat", bucket: str | None = None, jobs_prefix: str = "jobs/",
+              image: str = "codsplat:latest",
               max_receive_count: int = 5, visibility_timeout: int = 300, endpoint: str | None = None,
               region: str = "us-east-1") -> dict[str, str]:
     """Bucket → (ObjectCreated on jobs/*.json) → events topic → queue (with a dead-letter queue);
@@ -44,8 +46,13 @@ def provision(session, prefix: str = "codsplat", bucket: str | None = None, jobs
     table = f"{prefix}-jobs"
     ddb.create_table(**DynamoStore.table_definition(table))
     ddb.get_waiter("table_exists").wait(TableName=table)
+    iam, sfn = client("iam"), client("stepfunctions")
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                     "Principal": {"Service": ["states.amazonaws.com", "sagemaker.amazonaws.com"]}}]}
+    role = iam.create_role(RoleName=f"{prefix}-fallback", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    machine = sfn.create_state_machine(name=f"{prefix}-fallback", definition=definition(image, role), roleArn=role)["stateMachineArn"]
     return {"bucket": bucket, "queue_url": queue_url, "dlq_url": dlq_url, "topic_arn": notify_topic,
-            "events_topic_arn": events_topic, "table": table}
+            "events_topic_arn": events_topic, "table": table, "state_machine_arn": machine, "sagemaker_role_arn": role}
 
 
 def main() -> None:

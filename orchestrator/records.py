@@ -175,6 +175,8 @@ class DynamoStore:
     def _item(self, record: JobRecord) -> dict[str, Any]:
         item = {"job_id": {"S": record.job_id}, "version": {"N": str(record.version)},
                 "state": {"S": record.state}, "updated_at": {"S": record.updated_at}, "body": {"S": record.to_json()}}
+        if record.notified_at:
+            item["notified_at"] = {"S": record.notified_at}
         if record.terminal:  # old finished records expire by TTL
             item["expires_at"] = {"N": str(int(time.time()) + self.ttl_days * 86400)}
         return item
@@ -193,7 +195,29 @@ class DynamoStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         item = self.client.get_item(TableName=self.table, Key={"job_id": {"S": job_id}}, ConsistentRead=True).get("Item")
-        return JobRecord.from_json(item["body"]["S"]) if item else None
+        return self._record(item) if item else None
+
+    @staticmethod
+    def _record(item: dict[str, Any]) -> JobRecord:
+        """The body, brought up to date with what the fallback state machine writes at the top level
+        (it cannot edit the JSON body): state, version, time, its result, and when it notified."""
+        record = JobRecord.from_json(item["body"]["S"])
+        record.version = int(item["version"]["N"])
+        record.updated_at = item["updated_at"]["S"]
+        if item["state"]["S"] != record.state:
+            fb = {k: v["S"] for k, v in item.get("fallback", {}).get("M", {}).items()}
+            record.history.append({"at": record.updated_at, "state": item["state"]["S"], "stage": "sagemaker",
+                                   "note": f"by the fallback state machine ({fb.get('training_job', '')})"})
+            record.state = item["state"]["S"]
+            if record.state == FAILED:
+                record.error = {"stage": "sagemaker", "message": fb.get("reason", "the SageMaker job failed"),
+                                "advice": "Check the capture and the job document, then upload the job again.",
+                                "kind": "sagemaker"}
+            elif record.state == SUCCEEDED:
+                record.result = {**(record.result or {}), "output": fb.get("output"), "backend": "sagemaker"}
+        if "notified_at" in item and not record.notified_at:
+            record.notified_at = item["notified_at"]["S"]
+        return record
 
     def put(self, record: JobRecord, expected_version: int) -> None:
         from botocore.exceptions import ClientError
@@ -216,7 +240,7 @@ class DynamoStore:
             pages = self.client.get_paginator("scan").paginate(TableName=self.table)
         records: list[JobRecord] = []
         for page in pages:
-            records += [JobRecord.from_json(i["body"]["S"]) for i in page.get("Items", [])]
+            records += [self._record(i) for i in page.get("Items", [])]
             if len(records) >= limit and state:
                 break
         records.sort(key=lambda r: r.updated_at, reverse=True)

@@ -35,6 +35,7 @@ ENV = {
     "topic_arn": "CODSPLAT_TOPIC_ARN", "concurrency": "CODSPLAT_CONCURRENCY", "health_port": "CODSPLAT_HEALTH_PORT",
     "media_wait_seconds": "CODSPLAT_MEDIA_WAIT_SECONDS", "jobs_prefix": "CODSPLAT_JOBS_PREFIX",
     "aws_endpoint": "CODSPLAT_AWS_ENDPOINT", "cache_dir": "CODSPLAT_CACHE_DIR",
+    "state_machine_arn": "CODSPLAT_STATE_MACHINE_ARN",
 }
 INTEGERS = ("max_gpus", "max_runtime_minutes", "concurrency", "health_port")
 
@@ -58,6 +59,8 @@ class Settings(StrictModel):
     concurrency: int = Field(2, ge=1, le=256)
     health_port: int | None = Field(8787, ge=0, le=65535)
     media_wait_seconds: float = Field(120.0, ge=0)
+    state_machine_arn: str | None = Field(None, description="The SageMaker fallback state machine.")
+    fallback_poll_seconds: int = Field(60, ge=1, le=3600)
     queue_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait.")
     bacalhau_poll_seconds: float = Field(5.0, gt=0, description="Seconds between Bacalhau state checks.")
     cache_dir: str = Field(str(Path.home() / ".cache" / "codsplat"), description="Work folders of local runs.")

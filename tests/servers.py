@@ -28,6 +28,7 @@ class Server:
     name: str
     process: subprocess.Popen
     url: str
+    control: str | None = None
 
     @property
     def pid(self) -> int:
@@ -61,10 +62,12 @@ def start(name: str, argv: list[str], url: str, ready_path: str, env: dict | Non
 
 
 def start_moto() -> Server:
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    return start("moto", [str(moto), "-H", "127.0.0.1", "-p", str(port)], f"http://127.0.0.1:{port}", "/moto-api/",
-                 env={"MOTO_ENABLE_ISO_REGIONS": "0"})
+    """moto on 127.0.0.1 with state execution on; `server.control` steers SageMaker jobs."""
+    port, control = free_port(), free_port()
+    server = start("moto", [sys.executable, str(HERE / "moto_launcher.py"), "--port", str(port), "--control-port", str(control)],
+                   f"http://127.0.0.1:{port}", "/moto-api/")
+    server.control = f"http://127.0.0.1:{control}"
+    return server
 
 
 def start_standin(s3_endpoint: str, *args: str, token: str | None = None) -> Server:

@@ -92,3 +92,70 @@ def test_unreadable_messages_are_recorded_then_dead_lettered(aws):
     assert dead and dead[0]["Body"] == "this is not json"
     [record] = [r for r in daemon.store.list("FAILED") if r.job_id.startswith("message-")]
     assert "Unreadable queue message: message body is not JSON" in record.error["message"]
+
+
+def fallback_settings(aws, **extra):
+    names = {"state_machine_arn": aws["state_machine_arn"]}
+    return aws["settings"].model_copy(update={**names, "fallback_poll_seconds": 1, **extra})
+
+
+def run_until_mail(aws, settings, job, key, timeout=120):
+    daemon = build_daemon(settings)
+    thread = threading.Thread(target=daemon.serve, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        aws["s3"].put_object(Bucket=aws["bucket"], Key=key, Body=json.dumps(job))
+        received, deadline = [], time.monotonic() + timeout
+        while not received and time.monotonic() < deadline:
+            received = mail(aws)
+    finally:
+        daemon.stop()
+        thread.join(timeout=60)
+    return daemon, received
+
+
+def test_no_gpu_node_hands_the_job_to_sagemaker(aws, standin, sample_video):
+    import httpx
+
+    httpx.post(f"{standin.url}/standin/knobs", json={"gpu_nodes": 0})
+    aws["s3"].upload_file(str(sample_video), aws["bucket"], "uploads/u/fallback.mp4")
+    job = {"version": 1, "input": "uploads/u/fallback.mp4", "notify": {"email": ["u@example.com"]}}
+    daemon, received = run_until_mail(aws, fallback_settings(aws), job, "jobs/u/fallback.json")
+    [message] = received
+    assert message["MessageAttributes"]["status"]["Value"] == "SUCCEEDED" and "ran on SageMaker" in message["Message"], message["Message"]
+    record = daemon.store.get("fallback")
+    assert record.state == "SUCCEEDED" and record.backend == "sagemaker" and record.notified_at
+    [attempt] = [a for a in record.attempts if a["backend"] == "sagemaker"]
+    assert attempt["name"] == "codsplat-fallback-sm1" and "no Bacalhau node has 1 GPU" in attempt["reason"]
+    sm = boto3.client("sagemaker", endpoint_url=aws["settings"].aws_endpoint, region_name="us-east-1")
+    described = sm.describe_training_job(TrainingJobName="codsplat-fallback-sm1")
+    assert described["AlgorithmSpecification"]["TrainingImage"] == aws["settings"].image
+    assert described["CheckpointConfig"]["S3Uri"] == f"s3://{aws['bucket']}/results/fallback/"
+
+
+def test_a_failed_sagemaker_job_fails_the_record_with_its_reason(aws, moto_server, sample_video):
+    import httpx
+
+    httpx.post(f"{moto_server.control}/steer", json={"initial_status": "InProgress"})
+    try:
+        aws["s3"].upload_file(str(sample_video), aws["bucket"], "uploads/u/smf.mp4")
+        job = {"version": 1, "input": "uploads/u/smf.mp4", "notify": {"email": ["u@example.com"]},
+               "compute": {"backend": "sagemaker"}}
+
+        def fail_it_later():
+            for _ in range(100):
+                reply = httpx.post(f"{moto_server.control}/training-job",
+                                   json={"name": "codsplat-smf-sm1", "status": "Failed", "reason": "CUDA out of memory"})
+                if reply.status_code == 200:
+                    return
+                time.sleep(0.2)
+
+        threading.Thread(target=fail_it_later, daemon=True).start()
+        daemon, received = run_until_mail(aws, fallback_settings(aws), job, "jobs/u/smf.json")
+    finally:
+        httpx.post(f"{moto_server.control}/steer", json={"initial_status": "Completed"})
+    [message] = received
+    assert message["MessageAttributes"]["status"]["Value"] == "FAILED"
+    assert "CUDA out of memory" in message["Message"]
+    record = daemon.store.get("smf")
+    assert record.state == "FAILED" and "CUDA out of memory" in record.error["message"]
