@@ -173,6 +173,12 @@ def logs(job_id: str = typer.Argument(..., help="The codsplat job id."),
         fail(PipelineError(f"Bacalhau: {exc.message}"), False)
 
 
+def _usage(message: str, hint: str | None = None) -> PipelineError:
+    exc = PipelineError(message, hint=hint)
+    exc.exit_code = EXIT_USAGE
+    return exc
+
+
 EmbeddedOption = typer.Option(None, "--embedded", help="Run with no AWS: this folder is the bucket, SQLite the table.")
 jobs_app = typer.Typer(help="Read and change job records.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -194,7 +200,7 @@ def daemon(
     except PipelineError as exc:
         fail(exc, as_json=False)
     port = conf.health_port if health_port is None else health_port
-    built.serve(health_port=port or None)
+    built.serve(health_port=port or None, grace_seconds=conf.shutdown_grace_seconds)
 
 
 def _store(embedded: Path | None, settings: Path | None):
@@ -237,27 +243,22 @@ def jobs_show(job_id: str, embedded: Optional[Path] = EmbeddedOption, settings: 
     except PipelineError as exc:
         fail(exc, False)
     if record is None:
-        fail(PipelineError(f"No job record {job_id!r}.", hint="`codsplat jobs list` shows the ids."), False)
+        fail(_usage(f"No job record {job_id!r}.", "`codsplat jobs list` shows the ids."), False)
     print(json.dumps(json.loads(record.to_json()), indent=2))
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, embedded: Optional[Path] = EmbeddedOption, settings: Optional[Path] = SettingsOption) -> None:
     """Cancel a job: at once if it has not started, else at the daemon's next check (Bacalhau jobs are stopped)."""
-    from .records import CANCELLED, TERMINAL, change
+    from .records import CANCELLED, InvalidTransition, request_cancel
 
     try:
-        store = _store(embedded, settings)
-        record = store.get(job_id)
-        if record is None:
-            raise PipelineError(f"No job record {job_id!r}.")
-        if record.state in TERMINAL:
-            raise PipelineError(f"Job {job_id} already ended ({record.state}).")
-        record = change(store, job_id, lambda r: setattr(r, "cancel_requested", True), note="cancel requested")
-        if record.state in ("RECEIVED", "VALIDATED", "QUEUED"):
-            record = change(store, job_id, lambda r: None, to=CANCELLED)
+        record = request_cancel(_store(embedded, settings), job_id)
+    except KeyError:
+        fail(_usage(f"No job record {job_id!r}.", "`codsplat jobs list` shows the ids."), False)
+    except InvalidTransition as exc:
+        fail(_usage(str(exc)), False)
     except PipelineError as exc:
-        exc.exit_code = EXIT_USAGE
         fail(exc, False)
     err.print(f"{job_id}: {record.state}" + (" (cancel requested)" if record.state != CANCELLED else ""))
 

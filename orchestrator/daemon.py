@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -319,14 +320,10 @@ class Daemon:
         change(self.store, record.job_id, lambda r: setattr(r, "output", output), to=VALIDATED)
         self.submit(record.job_id)
 
-    def cancel(self, job_id: str) -> JobRecord:
-        record = change(self.store, job_id, lambda r: setattr(r, "cancel_requested", True), note="cancel requested")
-        if record.state in (RECEIVED, VALIDATED, QUEUED):
-            record = change(self.store, job_id, lambda r: None, to=CANCELLED)
-            self.finish(job_id)
-        return record
-
-    def serve(self, health_port: int | None = None, install_signals: bool = True) -> None:
+    def serve(self, health_port: int | None = None, install_signals: bool = True, grace_seconds: float | None = None) -> None:
+        """Take deliveries until stop() (or SIGTERM). Then stop taking messages and give running
+        jobs `grace_seconds` to finish; whatever still runs after that is left RUNNING in its record
+        and resumes when the daemon starts again (None: wait for all of them)."""
         if install_signals:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
             signal.signal(signal.SIGINT, lambda *_: self.stop())
@@ -343,9 +340,18 @@ class Daemon:
                 if self._stopping.is_set():
                     break  # not acknowledged: it will be delivered again
                 self.handle(delivery)
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self._pool.shutdown(wait=grace_seconds is None, cancel_futures=True)
+        if grace_seconds is not None:
+            deadline = time.monotonic() + grace_seconds
+            while self._inflight and time.monotonic() < deadline:
+                time.sleep(0.2)
         if health:
             health.shutdown()
+        if self._inflight:
+            log.info("daemon stopped; %d running jobs resume on restart", len(self._inflight))
+            for handler in logging.getLogger("codsplat").handlers:
+                handler.flush()
+            os._exit(0)  # worker threads cannot be interrupted; their records are consistent as they are
         log.info("daemon stopped")
 
     def stop(self) -> None:

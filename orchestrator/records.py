@@ -259,6 +259,20 @@ class DynamoStore:
         }
 
 
+def request_cancel(store: Store, job_id: str) -> JobRecord:
+    """Mark a job for cancellation; one that has not started running ends CANCELLED at once, a
+    running one is stopped by the daemon at its next check."""
+    record = store.get(job_id)
+    if record is None:
+        raise KeyError(job_id)
+    if record.terminal:
+        raise InvalidTransition(f"Job {job_id} already ended ({record.state}).")
+    record = change(store, job_id, lambda r: setattr(r, "cancel_requested", True), note="cancel requested")
+    if record.state in (RECEIVED, VALIDATED, QUEUED):
+        record = change(store, job_id, lambda r: None, to=CANCELLED)
+    return record
+
+
 def unfinished(store: Store, states: Iterable[str] = (RECEIVED, VALIDATED, QUEUED, RUNNING)) -> list[JobRecord]:
     """Records a restarted daemon must pick up again."""
     out: list[JobRecord] = []

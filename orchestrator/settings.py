@@ -35,7 +35,8 @@ ENV = {
     "topic_arn": "CODSPLAT_TOPIC_ARN", "concurrency": "CODSPLAT_CONCURRENCY", "health_port": "CODSPLAT_HEALTH_PORT",
     "media_wait_seconds": "CODSPLAT_MEDIA_WAIT_SECONDS", "jobs_prefix": "CODSPLAT_JOBS_PREFIX",
     "aws_endpoint": "CODSPLAT_AWS_ENDPOINT", "cache_dir": "CODSPLAT_CACHE_DIR",
-    "state_machine_arn": "CODSPLAT_STATE_MACHINE_ARN",
+    "state_machine_arn": "CODSPLAT_STATE_MACHINE_ARN", "queue_wait_seconds": "CODSPLAT_QUEUE_WAIT_SECONDS",
+    "bacalhau_poll_seconds": "CODSPLAT_BACALHAU_POLL_SECONDS", "fallback_poll_seconds": "CODSPLAT_FALLBACK_POLL_SECONDS",
 }
 INTEGERS = ("max_gpus", "max_runtime_minutes", "concurrency", "health_port")
 
@@ -59,6 +60,7 @@ class Settings(StrictModel):
     concurrency: int = Field(2, ge=1, le=256)
     health_port: int | None = Field(8787, ge=0, le=65535)
     media_wait_seconds: float = Field(120.0, ge=0)
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long running jobs may finish.")
     state_machine_arn: str | None = Field(None, description="The SageMaker fallback state machine.")
     fallback_poll_seconds: int = Field(60, ge=1, le=3600)
     queue_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait.")
@@ -76,23 +78,45 @@ class Settings(StrictModel):
                           region=self.region, s3_endpoint=self.s3_endpoint)
 
 
-def load_settings(path: Path | None = None, env: dict[str, str] | None = None) -> Settings:
+def ssm_settings(path: str, client=None) -> dict[str, str]:
+    """Every parameter under an SSM path (`/codsplat/prod/bucket` → `bucket`), decrypted."""
+    import boto3
+
+    client = client or boto3.client("ssm", endpoint_url=os.environ.get("CODSPLAT_AWS_ENDPOINT") or None)
+    out = {}
+    for page in client.get_paginator("get_parameters_by_path").paginate(Path=path, Recursive=True, WithDecryption=True):
+        for p in page["Parameters"]:
+            out[p["Name"][len(path.rstrip("/")) + 1:].replace("/", "_")] = p["Value"]
+    return out
+
+
+def load_settings(path: Path | None = None, env: dict[str, str] | None = None, ssm_client=None) -> Settings:
+    """File < SSM parameters (under $CODSPLAT_SSM_PATH) < environment variables."""
     env = os.environ if env is None else env
     data = read_document(path) if path else {}
-    for key, var in ENV.items():
-        if env.get(var):
-            value: object = env[var]
-            if key in INTEGERS:
-                value = int(value) if str(value).isdigit() else value
-            if key == "media_wait_seconds":
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            if key == "input_prefixes":
-                value = [p.strip() for p in str(value).split(",") if p.strip()]
-            data[key] = value
+    layers = [ssm_settings(env["CODSPLAT_SSM_PATH"], ssm_client)] if env.get("CODSPLAT_SSM_PATH") else []
+    layers.append({key: env[var] for key, var in ENV.items() if env.get(var)})
+    for layer in layers:
+        for key, value in layer.items():
+            data[key] = _typed(key, value)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise InputError("The deployment settings have problems: " + "; ".join(explain(exc, Settings)) + ".") from None
+
+
+def _typed(key: str, value: str) -> object:
+    """Parameters and variables are text: give numbers and lists their types (bad text stays text,
+    so the model reports it with its name)."""
+    if key in INTEGERS:
+        return int(value) if str(value).isdigit() else value
+    if key in ("media_wait_seconds", "bacalhau_poll_seconds"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if key in ("queue_wait_seconds", "fallback_poll_seconds"):
+        return int(value) if str(value).isdigit() else value
+    if key == "input_prefixes":
+        return [p.strip() for p in str(value).split(",") if p.strip()]
+    return value

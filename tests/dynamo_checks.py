@@ -1,0 +1,88 @@
+"""DynamoStore against DynamoDB Local. Run by test_dynamodb_local.py inside a private network
+namespace (DynamoDB Local binds every interface; the namespace has only its own loopback)."""
+
+import os
+import threading
+import uuid
+
+import boto3
+import pytest
+
+from codsplat.orchestrator.records import (FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, Conflict,
+                                           DynamoStore, InvalidTransition, JobRecord, change)
+
+
+@pytest.fixture(scope="module")
+def store():
+    client = boto3.client("dynamodb", endpoint_url=os.environ["DYNAMO_ENDPOINT"], region_name="us-east-1",
+                          aws_access_key_id="local", aws_secret_access_key="local")
+    name = f"jobs-{uuid.uuid4().hex[:8]}"
+    client.create_table(**DynamoStore.table_definition(name))
+    client.get_waiter("table_exists").wait(TableName=name)
+    return DynamoStore(name, client)
+
+
+def test_conditional_create_is_idempotent(store):
+    assert store.create(JobRecord(job_id="a1", job_key="jobs/a1.json")) is True
+    assert store.create(JobRecord(job_id="a1", job_key="jobs/other.json")) is False
+    assert store.get("a1").job_key == "jobs/a1.json"
+
+
+def test_transitions_bump_the_version_and_keep_history(store):
+    store.create(JobRecord(job_id="b1", job_key="k"))
+    for state, stage in ((VALIDATED, None), (QUEUED, None), (RUNNING, "preprocess"), (RUNNING, "train"), (SUCCEEDED, None)):
+        change(store, "b1", lambda r: None, to=state, stage=stage)
+    record = store.get("b1")
+    assert record.version == 5 and record.state == SUCCEEDED
+    assert [(h["state"], h["stage"]) for h in record.history] == [
+        (VALIDATED, None), (QUEUED, None), (RUNNING, "preprocess"), (RUNNING, "train"), (SUCCEEDED, None)]
+    with pytest.raises(InvalidTransition):
+        change(store, "b1", lambda r: None, to=RUNNING, stage="train")
+
+
+def test_a_stale_write_is_refused(store):
+    store.create(JobRecord(job_id="c1", job_key="k"))
+    stale = store.get("c1")
+    change(store, "c1", lambda r: None, to=VALIDATED)
+    stale.version += 1
+    with pytest.raises(Conflict):
+        store.put(stale, stale.version - 1)
+
+
+def test_concurrent_writers_lose_nothing(store):
+    store.create(JobRecord(job_id="d1", job_key="k"))
+
+    def add(i):
+        change(store, "d1", lambda r: r.attempts.append({"n": i}))
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    record = store.get("d1")
+    assert sorted(a["n"] for a in record.attempts) == list(range(12)) and record.version == 12
+
+
+def test_list_by_state_uses_the_index(store):
+    for i in range(3):
+        store.create(JobRecord(job_id=f"e{i}", job_key="k"))
+        change(store, f"e{i}", lambda r: None, to=FAILED)
+    failed = {r.job_id for r in store.list(FAILED)}
+    assert {"e0", "e1", "e2"} <= failed and all(r.state == FAILED for r in store.list(FAILED))
+    assert all(r.state == RECEIVED for r in store.list(RECEIVED))
+
+
+def test_what_the_fallback_state_machine_writes_is_read_back(store):
+    store.create(JobRecord(job_id="f1", job_key="k"))
+    for state, stage in ((VALIDATED, None), (QUEUED, None), (RUNNING, "sagemaker")):
+        change(store, "f1", lambda r: None, to=state, stage=stage)
+    store.client.update_item(  # the same expression as fallback.asl.json's RecordFailure
+        TableName=store.table, Key={"job_id": {"S": "f1"}},
+        UpdateExpression="SET #s = :failed, version = version + :one, updated_at = :now, fallback = :fb",
+        ConditionExpression="#s = :running", ExpressionAttributeNames={"#s": "state"},
+        ExpressionAttributeValues={":failed": {"S": FAILED}, ":running": {"S": RUNNING}, ":one": {"N": "1"},
+                                   ":now": {"S": "2026-01-01T00:00:00Z"},
+                                   ":fb": {"M": {"status": {"S": "FAILED"}, "reason": {"S": "out of memory"}}}})
+    record = store.get("f1")
+    assert record.state == FAILED and record.version == 4 and "out of memory" in record.error["message"]

@@ -1,0 +1,98 @@
+"""Operating the daemon: settings from a file, SSM and the environment; the systemd unit; the
+health endpoint; SIGTERM; and the jobs command."""
+
+import configparser
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from codsplat.orchestrator.settings import ENV, Settings, load_settings
+from codsplat.pipeline.errors import InputError
+from conftest import codsplat
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_settings_layers_file_then_ssm_then_environment(tmp_path, moto_server):
+    ssm = boto3.client("ssm", endpoint_url=moto_server.url, region_name="us-east-1")
+    ssm.put_parameter(Name="/codsplat/t1/bucket", Value="from-ssm", Type="String")
+    ssm.put_parameter(Name="/codsplat/t1/concurrency", Value="7", Type="String")
+    ssm.put_parameter(Name="/codsplat/t1/topic_arn", Value="arn:aws:sns:us-east-1:1:t", Type="SecureString")
+    (tmp_path / "d.yaml").write_text("bucket: from-file\nimage: repo/codsplat:1.0\nmax_gpus: 2\n")
+    env = {"CODSPLAT_SSM_PATH": "/codsplat/t1", "CODSPLAT_MAX_GPUS": "4"}
+    conf = load_settings(tmp_path / "d.yaml", env=env, ssm_client=ssm)
+    assert (conf.bucket, conf.image, conf.concurrency, conf.max_gpus) == ("from-ssm", "repo/codsplat:1.0", 7, 4)
+    assert conf.topic_arn == "arn:aws:sns:us-east-1:1:t" and conf.policy.max_gpus == 4
+
+
+def test_bad_settings_name_the_setting():
+    with pytest.raises(InputError, match="concurrency: must be an integer, got \"many\""):
+        load_settings(env={"CODSPLAT_CONCURRENCY": "many"})
+    with pytest.raises(InputError, match="bucket: string should match pattern"):
+        load_settings(env={"CODSPLAT_BUCKET": "Not A Bucket"})
+
+
+def test_aws_mode_without_its_resources_says_what_is_missing(tmp_path):
+    proc = codsplat("daemon", env={"CODSPLAT_QUEUE_URL": "", "CODSPLAT_TABLE": ""})
+    assert proc.returncode == 2 and "needs queue_url, table, topic_arn" in proc.stderr and "--embedded" in proc.stderr
+
+
+def test_systemd_unit_runs_a_real_command_with_known_settings():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(ROOT / "orchestrator" / "codsplat-daemon.service")
+    service = unit["Service"]
+    assert service["ExecStart"].endswith("codsplat daemon") and service["KillSignal"] == "SIGTERM"
+    assert service["Restart"] == "always" and service["User"] != "root"
+    names = [line.split("=", 1)[1].split("=")[0] for line in
+             (ROOT / "orchestrator" / "codsplat-daemon.service").read_text().splitlines() if line.startswith("Environment=")]
+    assert set(names) <= set(ENV.values()) | {"CODSPLAT_SSM_PATH"}
+    assert codsplat("daemon", "--help").returncode == 0
+
+
+def test_health_endpoint_and_sigterm(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon", "--embedded", str(tmp_path),
+                             "--health-port", str(port)], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        assert health["status"] == "ok" and health["inflight"] == 0
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        assert logs[0]["message"].startswith("daemon started") and logs[-1]["message"] == "daemon stopped"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_jobs_commands_on_an_embedded_store(tmp_path):
+    from codsplat.orchestrator.records import JobRecord, SQLiteStore
+
+    store = SQLiteStore(tmp_path / "codsplat.db")
+    store.create(JobRecord(job_id="queued-one", job_key="jobs/q.json", state="QUEUED"))
+    proc = codsplat("jobs", "list", "--embedded", tmp_path, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)[0]["job_id"] == "queued-one"
+    proc = codsplat("jobs", "cancel", "queued-one", "--embedded", tmp_path)
+    assert proc.returncode == 0 and "CANCELLED" in proc.stderr
+    assert store.get("queued-one").state == "CANCELLED"
+    proc = codsplat("jobs", "cancel", "queued-one", "--embedded", tmp_path)
+    assert proc.returncode == 2 and "already ended (CANCELLED)" in proc.stderr
+    proc = codsplat("jobs", "show", "nope", "--embedded", tmp_path)
+    assert proc.returncode == 2 and "No job record 'nope'" in proc.stderr
