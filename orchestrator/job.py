@@ -113,18 +113,10 @@ class Compute(StrictModel):
     split_stages: bool = Field(False, description="Run preprocess (CPU), train (GPU), export (CPU) as three jobs.")
     retries: int = Field(2, ge=0, le=5, description="New attempts after a failed execution.")
 
-    @field_validator("gpus")
+    @field_validator("gpus", "max_runtime_minutes")
     @classmethod
-    def _gpus(cls, value: int, info: ValidationInfo) -> int:
-        limit = _policy(info).max_gpus
-        if value > limit:
-            raise ValueError(f"must be ≤ {limit} (this deployment's limit), got {value}")
-        return value
-
-    @field_validator("max_runtime_minutes")
-    @classmethod
-    def _runtime(cls, value: int, info: ValidationInfo) -> int:
-        limit = _policy(info).max_runtime_minutes
+    def _within_deployment_limits(cls, value: int, info: ValidationInfo) -> int:
+        limit = getattr(_policy(info), {"gpus": "max_gpus", "max_runtime_minutes": "max_runtime_minutes"}[info.field_name])
         if value > limit:
             raise ValueError(f"must be ≤ {limit} (this deployment's limit), got {value}")
         return value
