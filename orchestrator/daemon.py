@@ -99,6 +99,7 @@ class Daemon:
             return
         for event in delivery.events:
             self.intake(event)
+        crashpoint("before-ack")
         self.source.ack(delivery)
 
     def intake(self, event: JobEvent) -> str | None:
@@ -176,10 +177,12 @@ class Daemon:
             return
         job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=job_id)
         if record.state == VALIDATED:
+            crashpoint("before-media-check")
             if not self._wait_for_media(job):
                 self._fail(job_id, "validate", f"The media {job.input} was not found (waited "
                            f"{self.options.media_wait_seconds:.0f} s for it to finish uploading).", "input")
                 return self.finish(job_id)
+            crashpoint("before-queue")
             record = change(self.store, job_id, lambda r: None, to=QUEUED)
             crashpoint("after-queue")
         if record.cancel_requested:
@@ -252,6 +255,7 @@ class Daemon:
 
     def _succeed(self, job: JobDocument, job_id: str, output_key: str, seconds: float) -> None:
         export = output_key + "export/"
+        crashpoint("before-outputs-check")
         missing = [f"splat.{fmt}" for fmt in job.export.formats if not self.blobs.exists(export + f"splat.{fmt}")]
         if missing or not self.blobs.exists(export + "metrics.json"):
             self._fail(job_id, "export", f"The job ended but its outputs are missing: {', '.join(missing) or 'metrics.json'}.", "internal")
@@ -268,13 +272,16 @@ class Daemon:
             "stage_seconds": stages, "gpu_seconds": round(gpu_seconds, 1), "wall_seconds": round(seconds, 1),
             "estimated_cost_usd": round(cost, 4),
         }
+        crashpoint("before-succeed")
         change(self.store, job_id, lambda r: setattr(r, "result", result), to=SUCCEEDED)
         self.stats["succeeded"] += 1
         log.info("job succeeded", extra={"job_id": job_id, "state": SUCCEEDED})
 
     def _fail(self, job_id: str, stage: str | None, message: str, advice: str) -> None:
         error = {"stage": stage, "message": message, "advice": ADVICE[advice], "kind": advice}
+        crashpoint("before-fail")
         change(self.store, job_id, lambda r: setattr(r, "error", error), to=FAILED, stage=stage)
+        crashpoint("after-fail")
         self.stats["failed"] += 1
         log.warning("job failed: %s", message, extra={"job_id": job_id, "state": FAILED, "stage": stage})
 

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import unquote_plus
 
 
@@ -127,7 +127,3 @@ class FolderSource:
 
     def ack(self, delivery: Delivery) -> None:
         pass
-
-    def iter_forever(self) -> Iterator[Delivery]:  # pragma: no cover - convenience
-        while not self._stop.is_set():
-            yield from self.receive()

@@ -68,6 +68,7 @@ class LocalExecutor:
         attempt = {"backend": self.name, "stage": "all", "number": len(list(work.glob(".attempt-*"))) + 1, "state": "Running"}
         (work / f".attempt-{attempt['number']}").touch()
         progress.attempt_started(attempt)
+        crashpoint("after-attempt-record")
         progress.stage("all")
         with tempfile.TemporaryFile("w+") as err:
             proc = subprocess.Popen(
@@ -76,6 +77,7 @@ class LocalExecutor:
                 stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=_die_with_parent,
                 env={**os.environ, **self.extra_env})
             crashpoint("during-compute", delay=3.0)  # the crash tests: die with the child half way
+            crashpoint("late-in-compute", delay=12.0)
             stdout, _ = proc.communicate()
             err.seek(0)
             stderr = err.read()

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import PRESETS, load_settings
+from .config import PRESETS, load_pipeline_config
 from .errors import EXIT_CODES, EXIT_INTERRUPTED, PipelineError
 from .run import STAGE_CHOICES, run_pipeline
 
@@ -88,7 +88,7 @@ def run(
 ) -> None:
     """Turn a capture into a Gaussian splat: frames → SfM → training → export."""
     try:
-        settings = load_settings(config, preset)
+        settings = load_pipeline_config(config, preset)
         if as_json:
             summary = run_pipeline(input, out, settings, stage=stage, force=force)
             print(json.dumps(result_json(summary), indent=2))

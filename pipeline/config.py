@@ -149,7 +149,7 @@ def read_document(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(path: Path | None, preset: str | None = None) -> PipelineConfig:
+def load_pipeline_config(path: Path | None, preset: str | None = None) -> PipelineConfig:
     """Settings from a file. A full job document is accepted too: its pipeline sections are used."""
     data = read_document(path) if path else {}
     if "input" in data or "output" in data or "version" in data:  # a job document: take its pipeline part

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import build_config, load_settings
+from .config import build_config, load_pipeline_config
 from .errors import EXIT_INTERNAL, InputError, PipelineError
 from .ingest import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .run import STAGE_CHOICES, run_pipeline, stages_for
@@ -90,7 +90,7 @@ def bacalhau(args: argparse.Namespace) -> int:
                 raise InputError(f"--settings is not valid JSON: {exc.msg}.") from None
             config = build_config(settings, args.preset)
         else:
-            config = load_settings(Path(args.config) if args.config else None, args.preset)
+            config = load_pipeline_config(Path(args.config) if args.config else None, args.preset)
         media = resolve_media(Path(args.input)) if args.input else None
         with tempfile.TemporaryDirectory(prefix="codsplat-") as scratch:
             work = assemble_work(Path(scratch), [Path(u) for u in args.upstream], out, stages)

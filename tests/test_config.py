@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from codsplat.pipeline.config import PipelineConfig, build_config, load_settings
+from codsplat.pipeline.config import PipelineConfig, build_config, load_pipeline_config
 from codsplat.pipeline.errors import InputError
 
 
@@ -49,14 +49,14 @@ def test_choices_and_cross_field_rules():
 
 def test_files_json_yaml_and_job_documents(tmp_path):
     (tmp_path / "a.yaml").write_text("train:\n  steps: 300\n")
-    assert load_settings(tmp_path / "a.yaml").train.steps == 300
+    assert load_pipeline_config(tmp_path / "a.yaml").train.steps == 300
     (tmp_path / "job.json").write_text(json.dumps({"version": 1, "input": "s3://b/k.mp4", "train": {"steps": 200}}))
-    assert load_settings(tmp_path / "job.json").train.steps == 200
+    assert load_pipeline_config(tmp_path / "job.json").train.steps == 200
     (tmp_path / "bad.json").write_text('{"train": {"steps": 100,}}')
     with pytest.raises(InputError, match=r"bad.json is not valid JSON: .* line 1"):
-        load_settings(tmp_path / "bad.json")
+        load_pipeline_config(tmp_path / "bad.json")
     with pytest.raises(InputError, match="does not exist"):
-        load_settings(tmp_path / "missing.json")
+        load_pipeline_config(tmp_path / "missing.json")
 
 
 def test_each_stage_section_is_separate_for_fingerprints():

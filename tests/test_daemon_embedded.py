@@ -126,23 +126,45 @@ def test_bad_jobs_end_failed_with_a_reason_and_the_daemon_lives_on(home, name, m
     assert "What to try next:" in sent(home)[0]["body"]
 
 
-CRASH_POINTS = ["before-create", "after-create", "after-validate", "after-queue", "after-running",
-                "during-compute", "after-compute", "after-succeed", "before-notify", "after-notify"]
+# 20 points of a job's life: (where the daemon dies, which job: a good one or one that must fail)
+CRASH_POINTS = [
+    ("before-create", "good"), ("after-create", "good"), ("after-validate", "good"), ("before-ack", "good"),
+    ("before-media-check", "good"), ("before-queue", "good"), ("after-queue", "good"), ("after-running", "good"),
+    ("after-attempt-record", "good"), ("during-compute", "good"), ("late-in-compute", "good"),
+    ("after-compute", "good"), ("before-outputs-check", "good"), ("before-succeed", "good"),
+    ("after-succeed", "good"), ("before-notify", "good"), ("after-notify", "good"),
+    ("after-create", "invalid"), ("before-fail", "bad-media"), ("after-fail", "bad-media"),
+]
 
 
 def daemon_process(home, env=None):
+    log = open(home / f"daemon-{time.monotonic_ns()}.log", "w")  # a file, not a pipe: a full pipe would block it
     return subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon", "--embedded", str(home),
                              "--health-port", "0"], env={**os.environ, "CODSPLAT_MEDIA_WAIT_SECONDS": "1", **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
-def test_killed_at_any_point_the_job_finishes_once(home, point):
+def daemon_logs(home) -> str:
+    return "\n".join(p.read_text() for p in sorted(home.glob("daemon-*.log")))
+
+
+@pytest.mark.parametrize("point,kind", CRASH_POINTS, ids=[f"{p}-{k}" for p, k in CRASH_POINTS])
+def test_killed_at_any_point_the_job_finishes_once(home, point, kind):
     """The daemon dies (as with kill -9) at `point`; a restarted daemon finishes the job with each
     stage computed once and exactly one notification."""
-    write_job(home, "crash", QUICK_JOB)
+    if kind == "bad-media":
+        one_frame_video(home / "uploads" / "one.mp4")
+    job = {"good": QUICK_JOB, "invalid": {**QUICK_JOB, "train": {"stepz": 1}},
+           "bad-media": {**QUICK_JOB, "input": "uploads/one.mp4"}}[kind]
+    write_job(home, "crash", job)
     first = daemon_process(home, {"CODSPLAT_CRASH_AT": point})
-    assert first.wait(timeout=300) == 137, first.stderr.read()
+    try:
+        code = first.wait(timeout=300)
+    except subprocess.TimeoutExpired:  # it never reached the point: say why instead of hanging
+        os.killpg(first.pid, signal.SIGKILL)
+        record = SQLiteStore(home / "codsplat.db").get("crash")
+        raise AssertionError(f"the daemon never reached {point}: record {record and record.to_json()}\n{daemon_logs(home)}")
+    assert code == 137, daemon_logs(home)
     second = daemon_process(home)
     try:
         wait_for(lambda: sent(home) and SQLiteStore(home / "codsplat.db").get("crash").notified_at)
@@ -151,6 +173,9 @@ def test_killed_at_any_point_the_job_finishes_once(home, point):
         os.killpg(second.pid, signal.SIGTERM)
         second.wait(timeout=60)
     record = SQLiteStore(home / "codsplat.db").get("crash")
-    assert record.state == "SUCCEEDED"
     assert [m["attributes"]["job_id"] for m in sent(home)] == ["crash"]
-    assert sorted(stage_runs(home, "crash")) == sorted(STAGES)  # no stage computed twice
+    if kind == "good":
+        assert record.state == "SUCCEEDED"
+        assert sorted(stage_runs(home, "crash")) == sorted(STAGES)  # no stage computed twice
+    else:
+        assert record.state == "FAILED" and sent(home)[0]["attributes"]["status"] == "FAILED"
