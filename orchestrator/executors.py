@@ -7,7 +7,6 @@ them, and raises `JobFailed` (the job's own fault) or `CannotRunHere` (try anoth
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -42,10 +41,20 @@ class Executor(Protocol):
     def run(self, job: JobDocument, output_key: str, progress: Progress) -> None: ...
 
 
-def _die_with_parent() -> None:  # a child of a killed daemon must not run on unseen
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    os.setsid()
+def _stop_orphan(pid_file: Path, work: Path) -> None:
+    """A run left behind by a daemon that died (kill -9 spares children) is stopped before the job
+    runs again, so two runs never share a work folder. Only our own process is touched: its command
+    line must name this work folder."""
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return
+    if str(work).encode() in cmdline:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass
@@ -70,15 +79,21 @@ class LocalExecutor:
         progress.attempt_started(attempt)
         crashpoint("after-attempt-record")
         progress.stage("all")
+        pid_file = work / ".run.pid"
+        _stop_orphan(pid_file, work)
         with tempfile.TemporaryFile("w+") as err:
+            # start_new_session, not preexec_fn: Python code between fork and exec can deadlock in a
+            # threaded process, and the daemon is one
             proc = subprocess.Popen(
                 [sys.executable, "-m", "codsplat.pipeline.cli", "run", str(media), "--config", str(settings),
                  "--out", str(work), "--json"],
-                stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=_die_with_parent,
+                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
                 env={**os.environ, **self.extra_env})
+            pid_file.write_text(str(proc.pid))
             crashpoint("during-compute", delay=3.0)  # the crash tests: die with the child half way
             crashpoint("late-in-compute", delay=12.0)
             stdout, _ = proc.communicate()
+            pid_file.unlink(missing_ok=True)
             err.seek(0)
             stderr = err.read()
         if proc.returncode != 0:
