@@ -86,6 +86,17 @@ def _absolute(value: str, policy: Policy) -> str:
     return value if "://" in value else f"s3://{policy.bucket}/{value}"
 
 
+def _within(value: str, policy: Policy, prefixes: tuple[str, ...], what: str) -> str:
+    """An s3:// URI (or a bare key) in the deployment's bucket, under one of `prefixes`."""
+    value = _absolute(value, policy)
+    uri = parse_s3(value, what)
+    if uri.bucket != policy.bucket:
+        raise ValueError(f"bucket '{uri.bucket}' is not allowed; use s3://{policy.bucket}/")
+    if not uri.key.startswith(prefixes):
+        raise ValueError(f"must be under {' or '.join(f's3://{policy.bucket}/{p}' for p in prefixes)}, got {json.dumps(value)}")
+    return value
+
+
 class Notify(StrictModel):
     email: list[str] = Field(default_factory=list, max_length=10, description="Who is emailed when the job ends.")
 
@@ -145,13 +156,7 @@ class JobDocument(PipelineConfig):
     @classmethod
     def _input(cls, value: str, info: ValidationInfo) -> str:
         policy = _policy(info)
-        value = _absolute(value, policy)
-        uri = parse_s3(value, "uploads")
-        if uri.bucket != policy.bucket:
-            raise ValueError(f"bucket '{uri.bucket}' is not allowed; use s3://{policy.bucket}/")
-        if not uri.key.startswith(policy.input_prefixes):
-            raise ValueError(f"must be under {' or '.join(f's3://{policy.bucket}/{p}' for p in policy.input_prefixes)}, got {json.dumps(value)}")
-        return value
+        return _within(value, policy, policy.input_prefixes, "uploads")
 
     @field_validator("output")
     @classmethod
@@ -159,12 +164,7 @@ class JobDocument(PipelineConfig):
         if value is None:
             return value
         policy = _policy(info)
-        value = _absolute(value, policy)
-        uri = parse_s3(value, "results")
-        if uri.bucket != policy.bucket:
-            raise ValueError(f"bucket '{uri.bucket}' is not allowed; use s3://{policy.bucket}/")
-        if not uri.key.startswith(policy.output_prefix):
-            raise ValueError(f"must be under s3://{policy.bucket}/{policy.output_prefix}, got {json.dumps(value)}")
+        value = _within(value, policy, (policy.output_prefix,), "results")
         return value if value.endswith("/") else value + "/"
 
     # ----------------------------------------------------------------- derived values
