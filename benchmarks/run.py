@@ -73,7 +73,6 @@ def bench_pipeline(runs: int) -> None:
 def bench_raster(repeats: int) -> None:
     """Forward+backward per step: 10k Gaussians at 128×128 (tiles of 8 and 16), and against the
     dense per-pixel reference at a size the reference can hold in memory."""
-    import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
     from raster_reference import dense_render

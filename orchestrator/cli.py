@@ -34,6 +34,12 @@ EXIT_CANNOT_RUN = 6  # Bacalhau cannot run the job here (no GPU node, queue time
 SettingsOption = typer.Option(None, "--settings", help="Deployment settings file (YAML/JSON); CODSPLAT_* variables override it.")
 
 
+def _usage(message: str, hint: str | None = None) -> PipelineError:
+    exc = PipelineError(message, hint=hint)
+    exc.exit_code = EXIT_USAGE
+    return exc
+
+
 def _load(job_path: Path, settings_path: Path | None):
     settings = load_settings(settings_path)
     return settings, load_job(job_path, settings.policy)
@@ -66,11 +72,10 @@ def jobspec(
         if stage is not None:
             names = list(stages_of(doc))
             if stage not in names:
-                raise PipelineError(f"--stage must be one of {', '.join(names)} for this job "
-                                    f"(compute.split_stages is {str(doc.compute.split_stages).lower()}).")
+                raise _usage(f"--stage must be one of {', '.join(names)} for this job "
+                             f"(compute.split_stages is {str(doc.compute.split_stages).lower()}).")
             specs = [specs[names.index(stage)]]
     except PipelineError as exc:
-        exc.exit_code = EXIT_USAGE
         fail(exc, as_json=False)
     if output == "json":
         print(json.dumps(specs if len(specs) > 1 else specs[0], indent=2))
@@ -171,12 +176,6 @@ def logs(job_id: str = typer.Argument(..., help="The codsplat job id."),
                     print(line, end="" if line.endswith("\n") else "\n")
     except BacalhauError as exc:
         fail(PipelineError(f"Bacalhau: {exc.message}"), False)
-
-
-def _usage(message: str, hint: str | None = None) -> PipelineError:
-    exc = PipelineError(message, hint=hint)
-    exc.exit_code = EXIT_USAGE
-    return exc
 
 
 EmbeddedOption = typer.Option(None, "--embedded", help="Run with no AWS: this folder is the bucket, SQLite the table.")

@@ -236,7 +236,12 @@ class Daemon:
                 r.attempts.append({**attempt, "started_at": now()})
             change(self.store, job_id, mutate)
 
+        seen = {"stage": None}  # called on every poll: touch the store only when the stage moves
+
         def stage(name: str) -> None:
+            if seen["stage"] == name:
+                return
+            seen["stage"] = name
             record = self.store.get(job_id)
             if record.stage != name and not record.terminal:
                 change(self.store, job_id, lambda r: None, to=RUNNING, stage=name)

@@ -97,7 +97,8 @@ def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to
             raise InvalidTransition(f"{job_id}: {record.state} → {to} is not allowed")
         expected = record.version
         mutate(record)
-        if to is not None and (to, stage) != (record.state, record.stage) or note:
+        moves = to is not None and (to, stage) != (record.state, record.stage)
+        if moves or note:
             record.history.append({"at": now(), "state": to or record.state, "stage": stage, "note": note})
         if to is not None:
             record.state, record.stage = to, stage

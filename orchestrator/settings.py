@@ -38,7 +38,7 @@ ENV = {
     "state_machine_arn": "CODSPLAT_STATE_MACHINE_ARN", "queue_wait_seconds": "CODSPLAT_QUEUE_WAIT_SECONDS",
     "bacalhau_poll_seconds": "CODSPLAT_BACALHAU_POLL_SECONDS", "fallback_poll_seconds": "CODSPLAT_FALLBACK_POLL_SECONDS",
 }
-INTEGERS = ("max_gpus", "max_runtime_minutes", "concurrency", "health_port")
+INTEGERS = ("max_gpus", "max_runtime_minutes", "concurrency", "health_port", "queue_wait_seconds", "fallback_poll_seconds")
 
 
 class Settings(StrictModel):
@@ -115,8 +115,6 @@ def _typed(key: str, value: str) -> object:
             return float(value)
         except ValueError:
             return value
-    if key in ("queue_wait_seconds", "fallback_poll_seconds"):
-        return int(value) if str(value).isdigit() else value
     if key == "input_prefixes":
         return [p.strip() for p in str(value).split(",") if p.strip()]
     return value

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys

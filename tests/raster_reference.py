@@ -4,7 +4,6 @@ The test oracle for `codsplat.pipeline.raster`: same projection, same blending r
 shortcuts except gsplat's own (radii == 0 and the tile box), so any tiling or sorting bug shows.
 """
 
-import math
 
 import torch
 

@@ -14,7 +14,7 @@ import boto3
 import httpx
 import pytest
 
-from codsplat.orchestrator.settings import ENV, Settings, load_settings
+from codsplat.orchestrator.settings import ENV, load_settings
 from codsplat.pipeline.errors import InputError
 from conftest import codsplat
 from servers import free_port
