@@ -160,17 +160,152 @@ def bench_submit(jobs: int) -> None:
         server.stop()
 
 
+def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
+    """`jobs` job documents uploaded at once → S3 event → SNS → SQS → `codsplat daemon` → the Bacalhau
+    stand-in running fast jobs (benchmarks/fast_image) → results in S3 → one SNS message per job.
+
+    moto serves S3, SNS, SQS and DynamoDB on loopback; the daemon is its own process (RSS sampled
+    every 0.5 s). Figures: intake jobs/s (first S3 event → last record created), S3 event → Bacalhau
+    submit (the stand-in's CreateTime) p50/p99, end-to-end jobs/s, peak executions on the node against
+    the concurrency bound, submissions and messages per job, RSS after the first tenth vs at the end.
+    """
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime
+
+    import boto3
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from servers import start_moto, start_standin
+
+    from codsplat.orchestrator.bacalhau import BacalhauClient
+    from codsplat.orchestrator.provision import provision
+    from codsplat.orchestrator.records import TERMINAL, DynamoStore
+
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    moto = start_moto()
+    standin = start_standin(moto.url)
+    daemon = None
+    try:
+        client = lambda name: boto3.client(name, endpoint_url=moto.url, region_name="us-east-1")  # noqa: E731
+        names = provision(boto3.Session(), "load", endpoint=moto.url, visibility_timeout=60)
+        s3, sqs, sns = client("s3"), client("sqs"), client("sns")
+        mailbox = sqs.create_queue(QueueName="load-mailbox")["QueueUrl"]
+        mailbox_arn = sqs.get_queue_attributes(QueueUrl=mailbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns.subscribe(TopicArn=names["topic_arn"], Protocol="sqs", Endpoint=mailbox_arn)
+        image = "codsplat-fast:bench"
+        httpx.post(f"{standin.url}/standin/knobs", json={"images": {image: str(ROOT / "benchmarks" / "fast_image")}})
+        s3.put_object(Bucket=names["bucket"], Key="uploads/load/clip.mp4", Body=b"\0" * 1024)
+        env = {**os.environ, "CODSPLAT_BUCKET": names["bucket"], "CODSPLAT_QUEUE_URL": names["queue_url"],
+               "CODSPLAT_TABLE": names["table"], "CODSPLAT_TOPIC_ARN": names["topic_arn"],
+               "CODSPLAT_AWS_ENDPOINT": moto.url, "CODSPLAT_S3_ENDPOINT": moto.url, "CODSPLAT_IMAGE": image,
+               "CODSPLAT_CONCURRENCY": str(concurrency), "CODSPLAT_QUEUE_WAIT_SECONDS": "1",
+               "CODSPLAT_BACALHAU_POLL_SECONDS": str(poll), "CODSPLAT_HEALTH_PORT": "0",
+               "BACALHAU_API_HOST": "127.0.0.1", "BACALHAU_API_PORT": standin.url.rsplit(":", 1)[1]}
+        log = open(RESULTS / "daemon_load.log", "w")
+        daemon = subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon"], env=env,
+                                  stdout=log, stderr=log)
+        rss: list[tuple[float, int]] = []
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                try:
+                    kb = next(int(line.split()[1]) for line in open(f"/proc/{daemon.pid}/status") if line.startswith("VmRSS"))
+                    rss.append((time.monotonic(), kb))
+                except (FileNotFoundError, StopIteration):
+                    pass
+                sampling.wait(0.5)
+
+        threading.Thread(target=sample, daemon=True).start()
+        time.sleep(3)  # the daemon has started and is long-polling
+        job = {"version": 1, "input": "uploads/load/clip.mp4", "preset": "tiny", "notify": {"email": ["load@example.com"]}}
+        started = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: s3.put_object(Bucket=names["bucket"], Key=f"jobs/load/job-{i:04d}.json",
+                                                   Body=json.dumps({**job, "id": f"job-{i:04d}"})), range(jobs)))
+        uploaded = time.monotonic() - started
+        store = DynamoStore(names["table"], client("dynamodb"))
+        while time.monotonic() - started < 1800:  # every job ends with its message (cheaper to count than records)
+            count = sqs.get_queue_attributes(QueueUrl=mailbox, AttributeNames=["ApproximateNumberOfMessages"])
+            if int(count["Attributes"]["ApproximateNumberOfMessages"]) >= jobs:
+                break
+            time.sleep(1)
+        records = store.list(limit=10 * jobs)
+        assert all(r.state in TERMINAL and r.notified_at for r in records), "a job has not finished"
+        finished = time.monotonic() - started
+        tenth = next((kb for t, kb in rss if t - started > finished / 10), rss[0][1])
+        end_rss = rss[-1][1]
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        sampling.set()
+
+        messages: dict[str, int] = {}
+        while True:
+            got = sqs.receive_message(QueueUrl=mailbox, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                      MessageAttributeNames=["All"]).get("Messages", [])
+            if not got:
+                break
+            for m in got:
+                job_id = json.loads(m["Body"])["MessageAttributes"]["job_id"]["Value"]
+                messages[job_id] = messages.get(job_id, 0) + 1
+                sqs.delete_message(QueueUrl=mailbox, ReceiptHandle=m["ReceiptHandle"])
+        with BacalhauClient(standin.url) as bacalhau:
+            submitted = bacalhau.list_jobs(limit=1000)
+        knobs = httpx.post(f"{standin.url}/standin/knobs", json={}).json()
+
+        at = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()  # noqa: E731
+        by_job = {r.job_id: r for r in records}
+        submits: dict[str, list[float]] = {}
+        for b in submitted:
+            submits.setdefault(b.labels.get("codsplat-job", ""), []).append(b.create_time / 1e9)
+        latency_ms = sorted((min(submits[j]) - at(r.event_at)) * 1000 for j, r in by_job.items() if j in submits and r.event_at)
+        events = [at(r.event_at) for r in records if r.event_at]
+        created = [at(r.created_at) for r in records]
+        pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None  # noqa: E731
+        states: dict[str, int] = {}
+        for r in records:
+            states[r.state] = states.get(r.state, 0) + 1
+        save("daemon_load", {
+            "goal": {"intake_jobs_per_s_at_least": 100, "event_to_submit_p99_ms_below": 250},
+            "jobs": jobs, "concurrency": concurrency, "intake_workers": 8, "bacalhau_poll_seconds": poll,
+            "upload_seconds": round(uploaded, 2),
+            "intake_jobs_per_s": round(len(created) / (max(created) - min(events)), 1),
+            "end_to_end_jobs_per_s": round(jobs / finished, 1),
+            "all_terminal_seconds": round(finished, 1),
+            "states": states,
+            "event_to_submit_ms": {"p50": pct(latency_ms, 0.5), "p90": pct(latency_ms, 0.9),
+                                   "p99": pct(latency_ms, 0.99), "max": pct(latency_ms, 1.0)},
+            "peak_executions_on_node": knobs["peak_running"],
+            "bound_held": knobs["peak_running"] <= concurrency,
+            "jobs_submitted_more_than_once": sum(1 for v in submits.values() if len(v) > 1),
+            "jobs_without_exactly_one_message": sum(1 for j in by_job if messages.get(j) != 1),
+            "daemon_rss_mb": {"after_first_tenth": round(tenth / 1024, 1), "end": round(end_rss / 1024, 1),
+                              "max": round(max(kb for _, kb in rss) / 1024, 1)},
+        })
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+        standin.stop()
+        moto.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", nargs="?", choices=("pipeline", "raster", "submit", "all"), default="all")
-    ap.add_argument("--jobs", type=int, default=500, help="jobs submitted by the submit benchmark")
+    ap.add_argument("which", nargs="?", choices=("pipeline", "raster", "submit", "load", "all"), default="all")
+    ap.add_argument("--jobs", type=int, default=None, help="jobs (submit: 500, load: 1000)")
+    ap.add_argument("--concurrency", type=int, default=64, help="the daemon's bound in the load benchmark")
     ap.add_argument("--runs", type=int, default=1, help="pipeline runs")
     ap.add_argument("--repeats", type=int, default=5, help="rasterizer repeats")
     args = ap.parse_args()
     if args.which in ("raster", "all"):
         bench_raster(args.repeats)
     if args.which in ("submit", "all"):
-        bench_submit(args.jobs)
+        bench_submit(args.jobs or 500)
+    if args.which in ("load", "all"):
+        bench_load(args.jobs or 1000, args.concurrency)
     if args.which in ("pipeline", "all"):
         bench_pipeline(args.runs)
 

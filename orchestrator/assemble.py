@@ -58,7 +58,8 @@ def store_for(settings: Settings, embedded: Path | None) -> Store:
 
 
 def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
-    options = DaemonOptions(concurrency=settings.concurrency, media_wait_seconds=settings.media_wait_seconds)
+    options = DaemonOptions(concurrency=settings.concurrency, intake_workers=settings.intake_workers,
+                            media_wait_seconds=settings.media_wait_seconds)
     if embedded is not None:
         embedded.mkdir(parents=True, exist_ok=True)
         blobs = FolderBlobs(embedded)

@@ -55,9 +55,11 @@ class JsonLogFormatter(logging.Formatter):
 
 @dataclass
 class DaemonOptions:
-    concurrency: int = 2
+    concurrency: int = 2  # jobs at a backend at once
+    intake_workers: int = 8  # messages of a receive batch read, validated and recorded at once
     media_wait_seconds: float = 120.0
     media_poll_seconds: float = 2.0
+    cancel_check_seconds: float = 5.0  # how soon a running job notices `codsplat jobs cancel`
     link_seconds: int = 7 * 24 * 3600 - 300
     default_backend: str = "local"
     gpu_hour_usd: float = 1.006  # an A10G (g5.xlarge) on-demand hour: the estimate in records
@@ -77,10 +79,16 @@ class Daemon:
 
     def __post_init__(self):
         self._pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="job")
+        self._intake = ThreadPoolExecutor(max_workers=self.options.intake_workers, thread_name_prefix="intake")
         self._stopping = threading.Event()
         self._inflight: set[str] = set()
+        self._documents: dict[str, JobDocument] = {}  # parsed at intake, taken when the job starts (saves a read)
         self._lock = threading.Lock()
         self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0}
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
 
     # ------------------------------------------------------------------ intake
 
@@ -102,8 +110,16 @@ class Daemon:
         crashpoint("before-ack")
         self.source.ack(delivery)
 
+    def _handle_guarded(self, delivery: Delivery) -> None:
+        if self._stopping.is_set():
+            return  # not acknowledged: it will be delivered again
+        try:
+            self.handle(delivery)
+        except Exception:  # a store or S3 blip: unacknowledged, the message comes back after its visibility timeout
+            log.exception("could not take message %s; it will be delivered again", delivery.message_id)
+
     def intake(self, event: JobEvent) -> str | None:
-        self.stats["received"] += 1
+        self._count("received")
         job_id = job_id_from_key(event.key)
         try:
             raw = self.blobs.read(event.key)
@@ -126,14 +142,14 @@ class Daemon:
                 problem = exc.message
         notify = [e for e in (data or {}).get("notify", {}).get("email", []) if isinstance(e, str)] \
             if isinstance(data, dict) and isinstance(data.get("notify"), dict) else []
-        record = JobRecord(job_id=job_id, job_key=event.key, notify=notify,
+        record = JobRecord(job_id=job_id, job_key=event.key, notify=notify, event_at=event.at,
                            input=getattr(job, "input", None), history=[{"at": now(), "state": RECEIVED, "stage": None, "note": event.event}])
         crashpoint("before-create")
         if not self.store.create(record):
-            self.stats["duplicates"] += 1
+            self._count("duplicates")
             log.info("duplicate event for %s", job_id, extra={"job_id": job_id})
             return job_id
-        self.stats["created"] += 1
+        self._count("created")
         log.info("job received", extra={"job_id": job_id, "state": RECEIVED})
         crashpoint("after-create")
         if problem:
@@ -143,6 +159,7 @@ class Daemon:
         output = self.blobs.uri(job.output_uri(self.policy).key)
         change(self.store, job_id, lambda r: setattr(r, "output", output), to=VALIDATED)
         crashpoint("after-validate")
+        self._documents[job_id] = job
         self.submit(job_id)
         return job_id
 
@@ -175,7 +192,8 @@ class Daemon:
             if record is not None:
                 self.finish(job_id)
             return
-        job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=job_id)
+        job = self._documents.pop(job_id, None) or parse_job(json.loads(self.blobs.read(record.job_key)), self.policy,
+                                                             default_id=job_id)
         if record.state == VALIDATED:
             crashpoint("before-media-check")
             if not self._wait_for_media(job):
@@ -246,8 +264,14 @@ class Daemon:
             if record.stage != name and not record.terminal:
                 change(self.store, job_id, lambda r: None, to=RUNNING, stage=name)
 
-        return Progress(attempt_started=upsert, attempt_updated=upsert, stage=stage,
-                        cancelled=lambda: bool(self.store.get(job_id).cancel_requested))
+        checked = {"at": float("-inf"), "cancel": False}
+
+        def cancelled() -> bool:  # asked on every poll; the store is read at most every few seconds
+            if not checked["cancel"] and time.monotonic() - checked["at"] >= self.options.cancel_check_seconds:
+                checked["at"], checked["cancel"] = time.monotonic(), bool(self.store.get(job_id).cancel_requested)
+            return checked["cancel"]
+
+        return Progress(attempt_started=upsert, attempt_updated=upsert, stage=stage, cancelled=cancelled)
 
     def _wait_for_media(self, job: JobDocument) -> bool:
         uri = job.input_uri
@@ -279,7 +303,7 @@ class Daemon:
         }
         crashpoint("before-succeed")
         change(self.store, job_id, lambda r: setattr(r, "result", result), to=SUCCEEDED)
-        self.stats["succeeded"] += 1
+        self._count("succeeded")
         log.info("job succeeded", extra={"job_id": job_id, "state": SUCCEEDED})
 
     def _fail(self, job_id: str, stage: str | None, message: str, advice: str) -> None:
@@ -287,7 +311,7 @@ class Daemon:
         crashpoint("before-fail")
         change(self.store, job_id, lambda r: setattr(r, "error", error), to=FAILED, stage=stage)
         crashpoint("after-fail")
-        self.stats["failed"] += 1
+        self._count("failed")
         log.warning("job failed: %s", message, extra={"job_id": job_id, "state": FAILED, "stage": stage})
 
     def finish(self, job_id: str) -> None:
@@ -348,10 +372,10 @@ class Daemon:
                 log.exception("receiving failed; retrying")
                 self._stopping.wait(2.0)
                 continue
-            for delivery in deliveries:
-                if self._stopping.is_set():
-                    break  # not acknowledged: it will be delivered again
-                self.handle(delivery)
+            # a batch is recorded in parallel (each message acknowledged once its jobs have records)
+            for future in [self._intake.submit(self._handle_guarded, d) for d in deliveries]:
+                future.result()
+        self._intake.shutdown(wait=True)
         self._pool.shutdown(wait=grace_seconds is None, cancel_futures=True)
         if grace_seconds is not None:
             deadline = time.monotonic() + grace_seconds

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
@@ -26,6 +27,7 @@ class JobEvent:
     bucket: str | None  # None for the local folder
     key: str  # the job document's key (S3) or path relative to the watched folder
     event: str = "ObjectCreated:Put"
+    at: str | None = None  # when the upload happened (S3 eventTime, or the file's mtime), ISO 8601
 
 
 def parse_message(body: str, jobs_prefix: str = "jobs/") -> list[JobEvent]:
@@ -59,7 +61,7 @@ def parse_message(body: str, jobs_prefix: str = "jobs/") -> list[JobEvent]:
         except (KeyError, TypeError):
             raise BadMessage("S3 record without bucket or key") from None
         if key.startswith(jobs_prefix) and key.endswith(".json"):
-            events.append(JobEvent(bucket, key, record["eventName"]))
+            events.append(JobEvent(bucket, key, record["eventName"], record.get("eventTime")))
     return events
 
 
@@ -120,7 +122,8 @@ class FolderSource:
             if self._seen.get(key) == mtime or time.time() - mtime < self.settle_seconds:
                 continue
             self._seen[key] = mtime
-            fresh.append(Delivery([JobEvent(None, key)]))
+            at = datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="milliseconds")
+            fresh.append(Delivery([JobEvent(None, key, at=at)]))
         if not fresh:
             self._stop.wait(self.poll_seconds)
         return fresh

@@ -13,10 +13,17 @@ import json
 from .fallback import definition
 from .records import DynamoStore
 
+# Shared with the CDK stacks (aws/), so that a local deployment and a real one are wired alike.
+QUEUE_VISIBILITY_SECONDS = 300  # longer than the daemon takes to record a message's jobs
+MAX_RECEIVE_COUNT = 5  # deliveries before a message moves to the dead-letter queue
+DLQ_RETENTION_SECONDS = 14 * 86400
+SSM_PATH = "/codsplat/daemon"  # where the daemon reads its settings (CODSPLAT_SSM_PATH in the systemd unit)
+
 
 def provision(session, prefix: str = "codsplat", bucket: str | None = None, jobs_prefix: str = "jobs/",
               image: str = "codsplat:latest",
-              max_receive_count: int = 5, visibility_timeout: int = 300, endpoint: str | None = None,
+              max_receive_count: int = MAX_RECEIVE_COUNT, visibility_timeout: int = QUEUE_VISIBILITY_SECONDS,
+              endpoint: str | None = None,
               region: str = "us-east-1") -> dict[str, str]:
     """Bucket → (ObjectCreated on jobs/*.json) → events topic → queue (with a dead-letter queue);
     a notifications topic; the records table. Returns the daemon's settings for them."""
@@ -27,7 +34,7 @@ def provision(session, prefix: str = "codsplat", bucket: str | None = None, jobs
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     events_topic = sns.create_topic(Name=f"{prefix}-job-uploads")["TopicArn"]
     notify_topic = sns.create_topic(Name=f"{prefix}-notifications")["TopicArn"]
-    dlq_url = sqs.create_queue(QueueName=f"{prefix}-jobs-dlq", Attributes={"MessageRetentionPeriod": "1209600"})["QueueUrl"]
+    dlq_url = sqs.create_queue(QueueName=f"{prefix}-jobs-dlq", Attributes={"MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS)})["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     queue_url = sqs.create_queue(QueueName=f"{prefix}-jobs", Attributes={
         "VisibilityTimeout": str(visibility_timeout), "ReceiveMessageWaitTimeSeconds": "20",

@@ -53,6 +53,7 @@ class JobRecord:
     version: int = 0
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
+    event_at: str | None = None  # when the upload's event was raised: intake lag = created_at - event_at
     input: str | None = None
     output: str | None = None
     notify: list[str] = field(default_factory=list)

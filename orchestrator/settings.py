@@ -32,13 +32,13 @@ ENV = {
     "region": "AWS_REGION", "s3_endpoint": "CODSPLAT_S3_ENDPOINT", "max_gpus": "CODSPLAT_MAX_GPUS",
     "max_runtime_minutes": "CODSPLAT_MAX_RUNTIME_MINUTES", "bacalhau_namespace": "CODSPLAT_BACALHAU_NAMESPACE",
     "input_prefixes": "CODSPLAT_INPUT_PREFIXES", "queue_url": "CODSPLAT_QUEUE_URL", "table": "CODSPLAT_TABLE",
-    "topic_arn": "CODSPLAT_TOPIC_ARN", "concurrency": "CODSPLAT_CONCURRENCY", "health_port": "CODSPLAT_HEALTH_PORT",
+    "topic_arn": "CODSPLAT_TOPIC_ARN", "concurrency": "CODSPLAT_CONCURRENCY", "intake_workers": "CODSPLAT_INTAKE_WORKERS", "health_port": "CODSPLAT_HEALTH_PORT",
     "media_wait_seconds": "CODSPLAT_MEDIA_WAIT_SECONDS", "jobs_prefix": "CODSPLAT_JOBS_PREFIX",
     "aws_endpoint": "CODSPLAT_AWS_ENDPOINT", "cache_dir": "CODSPLAT_CACHE_DIR",
     "state_machine_arn": "CODSPLAT_STATE_MACHINE_ARN", "queue_wait_seconds": "CODSPLAT_QUEUE_WAIT_SECONDS",
     "bacalhau_poll_seconds": "CODSPLAT_BACALHAU_POLL_SECONDS", "fallback_poll_seconds": "CODSPLAT_FALLBACK_POLL_SECONDS",
 }
-INTEGERS = ("max_gpus", "max_runtime_minutes", "concurrency", "health_port", "queue_wait_seconds", "fallback_poll_seconds")
+INTEGERS = ("max_gpus", "max_runtime_minutes", "concurrency", "intake_workers", "health_port", "queue_wait_seconds", "fallback_poll_seconds")
 
 
 class Settings(StrictModel):
@@ -57,7 +57,8 @@ class Settings(StrictModel):
     table: str | None = None
     topic_arn: str | None = None
     aws_endpoint: str | None = None  # every AWS API at one endpoint (the tests' moto server)
-    concurrency: int = Field(2, ge=1, le=256)
+    concurrency: int = Field(2, ge=1, le=256, description="Jobs at a backend at once.")
+    intake_workers: int = Field(8, ge=1, le=64, description="Messages read, validated and recorded at once.")
     health_port: int | None = Field(8787, ge=0, le=65535)
     media_wait_seconds: float = Field(120.0, ge=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long running jobs may finish.")

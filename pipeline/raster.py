@@ -184,7 +184,10 @@ def composite(means2d, conics, opacities, feats, depths, radii, width, height, t
         img = tiles.reshape(tiles_y, tiles_x, tile_size, tile_size, channels).permute(0, 2, 1, 3, 4)
         return img.reshape(tiles_y * tile_size, tiles_x * tile_size, channels)[:height, :width]
 
-    image = to_image(color_tiles, D)
+    # A view where nothing is visible is constant; keep it in the graph (empty sums) so that backward()
+    # yields zero gradients, as gsplat's kernels do, instead of failing.
+    anchor = means2d[:0].sum() + conics[:0].sum() + opacities[:0].sum() + feats[:0].sum()
+    image = to_image(color_tiles, D) + anchor
     trans = to_image(trans_tiles[..., None], 1)
     if background is not None:
         image = image + trans * background
@@ -201,7 +204,8 @@ def _blend_tiles(px, py, mu, conic, opacity, feat, valid):
     dy = py[:, None, :] - mu[..., 1:2]
     a, b, c = conic[..., 0:1], conic[..., 1:2], conic[..., 2:3]
     sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-    alpha = torch.clamp_max(opacity[..., None] * torch.exp(-sigma), ALPHA_MAX)
+    # sigma < 0 is masked out below; clamping first keeps exp finite, so its backward never makes 0·inf = NaN
+    alpha = torch.clamp_max(opacity[..., None] * torch.exp(-sigma.clamp_min(0)), ALPHA_MAX)
     alpha = alpha * ((sigma >= 0) & (alpha >= ALPHA_MIN) & valid[..., None])
     with torch.no_grad():  # gsplat stops a pixel before the Gaussian that would take T to T_MIN or below
         keep = torch.cumprod(1.0 - alpha, dim=1) > T_MIN

@@ -55,6 +55,28 @@ def loop_pairs(image_dir: Path, names: list[str], overlap: int, k: int = LOOP_CA
     return sorted(pairs)
 
 
+def drop_stray_cameras(model, spread: float = 10.0, reach: float = 3.0) -> list[str]:
+    """De-register cameras the mapper placed far from all the others; returns their image names.
+
+    The global mapper now and then puts a frame tens of scene radii away with a low reprojection
+    error (few observations). Training on it skews the scene scale and wastes Gaussians, so a camera
+    counts as stray when its nearest neighbour is `spread` times farther than is typical AND it lies
+    `reach` times farther from the median centre than the median camera does.
+    """
+    images = [img for img in model.images.values() if img.has_pose]
+    if len(images) < 5:
+        return []
+    centres = np.array([img.projection_center() for img in images])
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    np.fill_diagonal(gaps, np.inf)
+    nearest = gaps.min(axis=1)
+    radius = np.linalg.norm(centres - np.median(centres, axis=0), axis=1)
+    stray = (nearest > spread * np.median(nearest)) & (radius > reach * np.median(radius))
+    for img in (img for img, bad in zip(images, stray) if bad):
+        model.deregister_frame(img.frame_id)
+    return sorted(img.name for img, bad in zip(images, stray) if bad)
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     import pycolmap
 
@@ -82,18 +104,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
         reader_options=reader, extraction_options=extraction, device=device,
     )
 
+    # Seeded RANSAC and mapping. COLMAP's threads still make runs differ slightly (±2% of the points).
+    seed = ctx.config.train.seed
+    pycolmap.set_random_seed(seed)
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = seed
     matcher = cfg.matcher
     if matcher == "auto":
         matcher = "exhaustive" if frames["kind"] != "video" and len(names) <= EXHAUSTIVE_MAX else "sequential"
     ctx.progress(0.3, f"{matcher} matching")
     n_loop = 0
     if matcher == "exhaustive":
-        pycolmap.match_exhaustive(db, device=device)
+        pycolmap.match_exhaustive(db, verification_options=verification, device=device)
     else:
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = cfg.overlap
         pairing.quadratic_overlap = True
-        pycolmap.match_sequential(db, pairing_options=pairing, device=device)
+        pycolmap.match_sequential(db, pairing_options=pairing, verification_options=verification, device=device)
         if cfg.loop_detection:
             pairs = loop_pairs(image_dir, names, cfg.overlap)
             n_loop = len(pairs)
@@ -102,14 +129,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 pair_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
                 imported = pycolmap.ImportedPairingOptions()
                 imported.match_list_path = str(pair_file)
-                pycolmap.match_image_pairs(db, pairing_options=imported, device=device)
+                pycolmap.match_image_pairs(db, pairing_options=imported, verification_options=verification, device=device)
 
     ctx.progress(0.55, f"{cfg.mapper} mapping")
     raw = out / "raw"
     raw.mkdir()
     if cfg.mapper == "global":
         options = pycolmap.GlobalPipelineOptions()
-        options.random_seed = ctx.config.train.seed
+        options.random_seed = options.mapper.random_seed = seed
         models = pycolmap.global_mapping(db, image_dir, raw, options)
     else:
         options = pycolmap.IncrementalPipelineOptions()
@@ -122,6 +149,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             hint="Move the camera slowly around a textured subject, with each view overlapping the last.",
         )
     model = max(models.values(), key=lambda m: m.num_reg_images())
+    stray = drop_stray_cameras(model)
     registered = model.num_reg_images()
     need = max(cfg.min_registered, int(np.ceil(cfg.min_registered_fraction * total)))
     if registered < need:
@@ -162,6 +190,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "mean_reprojection_error_px": round(float(model.compute_mean_reprojection_error()), 4),
         "mean_track_length": round(float(model.compute_mean_track_length()), 3),
         "loop_pairs": n_loop,
+        "stray_cameras_dropped": stray,
         "cameras": cams,
         "unregistered": sorted(set(names) - {img.name for img in model.images.values() if img.has_pose}),
     }

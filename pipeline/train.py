@@ -108,6 +108,9 @@ def train(scene: Scene, cfg: TrainConfig, device: torch.device, progress=lambda 
         else:
             strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
         loss_value = loss.item()
+        if len(params["means"]) == 0:
+            raise QualityError(f"Training pruned every Gaussian by step {step}: nothing is left to render.",
+                               stage="train", hint="Lower train.grow_grad2d or raise train.init_opacity; check the SfM result.")
         if not math.isfinite(loss_value):
             raise QualityError(f"Training diverged at step {step} (loss is {loss_value}).", stage="train",
                                hint="Lower train.means_lr or check the SfM result.")

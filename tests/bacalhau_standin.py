@@ -10,7 +10,9 @@ job through Pending → (Queued) → Running → Completed/Failed.
 
 Test knobs (POST /standin/knobs, not part of the real API): `gpu_nodes` (0 = no GPU node),
 `gpu_model`, `fail_next` (the next N executions fail), `vanish_next` (the node disappears during
-the next N executions), `hold` (executions wait in Queued until released), `submit_delay_ms`.
+the next N executions), `hold` (executions wait in Queued until released), `submit_delay_ms`,
+`images` (image name → a folder put first on the task's PATH: what that image would hold, e.g. a
+fast stand-in entrypoint for load tests). It reports `running` and `peak_running` executions.
 """
 
 from __future__ import annotations
@@ -185,7 +187,8 @@ class Node:
         self.lock = threading.Lock()
         self.seq = itertools.count(1)
         self.knobs = {"gpu_nodes": 1 if gpus else 0, "gpus": gpus, "gpu_model": gpu_model, "fail_next": 0,
-                      "vanish_next": 0, "hold": False, "submit_delay_ms": 0, "running": 0}
+                      "vanish_next": 0, "hold": False, "submit_delay_ms": 0, "running": 0, "peak_running": 0,
+                      "images": {}}
         self.node_id = "n-" + uuid.uuid4().hex[:8]
         self.changed = threading.Condition()  # knobs changed: queued jobs look again
 
@@ -262,14 +265,17 @@ class Node:
         for state in ("AskForBid", "AskForBidAccepted", "BidAccepted"):
             self._event(job, f"execution {state}", execution, new_exec_state=state)
         self._event(job, "Running", execution, new_state="Running", new_exec_state="Running")
-        self.knobs["running"] += 1
+        with self.lock:
+            self.knobs["running"] += 1
+            self.knobs["peak_running"] = max(self.knobs["peak_running"], self.knobs["running"])
         try:
             self._execute(job, task, execution)
         except Exception as exc:  # the stand-in itself must report, not die
             execution.error_msg = f"{exc.__class__.__name__}: {exc}"
             self._event(job, execution.error_msg, execution, new_state="Failed", new_exec_state="Failed")
         finally:
-            self.knobs["running"] -= 1
+            with self.lock:
+                self.knobs["running"] -= 1
         job.message = execution.error_msg if job.state == "Failed" else ""
 
     def _s3(self, params: dict):
@@ -353,7 +359,8 @@ class Node:
             argv = [remap(a) for a in (ci_get(engine, "Entrypoint") or []) + (ci_get(engine, "Parameters") or [])]
             env = {**os.environ, **dict(e.split("=", 1) for e in ci_get(engine, "EnvironmentVariables") or []),
                    **(ci_get(task, "Env") or {})}
-            env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+            image_bin = self.knobs["images"].get(ci_get(engine, "Image"))
+            env["PATH"] = os.pathsep.join(filter(None, [image_bin, os.path.dirname(sys.executable), env.get("PATH", "")]))
             vanish = self.knobs["vanish_next"] > 0
             fail = self.knobs["fail_next"] > 0
             if vanish:

@@ -7,6 +7,7 @@ once; a test can make new ones start InProgress, then finish them as Completed o
 
 import argparse
 import json
+import logging
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +27,7 @@ def main() -> None:
     from moto.sagemaker import models as sagemaker
 
     default_user_config["stepfunctions"] = {"execute_state_machine": True}
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a log line per request costs moto a fifth of its CPU
 
     original = sagemaker.FakeTrainingJob.__init__
 

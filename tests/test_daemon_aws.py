@@ -4,6 +4,8 @@
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import boto3
 import pytest
@@ -13,6 +15,8 @@ from codsplat.orchestrator.provision import provision
 from codsplat.orchestrator.records import DynamoStore
 from codsplat.orchestrator.settings import Settings
 from conftest import QUICK
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -159,3 +163,51 @@ def test_a_failed_sagemaker_job_fails_the_record_with_its_reason(aws, moto_serve
     assert "CUDA out of memory" in message["Message"]
     record = daemon.store.get("smf")
     assert record.state == "FAILED" and "CUDA out of memory" in record.error["message"]
+
+
+def test_many_jobs_at_once_each_run_once_within_the_bound(aws, standin):
+    """A burst of uploads (each event delivered twice) against fast jobs: every job ends SUCCEEDED with one
+    Bacalhau submission and one message, and the node never runs more than `concurrency` at once.
+    The 1,000-job figures (jobs/s, latency, RSS) are in benchmarks/results/daemon_load.json."""
+    import httpx
+
+    from codsplat.orchestrator.bacalhau import BacalhauClient
+
+    fast = "codsplat-fast:test"
+    httpx.post(f"{standin.url}/standin/knobs", json={"images": {fast: str(ROOT / "benchmarks" / "fast_image")}})
+    s3, bucket, jobs = aws["s3"], aws["bucket"], 60
+    s3.put_object(Bucket=bucket, Key="uploads/burst/clip.mp4", Body=b"\0" * 1024)
+    settings = aws["settings"].model_copy(update={"image": fast, "concurrency": 3, "bacalhau_poll_seconds": 0.05})
+    daemon = build_daemon(settings)
+    thread = threading.Thread(target=daemon.serve, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    store = daemon.store
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"jobs/burst/b{i:03d}.json", Body=json.dumps(
+                {"version": 1, "input": "uploads/burst/clip.mp4", "notify": {"email": ["u@example.com"]}})), range(jobs)))
+        for i in range(jobs):  # SQS is at-least-once: every event again
+            event = {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                                  "s3": {"bucket": {"name": bucket}, "object": {"key": f"jobs/burst/b{i:03d}.json"}}}]}
+            aws["sqs"].send_message(QueueUrl=aws["queue_url"], MessageBody=json.dumps(event))
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            records = [r for r in store.list(limit=1000) if r.job_id.startswith("b")]
+            if len(records) == jobs and all(r.notified_at for r in records):
+                break
+            time.sleep(1)
+        messages = []
+        while batch := mail(aws):
+            messages += batch
+    finally:
+        daemon.stop()
+        thread.join(timeout=120)
+    assert sorted(r.state for r in records) == ["SUCCEEDED"] * jobs
+    assert all(r.event_at and r.event_at <= r.created_at for r in records)
+    with BacalhauClient(standin.url) as client:
+        submitted = [j.labels["codsplat-job"] for j in client.list_jobs(limit=500)]
+    assert sorted(submitted) == sorted(r.job_id for r in records), "each job submitted exactly once"
+    assert sorted(m["MessageAttributes"]["job_id"]["Value"] for m in messages) == sorted(r.job_id for r in records)
+    peak = httpx.post(f"{standin.url}/standin/knobs", json={}).json()["peak_running"]
+    assert 1 <= peak <= 3
+    assert daemon.stats["created"] == jobs and daemon.stats["duplicates"] >= jobs

@@ -71,3 +71,18 @@ def test_tile_size_does_not_change_the_image():
     a, _, _ = rasterize(*params, view, K, 40, 40, sh_degree=1, tile_size=16)
     b, _, _ = rasterize(*params, view, K, 40, 40, sh_degree=1, tile_size=8)
     assert (a - b).abs().max() < 2e-3
+
+
+def test_a_view_with_nothing_visible_still_backpropagates():
+    """As with gsplat's kernels, an empty view gives zero gradients (training skips nothing, crashes never)."""
+    params = random_scene(n=20)
+    params[0] = params[0] + torch.tensor([0.0, 0.0, -10.0])  # all behind the camera
+    for p in params:
+        p.requires_grad_(True)
+    view, K = cameras(16, 16, count=1)
+    img, alpha, meta = rasterize(*params, view, K, 16, 16, sh_degree=1)
+    meta["means2d"].retain_grad()
+    (img.sum() + alpha.sum()).backward()
+    assert img.abs().max() == 0
+    assert meta["means2d"].grad is not None and meta["means2d"].grad.abs().max() == 0
+    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in params)
