@@ -204,7 +204,8 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
                "CODSPLAT_CONCURRENCY": str(concurrency), "CODSPLAT_QUEUE_WAIT_SECONDS": "1",
                "CODSPLAT_BACALHAU_POLL_SECONDS": str(poll), "CODSPLAT_HEALTH_PORT": "0",
                "BACALHAU_API_HOST": "127.0.0.1", "BACALHAU_API_PORT": standin.url.rsplit(":", 1)[1]}
-        log = open(RESULTS / "daemon_load.log", "w")
+        (ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
+        log = open(ROOT / "benchmarks" / "out" / "daemon_load.log", "w")
         daemon = subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon"], env=env,
                                   stdout=log, stderr=log)
         rss: list[tuple[float, int]] = []
