@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -60,6 +61,7 @@ class DaemonOptions:
     media_wait_seconds: float = 120.0
     media_poll_seconds: float = 2.0
     cancel_check_seconds: float = 5.0  # how soon a running job notices `codsplat jobs cancel`
+    recover_days: int = 14  # on start, finished records this recent are checked for a message not yet sent
     link_seconds: int = 7 * 24 * 3600 - 300
     default_backend: str = "local"
     gpu_hour_usd: float = 1.006  # an A10G (g5.xlarge) on-demand hour: the estimate in records
@@ -340,7 +342,9 @@ class Daemon:
                 self.intake_again(record)
             else:
                 self.submit(record.job_id)
-        for record in self.store.list(SUCCEEDED, 10_000) + self.store.list(FAILED, 10_000) + self.store.list(CANCELLED, 10_000):
+        # a job finished but not yet announced was finished just before a stop: only recent records can be
+        since = (datetime.now(timezone.utc) - timedelta(days=self.options.recover_days)).isoformat(timespec="milliseconds")
+        for record in (r for state in (SUCCEEDED, FAILED, CANCELLED) for r in self.store.list(state, 100_000, since=since)):
             if not record.notified_at:
                 self.finish(record.job_id)
         return len(records)

@@ -43,7 +43,7 @@ class SageMakerFallback:
             "max_runtime_seconds": job.compute.max_runtime_minutes * 60 * 3,  # all three stages in one job
             "input_s3_uri": str(job.input_uri), "output_s3_uri": output, "model_s3_uri": output + "sagemaker/",
             "hyperparameters": {"stage": "all", "settings": json.dumps(job.pipeline_settings(), separators=(",", ":"))},
-            "table": self.table, "topic_arn": self.topic_arn, "recipient": ",".join(record.notify) or "-",
+            "table": self.table, "topic_arn": self.topic_arn, "recipient": json.dumps(record.notify or ["-"]),
             "poll_seconds": self.poll_seconds,
         }
         try:

@@ -33,7 +33,7 @@ ADVICE = {
 class Message:
     subject: str
     body: str
-    attributes: dict[str, str]
+    attributes: dict[str, str | list[str]]
 
 
 def compose(record: JobRecord, links: dict[str, str]) -> Message:
@@ -51,9 +51,9 @@ def compose(record: JobRecord, links: dict[str, str]) -> Message:
         lines = [f"Job {record.job_id} {record.state.lower()}" + (f" at the {error['stage']} stage." if error.get("stage") else "."),
                  "", error.get("message", ""), "", "What to try next: " + error.get("advice", ADVICE["internal"])]
         subject = f"codsplat: {record.job_id} {record.state.lower()}"
-    recipient = ",".join(record.notify) or "-"
+    # a list (SNS String.Array): a subscription filtered on any one of the job's addresses gets the message
     return Message(subject[:100], "\n".join(lines).strip() + "\n",
-                   {"job_id": record.job_id, "status": record.state, "recipient": recipient})
+                   {"job_id": record.job_id, "status": record.state, "recipient": list(record.notify) or ["-"]})
 
 
 class Notifier(Protocol):
@@ -65,7 +65,8 @@ class SnsNotifier:
         self.client, self.topic_arn = client, topic_arn
 
     def send(self, message: Message) -> str:
-        attributes = {k: {"DataType": "String", "StringValue": v} for k, v in message.attributes.items()}
+        attributes = {k: {"DataType": "String.Array", "StringValue": json.dumps(v)} if isinstance(v, list)
+                      else {"DataType": "String", "StringValue": v} for k, v in message.attributes.items()}
         reply = self.client.publish(TopicArn=self.topic_arn, Subject=message.subject, Message=message.body,
                                     MessageAttributes=attributes)
         return reply["MessageId"]

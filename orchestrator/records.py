@@ -81,7 +81,7 @@ class Store(Protocol):
     def create(self, record: JobRecord) -> bool: ...
     def get(self, job_id: str) -> JobRecord | None: ...
     def put(self, record: JobRecord, expected_version: int) -> None: ...
-    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]: ...
+    def list(self, state: str | None = None, limit: int = 100, since: str | None = None) -> list[JobRecord]: ...
 
 
 def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to: str | None = None,
@@ -152,9 +152,10 @@ class SQLiteStore:
         if cur.rowcount != 1:
             raise Conflict(record.job_id)
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+    def list(self, state: str | None = None, limit: int = 100, since: str | None = None) -> list[JobRecord]:
         if state:
-            rows = self._db().execute("SELECT body FROM jobs WHERE state = ? ORDER BY updated_at DESC LIMIT ?", (state, limit))
+            rows = self._db().execute("SELECT body FROM jobs WHERE state = ? AND updated_at >= ? "
+                                      "ORDER BY updated_at DESC LIMIT ?", (state, since or "", limit))
         else:
             rows = self._db().execute("SELECT body FROM jobs ORDER BY updated_at DESC LIMIT ?", (limit,))
         return [JobRecord.from_json(r[0]) for r in rows]
@@ -232,12 +233,13 @@ class DynamoStore:
                 raise Conflict(record.job_id) from None
             raise
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
-        if state:
+    def list(self, state: str | None = None, limit: int = 100, since: str | None = None) -> list[JobRecord]:
+        if state:  # the index's range key is updated_at: `since` reads only the recent part
+            values = {":s": {"S": state}, **({":since": {"S": since}} if since else {})}
             pages = self.client.get_paginator("query").paginate(
-                TableName=self.table, IndexName="by_state", KeyConditionExpression="#s = :s",
-                ExpressionAttributeNames={"#s": "state"}, ExpressionAttributeValues={":s": {"S": state}},
-                ScanIndexForward=False)
+                TableName=self.table, IndexName="by_state", ExpressionAttributeNames={"#s": "state"},
+                KeyConditionExpression="#s = :s" + (" AND updated_at >= :since" if since else ""),
+                ExpressionAttributeValues=values, ScanIndexForward=False)
         else:
             pages = self.client.get_paginator("scan").paginate(TableName=self.table)
         records: list[JobRecord] = []

@@ -86,3 +86,11 @@ def test_what_the_fallback_state_machine_writes_is_read_back(store):
                                    ":fb": {"M": {"status": {"S": "FAILED"}, "reason": {"S": "out of memory"}}}})
     record = store.get("f1")
     assert record.state == FAILED and record.version == 4 and "out of memory" in record.error["message"]
+
+
+def test_list_since_reads_only_recent_records(store):
+    store.create(JobRecord(job_id="old1", job_key="k", state=FAILED, updated_at="2020-01-01T00:00:00.000+00:00"))
+    store.create(JobRecord(job_id="new1", job_key="k", state=FAILED))
+    recent = {r.job_id for r in store.list(FAILED, since="2025-01-01T00:00:00.000+00:00")}
+    assert "new1" in recent and "old1" not in recent
+    assert "old1" in {r.job_id for r in store.list(FAILED)}

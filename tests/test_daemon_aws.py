@@ -51,7 +51,9 @@ def test_upload_to_email_through_aws_and_bacalhau(aws, sample_video):
     thread = threading.Thread(target=daemon.serve, kwargs={"install_signals": False}, daemon=True)
     thread.start()
     try:
-        job = {"version": 1, "input": "uploads/u/scan.mp4", "preset": "tiny", "notify": {"email": ["u@example.com"]}, **QUICK}
+        # two recipients: the mailbox's filter matches the second one (SNS String.Array)
+        job = {"version": 1, "input": "uploads/u/scan.mp4", "preset": "tiny",
+               "notify": {"email": ["someone@example.com", "u@example.com"]}, **QUICK}
         s3.put_object(Bucket=bucket, Key="jobs/u/My Scan.json", Body=json.dumps(job))  # a space: URL-encoded in the event
         received = []
         deadline = time.monotonic() + 300

@@ -82,7 +82,7 @@ def test_embedded_flow_from_upload_to_notification(home):
     assert record.result["metrics"]["gaussians"] > 0 and record.result["estimated_cost_usd"] >= 0
     assert "results/kitchen/export/splat.ply" in record.result["outputs"]
     [message] = sent(home)
-    assert message["attributes"] == {"job_id": "kitchen", "status": "SUCCEEDED", "recipient": "u@example.com"}
+    assert message["attributes"] == {"job_id": "kitchen", "status": "SUCCEEDED", "recipient": ["u@example.com"]}
     assert "splat.ply: file://" in message["body"] and "PSNR" in message["body"]
     assert stage_runs(home, "kitchen") == STAGES
 
