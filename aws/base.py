@@ -9,7 +9,7 @@ per daemon setting under `/codsplat/daemon`, where the systemd unit tells the da
 
 from __future__ import annotations
 
-from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack, Validations
+from aws_cdk import ArnFormat, CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_iam as iam
@@ -154,7 +154,7 @@ class BaseStack(Stack):
         self.sagemaker_role.add_to_policy(iam.PolicyStatement(actions=["kms:Decrypt"], resources=[self.key.key_arn]))
         training_logs = self.format_arn(service="logs", resource="log-group",
                                         resource_name="/aws/sagemaker/TrainingJobs:*",
-                                        arn_format=_colon_format())
+                                        arn_format=ArnFormat.COLON_RESOURCE_NAME)
         self.sagemaker_role.add_to_policy(iam.PolicyStatement(
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
             resources=[training_logs]))
@@ -230,9 +230,3 @@ class BaseStack(Stack):
             acknowledge(role, f"AwsSolutions-IAM5[Resource::{nag_form(role, arn)}]",
                         "Objects under one prefix of the data bucket: per-job keys are not known in advance.",
                         all_policies=True)
-
-
-def _colon_format():
-    from aws_cdk import ArnFormat
-
-    return ArnFormat.COLON_RESOURCE_NAME
