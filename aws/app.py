@@ -26,7 +26,8 @@ FEATURE_FLAGS = {"@aws-cdk/aws-s3:serverAccessLogsUseBucketPolicy": True}
 def build(app: App) -> list:
     ctx = lambda key, default=None: app.node.try_get_context(key) or default  # noqa: E731
     emails = tuple(e.strip() for e in str(ctx("emails", "")).split(",") if e.strip())
-    base = BaseStack(app, "CodsplatBase", emails=emails, image_tag=str(ctx("image_tag", "latest")),
+    origins = tuple(o.strip() for o in str(ctx("console_origins", "")).split(",") if o.strip())
+    base = BaseStack(app, "CodsplatBase", emails=emails, image_tag=str(ctx("image_tag", "latest")), console_origins=origins,
                      description="codsplat: data bucket, job events, records, notifications, image, SageMaker fallback")
     host = HostStack(app, "CodsplatOrchestrator", base=base, package=str(ctx("package", "codsplat")),
                      description="codsplat: the orchestrator daemon on EC2 (private subnets, SSM only)")

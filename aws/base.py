@@ -41,7 +41,8 @@ def data_bucket_name(stack: Stack) -> str:
 
 class BaseStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, emails: tuple[str, ...] = (),
-                 image_tag: str = "latest", daemon_settings: dict[str, str] | None = None, **kwargs) -> None:
+                 image_tag: str = "latest", daemon_settings: dict[str, str] | None = None,
+                 console_origins: tuple[str, ...] = (), **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
         defaults = Settings()
         self.key = kms.Key(self, "DataKey", enable_key_rotation=True, removal_policy=RemovalPolicy.RETAIN,
@@ -68,6 +69,10 @@ class BaseStack(Stack):
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL, removal_policy=RemovalPolicy.RETAIN,
             object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
             server_access_logs_bucket=access_logs, server_access_logs_prefix="data/",
+            # the web console's browser PUTs upload parts and reads splats through presigned links
+            cors=[s3.CorsRule(allowed_methods=[s3.HttpMethods.GET, s3.HttpMethods.PUT, s3.HttpMethods.HEAD],
+                              allowed_origins=list(console_origins), allowed_headers=["*"], exposed_headers=["ETag"],
+                              max_age=3600)] if console_origins else None,
             lifecycle_rules=[
                 s3.LifecycleRule(id="uploads", prefix="uploads/", abort_incomplete_multipart_upload_after=Duration.days(7),
                                  noncurrent_version_expiration=Duration.days(30)),

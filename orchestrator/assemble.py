@@ -8,9 +8,11 @@ executor (and the local one for `compute.backend: local`).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sys
 from pathlib import Path
+from typing import IO
 
 from codsplat.pipeline.errors import InputError
 
@@ -57,17 +59,30 @@ def store_for(settings: Settings, embedded: Path | None) -> Store:
     return DynamoStore(settings.table, aws_client(settings, "dynamodb"))
 
 
+def hold_folder(embedded: Path) -> IO:
+    """One daemon per embedded folder: two would both resume the same unfinished jobs. A second one
+    (a console restarted while the old daemon still winds down) waits for the first to let go."""
+    lock = open(embedded / "daemon.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        logging.getLogger("codsplat.daemon").warning("another daemon is running on %s; waiting for it to stop", embedded)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock  # held while the process lives (the kernel lets go when it ends, however it ends)
+
+
 def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
     options = DaemonOptions(concurrency=settings.concurrency, intake_workers=settings.intake_workers,
                             media_wait_seconds=settings.media_wait_seconds)
     if embedded is not None:
         embedded.mkdir(parents=True, exist_ok=True)
+        lock = hold_folder(embedded)
         blobs = FolderBlobs(embedded)
         local = LocalExecutor(blobs, embedded / ".cache")
         return Daemon(store=store_for(settings, embedded), blobs=blobs,
                       source=FolderSource(embedded, settings.jobs_prefix),
                       notifier=FileNotifier(embedded / "notifications"), executors={"local": local},
-                      policy=embedded_policy(settings), options=options)
+                      policy=embedded_policy(settings), options=options, folder_lock=lock)
     missing = [name for name in ("queue_url", "table", "topic_arn") if not getattr(settings, name)]
     if missing:
         raise InputError(f"The daemon needs {', '.join(missing)} in its settings (or CODSPLAT_* variables), "

@@ -17,7 +17,9 @@ class Blobs(Protocol):
     def exists(self, key: str) -> bool: ...
     def exists_prefix(self, prefix: str) -> bool: ...
     def read(self, key: str) -> bytes: ...
+    def write(self, key: str, data: bytes) -> None: ...
     def list(self, prefix: str) -> list[str]: ...
+    def copy_prefix(self, src: str, dst: str) -> list[str]: ...
     def download(self, key_or_prefix: str, dest: Path) -> Path: ...
     def upload_dir(self, src: Path, prefix: str) -> list[str]: ...
     def link(self, key: str, seconds: int) -> str: ...
@@ -44,6 +46,17 @@ class S3Blobs:
 
     def read(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def copy_prefix(self, src: str, dst: str) -> list[str]:
+        keys = []
+        for key in self.list(src):
+            target = dst + key[len(src):]
+            self.client.copy_object(Bucket=self.bucket, Key=target, CopySource={"Bucket": self.bucket, "Key": key})
+            keys.append(target)
+        return keys
 
     def list(self, prefix: str) -> list[str]:
         keys = []
@@ -98,6 +111,19 @@ class FolderBlobs:
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")  # watchers see the whole file or none of it
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def copy_prefix(self, src: str, dst: str) -> list[str]:
+        source = self._path(src)
+        if source.is_dir():
+            shutil.copytree(source, self._path(dst), dirs_exist_ok=True)
+        return self.list(dst)
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)

@@ -202,6 +202,73 @@ def daemon(
     built.serve(health_port=port or None, grace_seconds=conf.shutdown_grace_seconds)
 
 
+@app.command()
+def console(
+    embedded: Optional[Path] = EmbeddedOption,
+    settings: Optional[Path] = SettingsOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Beyond loopback a login is required."),
+    port: int = typer.Option(8765, "--port"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="CODSPLAT_CONSOLE_TOKEN",
+                                        help="Login token (default: a new random one, printed at start)."),
+    no_login: bool = typer.Option(False, "--no-login", help="No login at all; only allowed on 127.0.0.1."),
+    run_daemon: bool = typer.Option(True, "--daemon/--no-daemon", help="Embedded mode: also run the daemon that runs the jobs."),
+    allowed_hosts: list[str] = typer.Option([], "--allowed-host", help="Host names the console answers to (repeat; behind a load balancer, its name)."),
+    secure_cookies: bool = typer.Option(False, "--secure-cookies", help="Behind HTTPS: send cookies only over HTTPS."),
+) -> None:
+    """Serve the web console: upload a capture, watch jobs, look at splats in the browser."""
+    import secrets
+    import signal
+    import subprocess
+
+    import uvicorn
+
+    from .assemble import setup_logging
+    from .console import build_console
+    from .console.auth import Guard, is_loopback
+
+    if no_login and not is_loopback(host):
+        fail(_usage(f"--no-login is only allowed on 127.0.0.1, and --host is {host}.",
+                    "Drop --no-login; the console prints a login token."), False)
+    if not no_login and not token:
+        token = secrets.token_urlsafe(24)
+    hosts = set(h.lower() for h in allowed_hosts)
+    if is_loopback(host) and not hosts:  # a web page's DNS name pointed at 127.0.0.1 must not reach us
+        hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
+    secret = os.environ.get("CODSPLAT_CONSOLE_SECRET")  # the same on every instance behind a load balancer
+    guard = Guard(token=None if no_login else token, allowed_hosts=frozenset(hosts) or None, secure_cookies=secure_cookies,
+                  **({"secret": secret.encode()} if secret else {}))
+    try:
+        conf = load_settings(settings)
+        setup_logging()
+        web = build_console(conf, guard, embedded)
+    except PipelineError as exc:
+        fail(exc, as_json=False)
+    child = None
+    if embedded is not None and run_daemon:
+        command = [sys.executable, "-m", "codsplat.orchestrator.cli", "daemon", "--embedded", str(embedded), "--health-port", "0"]
+        # the daemon gets SIGTERM when the console ends, however it ends (uvicorn re-raises SIGTERM,
+        # so a `finally` here would not run); nothing else runs yet, so preexec_fn is safe
+        child = subprocess.Popen(command + (["--settings", str(settings)] if settings else []), preexec_fn=_die_with_parent)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    err.print(f"codsplat console on [bold]http://{shown}:{port}/[/bold]" + (f"  login token: [bold]{token}[/bold]" if token else ""))
+    try:
+        uvicorn.run(web, host=host, port=port, log_level="warning", proxy_headers=True)
+    finally:
+        if child is not None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _store(embedded: Path | None, settings: Path | None):
     from .assemble import store_for
 

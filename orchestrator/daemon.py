@@ -34,7 +34,7 @@ from .job import JobDocument, Policy, job_id_from_key, parse_job
 from .notify import ADVICE, Notifier, compose
 from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, JobRecord, Store, change,
                       now, unfinished)
-from .runner import CannotRunHere, JobFailed
+from .runner import Cancelled, CannotRunHere, JobFailed
 
 log = logging.getLogger("codsplat.daemon")
 STAGE_ADVICE = {2: "input", 3: "reconstruction", 4: "quality"}
@@ -78,6 +78,7 @@ class Daemon:
     policy: Policy = field(default_factory=Policy)
     options: DaemonOptions = field(default_factory=DaemonOptions)
     fallback: Callable[[JobDocument, JobRecord, str], None] | None = None  # SageMaker hand-over
+    folder_lock: Any = None  # embedded mode: the open lock file that keeps a second daemon off the folder
 
     def __post_init__(self):
         self._pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="job")
@@ -225,6 +226,9 @@ class Daemon:
         started = time.monotonic()
         try:
             executor.run(job, output_key, self._progress(job_id, backend))
+        except Cancelled as exc:
+            change(self.store, job_id, lambda r: None, to=CANCELLED, stage=exc.stage, note="stopped while running")
+            return self.finish(job_id)
         except JobFailed as exc:
             advice = STAGE_ADVICE.get(exc.exit_code or 0, "internal")
             self._fail(job_id, exc.stage, exc.message, advice)
@@ -387,6 +391,8 @@ class Daemon:
                 time.sleep(0.2)
         if health:
             health.shutdown()
+        if self.folder_lock is not None:
+            self.folder_lock.close()
         if self._inflight:
             log.info("daemon stopped; %d running jobs resume on restart", len(self._inflight))
             for handler in logging.getLogger("codsplat").handlers:

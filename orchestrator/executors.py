@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -23,7 +22,7 @@ from .bacalhau import BacalhauClient
 from .blobs import Blobs, FolderBlobs
 from .faults import crashpoint
 from .job import JobDocument
-from .runner import Attempt, BacalhauRunner, CannotRunHere, Hooks, JobFailed
+from .runner import Attempt, BacalhauRunner, Cancelled, CannotRunHere, Hooks, JobFailed
 from .translate import Deployment
 
 
@@ -57,6 +56,24 @@ def _stop_orphan(pid_file: Path, work: Path) -> None:
             pass
 
 
+def _wait(proc: subprocess.Popen, cancelled: Callable[[], bool], poll: float = 1.0) -> str | None:
+    """The run's stdout once it ends, or None when the job was cancelled first (the run is stopped:
+    SIGTERM to its process group, SIGKILL if it has not gone after 10 s)."""
+    while True:
+        try:
+            return proc.communicate(timeout=poll)[0]
+        except subprocess.TimeoutExpired:
+            if cancelled():
+                break
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    return None
+
+
 @dataclass
 class LocalExecutor:
     """Runs `codsplat run` as a child process. Its work folder persists per job, so a job picked up
@@ -81,7 +98,9 @@ class LocalExecutor:
         progress.stage("all")
         pid_file = work / ".run.pid"
         _stop_orphan(pid_file, work)
-        with tempfile.TemporaryFile("w+") as err:
+        log = work / "logs" / f"attempt-{attempt['number']}.log"  # the pipeline's own output, for the console
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "w+") as err:
             # start_new_session, not preexec_fn: Python code between fork and exec can deadlock in a
             # threaded process, and the daemon is one
             proc = subprocess.Popen(
@@ -92,8 +111,12 @@ class LocalExecutor:
             pid_file.write_text(str(proc.pid))
             crashpoint("during-compute", delay=3.0)  # the crash tests: die with the child half way
             crashpoint("late-in-compute", delay=12.0)
-            stdout, _ = proc.communicate()
+            stdout = _wait(proc, progress.cancelled)
             pid_file.unlink(missing_ok=True)
+            if stdout is None:
+                attempt["state"] = "Cancelled"
+                progress.attempt_updated(attempt)
+                raise Cancelled("all")
             err.seek(0)
             stderr = err.read()
         if proc.returncode != 0:

@@ -42,6 +42,14 @@ class JobFailed(Exception):
         self.message, self.stage, self.exit_code = message, stage, exit_code
 
 
+class Cancelled(Exception):
+    """The job was stopped because its user cancelled it (not a failure)."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"cancelled during {stage}")
+        self.stage = stage
+
+
 @dataclass
 class Attempt:
     stage: str
@@ -137,7 +145,7 @@ class BacalhauRunner:
                 attempt.published_key = spec["Tasks"][0]["Publisher"]["Params"]["Key"]
                 return attempt
             if info.state == JobState.STOPPED:
-                raise JobFailed("The job was cancelled.", stage)
+                raise Cancelled(stage)
             if not info.executions:  # never got a node: queue timeout or no match
                 raise CannotRunHere(info.message or "no node accepted the job", stage)
             failed = user_error(info)

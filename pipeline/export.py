@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from . import formats
 from . import splats as splat_io
 from .errors import QualityError
 from .stages import STAGES, StageContext
+from .train import CAMERAS
 
 PREVIEW_MIN_HEIGHT = 240
 
@@ -70,6 +72,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         files[fmt] = {"file": path.name, "bytes": path.stat().st_size}
         ctx.progress(0.2 + 0.5 * len(files) / len(cfg.formats), f"wrote {path.name}")
 
+    if (train_dir / CAMERAS).is_file():  # so a viewer can open at a photo's viewpoint
+        shutil.copyfile(train_dir / CAMERAS, out / CAMERAS)
     previews = []
     if cfg.previews:
         (out / "previews").mkdir(exist_ok=True)

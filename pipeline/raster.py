@@ -81,6 +81,26 @@ def project(means, quats, scales, viewmats, Ks, width, height, *, eps2d=0.3, nea
     return radii, means2d, depths, conics
 
 
+def project_visible(means, quats, scales, viewmats, Ks, width, height, **kw):
+    """`project`, with gradients only through the Gaussians some camera sees, as gsplat's kernels do.
+
+    A culled Gaussian can overflow in the projection (a huge scale close to a camera: inf - inf in
+    its 2D covariance). Its zero gradient times that inf is NaN, which Adam would write into its
+    parameters. So visibility is found first without gradients, and only the visible Gaussians are
+    projected again on the graph; the culled ones get zeros that depend on nothing.
+    """
+    C, N = viewmats.shape[0], means.shape[0]
+    with torch.no_grad():
+        radii, _, _, _ = project(means, quats, scales, viewmats, Ks, width, height, **kw)
+        ids = torch.nonzero((radii > 0).all(dim=-1).any(dim=0)).squeeze(1)
+    r, m2d, d, con = project(means[ids], quats[ids], scales[ids], viewmats, Ks, width, height, **kw)
+    radii = radii.new_zeros(C, N, 2).index_copy(1, ids, r)
+    means2d = means.new_zeros(C, N, 2).index_copy(1, ids, m2d)
+    depths = means.new_zeros(C, N).index_copy(1, ids, d)
+    conics = means.new_zeros(C, N, 3).index_copy(1, ids, con)
+    return radii, means2d, depths, conics
+
+
 def sh_to_rgb(means: Tensor, coeffs: Tensor, viewmats: Tensor, sh_degree: int) -> Tensor:
     """View-dependent colour per camera [C, N, 3] from SH coefficients [N, K, 3]."""
     from gsplat.cuda._torch_impl import _spherical_harmonics
@@ -96,7 +116,7 @@ def rasterize_torch(
     sh_degree=None, backgrounds=None, near_plane=0.01, far_plane=1e10, eps2d=0.3, tile_size=16,
 ):
     C, N = viewmats.shape[0], means.shape[0]
-    radii, means2d, depths, conics = project(
+    radii, means2d, depths, conics = project_visible(
         means, quats, scales, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane
     )
     if sh_degree is not None:

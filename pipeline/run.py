@@ -8,7 +8,7 @@ from typing import Callable
 from . import export, ingest, sfm, train
 from .config import PipelineConfig
 from .errors import InputError
-from .stages import GROUPS, STAGES, RunSummary, StageContext, run_stage
+from .stages import GROUPS, STAGES, ProgressFile, RunSummary, StageContext, run_stage
 
 STAGE_FUNCTIONS = {"frames": ingest.run, "sfm": sfm.run, "train": train.run, "export": export.run}
 STAGE_CHOICES = tuple(GROUPS) + tuple(s for s in STAGES if s not in GROUPS)
@@ -41,8 +41,15 @@ def run_pipeline(
         ingest.input_kind(input_path)  # fail on a bad input before any work starts
     work.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(work)
+    progress_file = ProgressFile(work, selected)
     for name in selected:
-        ctx = StageContext(work=work, config=config, input=input_path, progress=on_stage(name))
+        shown, recorded = on_stage(name), progress_file.reporter(name)
+
+        def progress(fraction: float, note: str, shown=shown, recorded=recorded) -> None:
+            shown(fraction, note)
+            recorded(fraction, note)
+
+        ctx = StageContext(work=work, config=config, input=input_path, progress=progress)
         result = run_stage(name, STAGE_FUNCTIONS[name], ctx, force=force)
         summary.results.append(result)
         on_done(name, result.manifest, result.skipped)

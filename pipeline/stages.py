@@ -36,6 +36,7 @@ STAGES = ("frames", "sfm", "train", "export")
 GROUPS = {"preprocess": ("frames", "sfm"), "train": ("train",), "export": ("export",), "all": STAGES}
 MANIFEST = "manifest.json"
 RUN_LOG = "runs.jsonl"  # one line per stage execution that completed (skips are not runs)
+PROGRESS = "progress.json"  # where a run is now, for whoever watches the work folder (the web console)
 FORMAT_VERSION = 1  # bump when a stage's outputs change meaning, so old work directories re-run
 
 Progress = Callable[[float, str], None]  # (fraction done 0..1, short note)
@@ -72,6 +73,31 @@ class StageResult:
     stage: str
     manifest: dict[str, Any]
     skipped: bool = False
+
+
+class ProgressFile:
+    """Writes `progress.json` in the work folder: the stage, its fraction and the run's overall
+    fraction. At most once a `every` seconds (a stage's end always), atomically."""
+
+    def __init__(self, work: Path, stages: tuple[str, ...], every: float = 1.0):
+        self.path, self.stages, self.every = work / PROGRESS, stages, every
+        self._last = float("-inf")
+
+    def reporter(self, stage: str) -> Progress:
+        index = self.stages.index(stage)
+
+        def report(fraction: float, note: str) -> None:
+            if fraction < 1.0 and time.monotonic() - self._last < self.every:
+                return
+            self._last = time.monotonic()
+            body = {"stage": stage, "stage_fraction": round(fraction, 4), "note": note,
+                    "fraction": round((index + fraction) / len(self.stages), 4),
+                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(body))
+            tmp.replace(self.path)
+
+        return report
 
 
 def hash_json(value: Any) -> str:

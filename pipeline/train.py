@@ -5,7 +5,8 @@ rasterizer. Densification is gsplat's own (`DefaultStrategy`, or `MCMCStrategy` 
 on CUDA). Learning rates and the loss (0.8·L1 + 0.2·(1 − SSIM)) follow gsplat's simple_trainer.
 Held-out views (every `test_every`-th) are never seen by the optimiser.
 
-Writes train/splats.pt, train/holdout/<view>.render.png and .photo.png, and train/eval.json.
+Writes train/splats.pt, train/holdout/<view>.render.png and .photo.png, train/eval.json and
+train/cameras.json (the held-out cameras).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .stages import StageContext
 BASE_LR = {"scales": 5e-3, "quats": 1e-3, "opacities": 5e-2, "sh0": 2.5e-3, "shN": 2.5e-3 / 20}
 MCMC_OPACITY_REG = 0.01
 MCMC_SCALE_REG = 0.01
+CAMERAS = "cameras.json"  # the held-out cameras: a viewer opens where a photo was taken
 
 
 def choose_device(cfg: TrainConfig) -> torch.device:
@@ -141,6 +143,14 @@ def evaluate(params: dict[str, torch.Tensor], views: list[View], sh_degree: int,
     return {"psnr": mean("psnr"), "ssim": mean("ssim"), "views": per_view}
 
 
+def camera_json(view: View) -> dict[str, Any]:
+    """A held-out camera as viewers need it: OpenCV axes (COLMAP's), world → camera, row-major."""
+    K = view.K.cpu()
+    return {"name": view.name, "width": view.width, "height": view.height,
+            "fx": float(K[0, 0]), "fy": float(K[1, 1]), "cx": float(K[0, 2]), "cy": float(K[1, 2]),
+            "world_to_camera": [[round(float(x), 6) for x in row] for row in view.viewmat.cpu()]}
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.config.train
     device = choose_device(cfg)
@@ -159,6 +169,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     evaluation = evaluate(params, [v.to(device) for v in scene.test], sh_degree, holdout)
     splat_io.save(out / "splats.pt", params, sh_degree)
     (out / "eval.json").write_text(json.dumps(evaluation, indent=2))
+    (out / CAMERAS).write_text(json.dumps({"views": [camera_json(v) for v in scene.test]}, indent=2))
     return {
         **stats, "device": device.type, "sh_degree": sh_degree, "train_views": len(scene.train),
         "test_views": len(scene.test), "resolution": [scene.train[0].width, scene.train[0].height],

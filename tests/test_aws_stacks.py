@@ -28,7 +28,7 @@ CHECKS_VENV = ROOT / ".venv-checks" / "bin"
 @pytest.fixture(scope="module")
 def assembly(tmp_path_factory):
     out = tmp_path_factory.mktemp("cdk.out")
-    synth(out, {"emails": "ops@example.com,artist@example.com", "gpu_nodes": 1})  # raises on any unacknowledged finding
+    synth(out, {"emails": "ops@example.com,artist@example.com", "gpu_nodes": 1, "console_origins": "https://console.example.com"})  # raises on any unacknowledged finding
     templates = {p.name.split(".")[0]: json.loads(p.read_text()) for p in out.glob("*.template.json")}
     return out, templates
 
@@ -95,6 +95,10 @@ def test_the_data_bucket_is_private_tls_only_logged_and_versioned(assembly):
     assert data["BucketEncryption"]["ServerSideEncryptionConfiguration"]
     assert all(data["PublicAccessBlockConfiguration"].values())
     assert data["LoggingConfiguration"]["DestinationBucketName"]
+    # the console's origin (and only it) may PUT upload parts and read splats with presigned links
+    assert data["CorsConfiguration"]["CorsRules"] == [{
+        "AllowedHeaders": ["*"], "AllowedMethods": ["GET", "PUT", "HEAD"], "AllowedOrigins": ["https://console.example.com"],
+        "ExposedHeaders": ["ETag"], "MaxAge": 3600}]
     for rule in data["LifecycleConfiguration"]["Rules"]:  # only temporary prefixes; results are never expired
         assert rule["Prefix"] in TEMPORARY_PREFIXES and not rule["Prefix"].startswith(Settings().output_prefix)
     for policy in resources(base, "AWS::S3::BucketPolicy").values():

@@ -15,7 +15,7 @@ import pytest
 
 from codsplat.orchestrator.assemble import build_daemon
 from codsplat.orchestrator.events import Delivery, JobEvent
-from codsplat.orchestrator.records import SQLiteStore
+from codsplat.orchestrator.records import SQLiteStore, request_cancel
 from codsplat.orchestrator.settings import Settings
 from conftest import QUICK
 from test_cli_errors import one_frame_video
@@ -124,6 +124,27 @@ def test_bad_jobs_end_failed_with_a_reason_and_the_daemon_lives_on(home, name, m
     assert record.state == "FAILED" and expect in record.error["message"]
     assert record.error["advice"] and len(sent(home)) == 1
     assert "What to try next:" in sent(home)[0]["body"]
+
+
+def test_cancelling_a_running_job_stops_its_run_and_ends_it_cancelled(home):
+    daemon, thread = run_daemon(home)
+    store = SQLiteStore(home / "codsplat.db")
+    try:
+        write_job(home, "stopme", {**QUICK_JOB, "train": {"steps": 5000}})
+        pid_file = home / "results" / "stopme" / ".run.pid"
+        wait_for(lambda: pid_file.is_file() and (home / "results" / "stopme" / "progress.json").is_file())
+        pid = int(pid_file.read_text())
+        request_cancel(store, "stopme")
+        wait_for(lambda: store.get("stopme").terminal, timeout=60)
+        wait_for(lambda: sent(home))
+    finally:
+        stop(daemon, thread)
+    record = store.get("stopme")
+    assert record.state == "CANCELLED" and record.error is None
+    assert record.attempts[-1]["state"] == "Cancelled"
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/status").read_text().count("zombie")
+    [message] = sent(home)
+    assert message["attributes"]["status"] == "CANCELLED"
 
 
 # 20 points of a job's life: (where the daemon dies, which job: a good one or one that must fail)

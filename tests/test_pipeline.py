@@ -26,6 +26,8 @@ def test_sample_run_produces_a_good_splat(tiny_run):
     for stage in STAGES:
         assert metrics["stages"][stage]["seconds"] >= 0
     assert metrics["stages"]["train"]["peak_rss_mb"] > 100
+    progress = json.loads((work / "progress.json").read_text())  # what the console shows while a job runs
+    assert progress["stage"] == "export" and progress["fraction"] == 1.0
 
 
 def test_held_out_views_are_every_eighth_and_never_trained_on(tiny_run):
@@ -35,6 +37,12 @@ def test_held_out_views_are_every_eighth_and_never_trained_on(tiny_run):
     train = result["stages"]["train"]["stats"]
     assert train["train_views"] + train["test_views"] == metrics["sfm"]["registered_images"]
     assert train["test_views"] == 4
+    # the held-out cameras travel with the export, so a viewer can open at a photo's viewpoint
+    cameras = json.loads((work / "export" / "cameras.json").read_text())["views"]
+    assert [c["name"] for c in cameras] == [v["view"] for v in metrics["views"]]
+    pose = np.array(cameras[0]["world_to_camera"])
+    assert pose.shape == (4, 4) and np.allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-4)
+    assert cameras[0]["fx"] > 0 and cameras[0]["width"] == metrics["train"]["resolution"][0]
 
 
 def test_exports_open_in_third_party_readers(tiny_run, splat_transform):

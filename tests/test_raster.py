@@ -86,3 +86,22 @@ def test_a_view_with_nothing_visible_still_backpropagates():
     assert img.abs().max() == 0
     assert meta["means2d"].grad is not None and meta["means2d"].grad.abs().max() == 0
     assert all(p.grad is not None and p.grad.abs().max() == 0 for p in params)
+
+
+def test_a_culled_gaussian_that_overflows_gets_zero_gradients_not_nan():
+    # A Gaussian grown huge right in front of a camera overflows its 2D covariance (inf - inf = NaN)
+    # and is culled. gsplat's kernels give it zero gradients; NaN ones would poison its parameters.
+    params = random_scene(n=20)
+    params[0][0] = torch.tensor([0.0, 0.0, 0.5])
+    params[2][0] = torch.tensor([1e20, 1e20, 1e20])
+    for p in params:
+        p.requires_grad_(True)
+    view, K = cameras(32, 24)
+    img, _, meta = rasterize(*params, view, K, 32, 24, sh_degree=1)
+    assert (meta["radii"][:, 0] == 0).all(), "the overflowing Gaussian is culled"
+    assert img.mean() > 0.01, "the others are drawn"
+    img.sum().backward()
+    for p in params:
+        assert torch.isfinite(p.grad).all()
+    assert (params[0].grad[0] == 0).all() and (params[2].grad[0] == 0).all()
+    assert params[0].grad[1:].abs().sum() > 0

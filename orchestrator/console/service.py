@@ -1,0 +1,220 @@
+"""What the console does, apart from HTTP: submit, list, show, cancel and resubmit jobs.
+
+It talks to the same store and blobs as the daemon and never runs a job itself: a submission is a
+job document written under the jobs prefix (after its media have fully arrived), which the daemon
+picks up exactly as it picks up any upload.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+from typing import Any
+
+from codsplat.pipeline.config import merge
+from codsplat.pipeline.errors import InputError
+from codsplat.pipeline.stages import PROGRESS
+
+from ..blobs import Blobs
+from ..job import JobDocument, Policy, job_id_from_key, parse_job
+from ..records import RUNNING, InvalidTransition, JobRecord, Store, request_cancel
+from .uploads import Uploads, check_files, safe_name
+
+CONSOLE_USER = "console"  # token login has one user; an OIDC identity would go here
+REUSABLE = ("frames", "sfm", "train")  # stage folders a resubmission starts from (the pipeline re-checks them)
+SUBMITTED = "SUBMITTED"  # shown for a job document the daemon has not recorded yet
+SETTINGS = ("preset", "frames", "sfm", "train", "export", "compute", "notify")  # what the form may set
+
+
+class NotFound(Exception):
+    pass
+
+
+@dataclass
+class Rates:
+    """Hourly prices for the running-cost estimate (the daemon's figures once a job ends)."""
+
+    gpu_hour_usd: float = 1.006
+    cpu_hour_usd: float = 0.10
+
+
+def _known(settings: Any) -> None:
+    if not isinstance(settings, dict):
+        raise InputError("settings: must be an object of job sections.")
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise InputError(f"{unknown[0]}: not a setting the console sends; use {', '.join(SETTINGS)}.")
+
+
+def _seconds_since(iso: str, until: str | None = None) -> float:
+    start = datetime.fromisoformat(iso)
+    end = datetime.fromisoformat(until) if until else datetime.now(timezone.utc)
+    return max(0.0, (end - start).total_seconds())
+
+
+@dataclass
+class ConsoleService:
+    store: Store
+    blobs: Blobs
+    uploads: Uploads
+    policy: Policy
+    jobs_prefix: str = "jobs/"
+    rates: Rates = field(default_factory=Rates)
+
+    # ------------------------------------------------------------------ uploads and submission
+
+    def start_upload(self, files: list[dict]) -> dict[str, Any]:
+        """One multipart upload per file, all under one fresh prefix of the user's uploads."""
+        check_files(files)
+        prefix = f"{self.policy.input_prefixes[0]}{CONSOLE_USER}/{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}/"
+        started = [self.uploads.start(prefix + safe_name(f["name"]), f["size"]) for f in files]
+        whole = len(files) == 1 and files[0]["name"].lower().endswith((".mp4", ".mov", ".mkv", ".webm", ".zip"))
+        return {"input": started[0]["key"] if whole else prefix, "files": started}
+
+    def complete_upload(self, key: str, upload_id: str, parts: list[dict]) -> None:
+        if not key.startswith(self.policy.input_prefixes[0] + CONSOLE_USER + "/"):
+            raise InputError(f"key: {key!r} is not a console upload.")
+        self.uploads.complete(key, upload_id, parts)
+
+    def submit(self, input_key: str, settings: dict[str, Any], name: str | None = None) -> JobDocument:
+        """Validate, check the media are there, then write the job document (which starts the job)."""
+        _known(settings)
+        base = job_id_from_key(name or PurePosixPath(input_key.rstrip("/")).name)[:50]
+        doc = {"version": 1, "id": f"{base}-{secrets.token_hex(3)}", "input": input_key, **settings}
+        return self._write(doc)
+
+    def check(self, settings: dict[str, Any]) -> None:
+        """Validate settings before any media is sent; the input itself is checked at submission."""
+        _known(settings)
+        placeholder = f"{self.policy.input_prefixes[0]}{CONSOLE_USER}/check.mp4"
+        parse_job({"version": 1, "id": "settings-check", "input": placeholder, **settings}, self.policy)
+
+    def _write(self, doc: dict[str, Any]) -> JobDocument:
+        job = parse_job(doc, self.policy)
+        key = job.input_uri.key
+        if not (self.blobs.exists_prefix(key) if key.endswith("/") else self.blobs.exists(key)):
+            raise InputError(f"input: {key} has not arrived; upload the media before submitting the job.")
+        if self.store.get(job.id) is not None:
+            raise InputError(f"id: a job {job.id!r} exists already.")
+        self.blobs.write(self.document_key(job.id), json.dumps(doc, indent=2).encode())
+        return job
+
+    def resubmit(self, job_id: str, changes: dict[str, Any]) -> JobDocument:
+        """The same media with changed settings, as a new job that starts from the old job's finished
+        stages: the pipeline re-runs a stage only when its settings or inputs changed."""
+        record = self._record(job_id)
+        old = json.loads(self.blobs.read(record.job_key))
+        _known(changes)
+        doc = merge({k: v for k, v in old.items() if k not in ("id", "output")}, changes)
+        stem = re.sub(r"-r\d+$", "", job_id)[:55]
+        number = 2
+        while self.store.get(f"{stem}-r{number}") is not None:
+            number += 1
+        doc["id"] = f"{stem}-r{number}"
+        job = parse_job(doc, self.policy)  # fail before copying anything
+        source, target = self.output_key(record), job.output_uri(self.policy).key
+        for stage in REUSABLE:
+            self.blobs.copy_prefix(f"{source}{stage}/", f"{target}{stage}/")
+        return self._write(doc)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        self._record(job_id)
+        try:
+            return request_cancel(self.store, job_id)
+        except InvalidTransition as exc:
+            raise InputError(str(exc)) from None
+
+    # ------------------------------------------------------------------ reading
+
+    def _record(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(job_id)
+        return record
+
+    def document_key(self, job_id: str) -> str:
+        return f"{self.jobs_prefix}{CONSOLE_USER}/{job_id}.json"
+
+    def output_key(self, record: JobRecord) -> str:
+        job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=record.job_id)
+        return job.output_uri(self.policy).key
+
+    def summary(self, record: JobRecord) -> dict[str, Any]:
+        """A row of the job list: state, stage, time so far and estimated cost."""
+        finished = record.updated_at if record.terminal else None
+        seconds = _seconds_since(record.created_at, finished)
+        result = record.result or {}
+        cost = result.get("estimated_cost_usd")
+        if cost is None and record.state == RUNNING:
+            gpu = record.backend in ("bacalhau", "sagemaker")
+            cost = seconds / 3600 * (self.rates.gpu_hour_usd if gpu else self.rates.cpu_hour_usd)
+        return {
+            "id": record.job_id, "state": record.state, "stage": record.stage, "backend": record.backend,
+            "created_at": record.created_at, "updated_at": record.updated_at, "seconds": round(seconds, 1),
+            "estimated_cost_usd": None if cost is None else round(cost, 4),
+            "psnr": (result.get("metrics") or {}).get("psnr"), "cancel_requested": record.cancel_requested,
+            "error": (record.error or {}).get("message"),
+        }
+
+    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+        return [self.summary(r) for r in self.store.list(None, limit)]
+
+    def detail(self, job_id: str) -> dict[str, Any]:
+        """The job page: the record, where the run is, and the metrics, previews and files once done."""
+        record = self.store.get(job_id)
+        if record is None and self.blobs.exists(self.document_key(job_id)):
+            # written by the console, not yet taken in by the daemon
+            record = JobRecord(job_id=job_id, job_key=self.document_key(job_id), state=SUBMITTED)
+        elif record is None:
+            raise NotFound(job_id)
+        out = {**self.summary(record), "history": record.history, "attempts": record.attempts,
+               "error": record.error, "result": record.result, "input": record.input, "progress": None,
+               "metrics": None, "previews": [], "files": {}, "log": None}
+        try:
+            output = self.output_key(record)
+            document = json.loads(self.blobs.read(record.job_key))
+        except Exception:  # a job document that never validated: the record says why
+            return out
+        out["settings"] = {k: v for k, v in document.items() if k in SETTINGS}
+        out["progress"] = None if record.terminal else self._json(output + PROGRESS)
+        out["log"] = self._log_tail(output)
+        if record.result:
+            out["metrics"] = self._json(output + "export/metrics.json")
+            export = output + "export/"
+            for key in record.result.get("outputs", []):
+                name = key[len(export):] if key.startswith(export) else PurePosixPath(key).name
+                out["files"][name] = self.file_link(job_id, name)
+            out["previews"] = [self.file_link(job_id, p) for p in (out["metrics"] or {}).get("previews", [])]
+        return out
+
+    def file_link(self, job_id: str, name: str) -> str:
+        return f"/files/{job_id}/{name}"
+
+    def file_key(self, job_id: str, name: str) -> str:
+        """The key of one of a finished job's export files (nothing else is served)."""
+        record = self._record(job_id)
+        parts = PurePosixPath(name).parts
+        if not parts or any(p in ("..", ".") for p in parts) or record.result is None:
+            raise NotFound(name)
+        key = f"{self.output_key(record)}export/{name}"
+        if not self.blobs.exists(key):
+            raise NotFound(name)
+        return key
+
+    def _json(self, key: str) -> Any:
+        try:
+            return json.loads(self.blobs.read(key))
+        except Exception:  # not written yet, or not visible from here (a Bacalhau node's disk)
+            return None
+
+    def _log_tail(self, output: str, lines: int = 200) -> str | None:
+        logs = sorted(k for k in self.blobs.list(output + "logs/") if k.endswith(".log"))
+        if not logs:
+            return None
+        text = self.blobs.read(logs[-1]).decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])

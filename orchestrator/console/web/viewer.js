@@ -1,0 +1,100 @@
+// The splat viewer: three.js + Spark, bundled by esbuild into static/dist/viewer.js (no CDN at run time).
+// It reads the splat's URL from the page, opens at a held-out photo's camera (cameras.json) or else
+// frames the splat's bounding box, and orbits with the mouse.
+// window.codsplatViewer exposes `ready` and `orbit(degrees)` so tests (and people) can move the camera.
+import * as THREE from "three";
+import { OrbitControls } from "three/examples/jsm/controls/OrbitControls.js";
+import { SparkRenderer, SplatMesh } from "@sparkjsdev/spark";
+
+async function fetchCamera(url) {
+  try {
+    const res = await fetch(url);
+    return res.ok ? (await res.json()).views[0] || null : null;
+  } catch {
+    return null; // no cameras.json (older results): frame the splat's bounding box instead
+  }
+}
+
+async function start(container) {
+  const url = container.dataset.splat;
+  const renderer = new THREE.WebGLRenderer({ antialias: false, preserveDrawingBuffer: true });
+  renderer.setPixelRatio(Math.min(window.devicePixelRatio, 2));
+  renderer.setClearColor(0x101418, 1);
+  container.appendChild(renderer.domElement);
+  const scene = new THREE.Scene();
+  const camera = new THREE.PerspectiveCamera(50, 1, 0.01, 1000);
+  scene.add(new SparkRenderer({ renderer }));
+
+  const resize = () => {
+    const { clientWidth: w, clientHeight: h } = container;
+    renderer.setSize(w, h, false);
+    camera.aspect = w / Math.max(h, 1);
+    camera.updateProjectionMatrix();
+  };
+  new ResizeObserver(resize).observe(container);
+  resize();
+
+  const splat = new SplatMesh({ url });
+  // COLMAP looks down +z with y down; three.js looks down -z with y up: turn the world over.
+  splat.quaternion.set(1, 0, 0, 0);
+  scene.add(splat);
+  await splat.initialized;
+
+  splat.updateMatrixWorld();
+  const box = splat.getBoundingBox(true).applyMatrix4(splat.matrixWorld);
+  const centre = box.getCenter(new THREE.Vector3());
+  const radius = Math.max(box.getSize(new THREE.Vector3()).length() / 2, 1e-3);
+  const photo = container.dataset.cameras ? await fetchCamera(container.dataset.cameras) : null;
+  let target = centre;
+  if (photo) {
+    // open where a held-out photo was taken, looking the way it looked
+    const toWorld = (v) => v.applyMatrix4(splat.matrixWorld);
+    const c2w = new THREE.Matrix4().set(...photo.world_to_camera.flat()).invert();
+    const eye = toWorld(new THREE.Vector3().setFromMatrixPosition(c2w));
+    const ahead = toWorld(new THREE.Vector3(0, 0, 1).applyMatrix4(c2w)).sub(eye).normalize();
+    const up = toWorld(new THREE.Vector3(0, -1, 0).applyMatrix4(c2w)).sub(eye).normalize();
+    const depth = Math.max(centre.clone().sub(eye).dot(ahead), radius * 0.1);
+    camera.position.copy(eye);
+    camera.up.copy(up); // before the controls are made: they orbit about the camera's up
+    target = eye.clone().addScaledVector(ahead, depth);
+    camera.fov = (2 * Math.atan(photo.height / (2 * photo.fy)) * 180) / Math.PI;
+  } else {
+    camera.position.copy(centre).add(new THREE.Vector3(0, radius * 0.3, radius * 1.6));
+  }
+  const controls = new OrbitControls(camera, renderer.domElement);
+  controls.target.copy(target);
+  camera.near = radius / 500;
+  camera.far = radius * 50;
+  camera.updateProjectionMatrix();
+  controls.update();
+
+  let frames = 0;
+  renderer.setAnimationLoop(() => {
+    controls.update();
+    renderer.render(scene, camera);
+    frames += 1;
+  });
+  const viewer = {
+    ready: false,
+    splats: splat.numSplats,
+    get frames() { return frames; },
+    orbit(degrees) {
+      const offset = camera.position.clone().sub(controls.target);
+      offset.applyAxisAngle(camera.up, (degrees * Math.PI) / 180);
+      camera.position.copy(controls.target).add(offset);
+      controls.update();
+    },
+  };
+  window.codsplatViewer = viewer;
+  // ready once a few frames have been drawn with the splat loaded (Spark sorts in a worker first)
+  const wait = () => (frames > 10 ? (viewer.ready = true) : requestAnimationFrame(wait));
+  wait();
+}
+
+const container = document.getElementById("viewer");
+if (container) {
+  start(container).catch((err) => {
+    container.textContent = `Could not show the splat: ${err.message || err}`;
+    window.codsplatViewer = { ready: false, error: String(err) };
+  });
+}
