@@ -315,7 +315,7 @@ def jobs_show(job_id: str, embedded: Optional[Path] = EmbeddedOption, settings: 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, embedded: Optional[Path] = EmbeddedOption, settings: Optional[Path] = SettingsOption) -> None:
-    """Cancel a job: at once if it has not started, else at the daemon's next check (Bacalhau jobs are stopped)."""
+    """Cancel a job: at once if it has not started, else the daemon stops its run at its next check."""
     from .records import CANCELLED, InvalidTransition, request_cancel
 
     try:

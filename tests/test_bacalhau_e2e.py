@@ -10,7 +10,7 @@ from plyfile import PlyData
 
 from codsplat.orchestrator.bacalhau import BacalhauClient
 from codsplat.orchestrator.job import parse_job
-from codsplat.orchestrator.runner import BacalhauRunner, CannotRunHere, Hooks, JobFailed
+from codsplat.orchestrator.runner import BacalhauRunner, Cancelled, CannotRunHere, Hooks, JobFailed
 from codsplat.orchestrator.translate import Deployment
 from conftest import QUICK
 from test_cli_errors import one_frame_video
@@ -92,6 +92,17 @@ def test_queue_timeout_hands_over(s3, moto_server, standin, sample_video):
         info = runner.follow(queued, __import__("codsplat.orchestrator.runner", fromlist=["Attempt"]).Attempt("all", 1, "q"), Hooks())
         assert info.state.value == "Failed" and "queue timeout" in info.message and not info.executions
         assert "Queued" in [h["JobState"]["New"] for h in client.history(queued) if "JobState" in h]
+
+
+def test_a_job_stopped_for_a_cancel_ends_cancelled_and_is_not_retried(s3, moto_server, standin, sample_video):
+    job, deployment = make_job(s3, moto_server, sample_video, "e2e-cancel", retries=2)
+    httpx.post(f"{standin.url}/standin/knobs", json={"hold": True})  # queued: still running when we cancel
+    with BacalhauClient(standin.url) as client:
+        hooks = Hooks(progress=lambda attempt, info: client.stop(attempt.bacalhau_id, "cancelled by the user"))
+        with pytest.raises(Cancelled) as info:
+            BacalhauRunner(client, deployment, poll_interval=0.1).run(job, hooks)
+        assert len(client.list_jobs(labels={"codsplat-job": "e2e-cancel"})) == 1
+    assert info.value.stage == "all"
 
 
 def test_bad_media_fails_the_job_without_retries(s3, moto_server, standin, tmp_path):

@@ -112,6 +112,13 @@ def test_bad_settings_and_files_get_errors_that_name_them(client):
     assert reply.status_code == 422 and "'notes.txt'" in reply.json()["error"] and ".mp4" in reply.json()["error"]
     reply = client.post("/api/uploads", json={"files": [{"name": "a.mp4", "size": 5}, {"name": "b.jpg", "size": 5}]}, headers=headers)
     assert reply.status_code == 422 and "alone" in reply.json()["error"]
+    reply = client.post("/api/uploads", json={"files": ["a.mp4"]}, headers=headers)
+    assert reply.status_code == 422 and reply.json()["error"].startswith("files:")
+    plan = client.post("/api/uploads", json={"files": [{"name": "a.mp4", "size": 5}]}, headers=headers).json()
+    [f] = plan["files"]
+    reply = client.post("/api/uploads/complete", json={"key": f["key"], "upload_id": f["upload_id"], "parts": [{"part": "x"}]},
+                        headers=headers)
+    assert reply.status_code == 422 and reply.json()["error"].startswith("parts:")
     reply = client.post("/api/jobs", content=b"{nope", headers={**headers, "Content-Type": "application/json"})
     assert reply.status_code == 422 and "not JSON" in reply.json()["error"]
 
@@ -147,6 +154,9 @@ def test_upload_links_are_signed_and_expire(client, home):
     assert client.put(other, content=b"x").status_code == 403
     expired = re.sub(r"expires=\d+", f"expires={int(time.time()) - 1}", link)
     assert client.put(expired, content=b"x").status_code == 403
+    too_big = client.put(link, content=b"x" * (MIN_PART + 1))  # a signed link takes one part, not a flood
+    assert too_big.status_code == 422 and "larger than a part" in too_big.json()["error"]
+    assert not list((home / ".uploads").glob("*/*.tmp"))
     assert client.put(link, content=b"x" * 100).status_code == 200
 
 

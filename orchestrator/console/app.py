@@ -204,7 +204,7 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
         return JSONResponse({"key": data["key"]})
 
     async def local_part(request: Request):
-        if not isinstance(service.uploads, FolderUploads) or request.method != "PUT":
+        if not isinstance(service.uploads, FolderUploads):  # on AWS the parts go to S3
             return problem(404, "Not found.")
         q = request.query_params
         if not guard.valid_path_signature(request.url.path, q.get("expires"), q.get("sig")):

@@ -21,6 +21,7 @@ from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.stages import PROGRESS
 
 from ..blobs import Blobs
+from ..daemon import DaemonOptions
 from ..job import JobDocument, Policy, job_id_from_key, parse_job
 from ..records import RUNNING, InvalidTransition, JobRecord, Store, request_cancel
 from .uploads import Uploads, check_files, safe_name
@@ -33,14 +34,6 @@ SETTINGS = ("preset", "frames", "sfm", "train", "export", "compute", "notify")  
 
 class NotFound(Exception):
     pass
-
-
-@dataclass
-class Rates:
-    """Hourly prices for the running-cost estimate (the daemon's figures once a job ends)."""
-
-    gpu_hour_usd: float = 1.006
-    cpu_hour_usd: float = 0.10
 
 
 def _known(settings: Any) -> None:
@@ -64,7 +57,7 @@ class ConsoleService:
     uploads: Uploads
     policy: Policy
     jobs_prefix: str = "jobs/"
-    rates: Rates = field(default_factory=Rates)
+    prices: DaemonOptions = field(default_factory=DaemonOptions)  # the daemon's hourly prices, for running jobs
 
     # ------------------------------------------------------------------ uploads and submission
 
@@ -79,12 +72,16 @@ class ConsoleService:
     def complete_upload(self, key: str, upload_id: str, parts: list[dict]) -> None:
         if not key.startswith(self.policy.input_prefixes[0] + CONSOLE_USER + "/"):
             raise InputError(f"key: {key!r} is not a console upload.")
+        if not parts or not all(isinstance(p, dict) and isinstance(p.get("part"), int) and p["part"] >= 1
+                                and isinstance(p.get("etag"), str) for p in parts):
+            raise InputError('parts: a list of {"part": number from 1, "etag": the ETag of its upload}.')
         self.uploads.complete(key, upload_id, parts)
 
     def submit(self, input_key: str, settings: dict[str, Any], name: str | None = None) -> JobDocument:
         """Validate, check the media are there, then write the job document (which starts the job)."""
         _known(settings)
-        base = job_id_from_key(name or PurePosixPath(input_key.rstrip("/")).name)[:50]
+        name = name if isinstance(name, str) and name.strip() else PurePosixPath(input_key.rstrip("/")).name
+        base = job_id_from_key(name)[:50]
         doc = {"version": 1, "id": f"{base}-{secrets.token_hex(3)}", "input": input_key, **settings}
         return self._write(doc)
 
@@ -117,7 +114,7 @@ class ConsoleService:
             number += 1
         doc["id"] = f"{stem}-r{number}"
         job = parse_job(doc, self.policy)  # fail before copying anything
-        source, target = self.output_key(record), job.output_uri(self.policy).key
+        source, target = self._document(record)[1], job.output_uri(self.policy).key
         for stage in REUSABLE:
             self.blobs.copy_prefix(f"{source}{stage}/", f"{target}{stage}/")
         return self._write(doc)
@@ -140,9 +137,10 @@ class ConsoleService:
     def document_key(self, job_id: str) -> str:
         return f"{self.jobs_prefix}{CONSOLE_USER}/{job_id}.json"
 
-    def output_key(self, record: JobRecord) -> str:
-        job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=record.job_id)
-        return job.output_uri(self.policy).key
+    def _document(self, record: JobRecord) -> tuple[dict[str, Any], str]:
+        """The job document as written, and its output prefix."""
+        raw = json.loads(self.blobs.read(record.job_key))
+        return raw, parse_job(raw, self.policy, default_id=record.job_id).output_uri(self.policy).key
 
     def summary(self, record: JobRecord) -> dict[str, Any]:
         """A row of the job list: state, stage, time so far and estimated cost."""
@@ -152,7 +150,7 @@ class ConsoleService:
         cost = result.get("estimated_cost_usd")
         if cost is None and record.state == RUNNING:
             gpu = record.backend in ("bacalhau", "sagemaker")
-            cost = seconds / 3600 * (self.rates.gpu_hour_usd if gpu else self.rates.cpu_hour_usd)
+            cost = seconds / 3600 * (self.prices.gpu_hour_usd if gpu else self.prices.cpu_hour_usd)
         return {
             "id": record.job_id, "state": record.state, "stage": record.stage, "backend": record.backend,
             "created_at": record.created_at, "updated_at": record.updated_at, "seconds": round(seconds, 1),
@@ -176,8 +174,7 @@ class ConsoleService:
                "error": record.error, "result": record.result, "input": record.input, "progress": None,
                "metrics": None, "previews": [], "files": {}, "log": None}
         try:
-            output = self.output_key(record)
-            document = json.loads(self.blobs.read(record.job_key))
+            document, output = self._document(record)
         except Exception:  # a job document that never validated: the record says why
             return out
         out["settings"] = {k: v for k, v in document.items() if k in SETTINGS}
@@ -196,12 +193,14 @@ class ConsoleService:
         return f"/files/{job_id}/{name}"
 
     def file_key(self, job_id: str, name: str) -> str:
-        """The key of one of a finished job's export files (nothing else is served)."""
-        record = self._record(job_id)
+        """The key of one of a finished job's export files (nothing else is served). The record's
+        outputs name the export folder (metrics.json is always one), so no document is read."""
+        outputs = (self._record(job_id).result or {}).get("outputs", [])
+        metrics = next((k for k in outputs if k.endswith("export/metrics.json")), None)
         parts = PurePosixPath(name).parts
-        if not parts or any(p in ("..", ".") for p in parts) or record.result is None:
+        if metrics is None or not parts or any(p in ("..", ".") for p in parts):
             raise NotFound(name)
-        key = f"{self.output_key(record)}export/{name}"
+        key = metrics[: -len("metrics.json")] + name
         if not self.blobs.exists(key):
             raise NotFound(name)
         return key

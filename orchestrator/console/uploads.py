@@ -44,6 +44,8 @@ def check_files(files: list[dict]) -> None:
     if not files:
         raise InputError("files: choose a video (mp4, mov, mkv, webm), a .zip of images, or images (jpg, png).")
     for f in files:
+        if not isinstance(f, dict):
+            raise InputError('files: each file is {"name": ..., "size": bytes}.')
         name, size = str(f.get("name", "")), f.get("size")
         if not name.lower().endswith(MEDIA):
             raise InputError(f"files: {name!r} is not a video, a .zip or an image; use one of {', '.join(MEDIA)}.")
@@ -104,12 +106,19 @@ class FolderUploads:
         digest = hashlib.md5()
         target = self._dir(upload_id) / f"{number:05d}.part"
         fh = await run_in_threadpool(open, target.with_suffix(".tmp"), "wb")
+        received = 0
         try:
             async for chunk in chunks:
+                received += len(chunk)
+                if received > part_size(MAX_BYTES):
+                    raise InputError(f"part {number}: larger than a part may be ({part_size(MAX_BYTES)} bytes).")
                 digest.update(chunk)
                 await run_in_threadpool(fh.write, chunk)  # disk writes stay off the event loop
-        finally:
+        except BaseException:
             fh.close()
+            target.with_suffix(".tmp").unlink(missing_ok=True)
+            raise
+        fh.close()
         target.with_suffix(".tmp").replace(target)
         return f'"{digest.hexdigest()}"'
 
