@@ -167,7 +167,10 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
     moto serves S3, SNS, SQS and DynamoDB on loopback; the daemon is its own process (RSS sampled
     every 0.5 s). Figures: intake jobs/s (first S3 event → last record created), S3 event → Bacalhau
     submit (the stand-in's CreateTime) p50/p99, end-to-end jobs/s, peak executions on the node against
-    the concurrency bound, submissions and messages per job, RSS after the first tenth vs at the end.
+    the concurrency bound, submissions and messages per job, RSS after the first tenth vs at the end,
+    the requests the daemon sent per job (its /health counts), and what this rig's moto serves at
+    most (S3 HEADs from 8 threads, measured first): requests per job against that ceiling bound
+    any jobs/s figure here.
     """
     import signal
     import threading
@@ -178,7 +181,7 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
     import httpx
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from servers import start_moto, start_standin
+    from servers import free_port, start_moto, start_standin
 
     from codsplat.orchestrator.bacalhau import BacalhauClient
     from codsplat.orchestrator.provision import provision
@@ -198,11 +201,16 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
         image = "codsplat-fast:bench"
         httpx.post(f"{standin.url}/standin/knobs", json={"images": {image: str(ROOT / "benchmarks" / "fast_image")}})
         s3.put_object(Bucket=names["bucket"], Key="uploads/load/clip.mp4", Body=b"\0" * 1024)
+        with ThreadPoolExecutor(8) as pool:  # the rig's ceiling: moto's requests/s with nothing else running
+            probe = time.monotonic()
+            list(pool.map(lambda _: s3.head_object(Bucket=names["bucket"], Key="uploads/load/clip.mp4"), range(800)))
+            moto_per_s = 800 / (time.monotonic() - probe)
+        health = free_port()
         env = {**os.environ, "CODSPLAT_BUCKET": names["bucket"], "CODSPLAT_QUEUE_URL": names["queue_url"],
                "CODSPLAT_TABLE": names["table"], "CODSPLAT_TOPIC_ARN": names["topic_arn"],
                "CODSPLAT_AWS_ENDPOINT": moto.url, "CODSPLAT_S3_ENDPOINT": moto.url, "CODSPLAT_IMAGE": image,
                "CODSPLAT_CONCURRENCY": str(concurrency), "CODSPLAT_QUEUE_WAIT_SECONDS": "1",
-               "CODSPLAT_BACALHAU_POLL_SECONDS": str(poll), "CODSPLAT_HEALTH_PORT": "0",
+               "CODSPLAT_BACALHAU_POLL_SECONDS": str(poll), "CODSPLAT_HEALTH_PORT": str(health),
                "BACALHAU_API_HOST": "127.0.0.1", "BACALHAU_API_PORT": standin.url.rsplit(":", 1)[1]}
         (ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
         log = open(ROOT / "benchmarks" / "out" / "daemon_load.log", "w")
@@ -239,6 +247,7 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
         finished = time.monotonic() - started
         tenth = next((kb for t, kb in rss if t - started > finished / 10), rss[0][1])
         end_rss = rss[-1][1]
+        calls = httpx.get(f"http://127.0.0.1:{health}/health").json()["calls"]
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
         sampling.set()
@@ -263,6 +272,7 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
         for b in submitted:
             submits.setdefault(b.labels.get("codsplat-job", ""), []).append(b.create_time / 1e9)
         latency_ms = sorted((min(submits[j]) - at(r.event_at)) * 1000 for j, r in by_job.items() if j in submits and r.event_at)
+        recorded_ms = sorted((at(r.created_at) - at(r.event_at)) * 1000 for r in records if r.event_at)
         events = [at(r.event_at) for r in records if r.event_at]
         created = [at(r.created_at) for r in records]
         pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None  # noqa: E731
@@ -277,12 +287,16 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
             "end_to_end_jobs_per_s": round(jobs / finished, 1),
             "all_terminal_seconds": round(finished, 1),
             "states": states,
+            "event_to_record_ms": {"p50": pct(recorded_ms, 0.5), "p99": pct(recorded_ms, 0.99)},
             "event_to_submit_ms": {"p50": pct(latency_ms, 0.5), "p90": pct(latency_ms, 0.9),
                                    "p99": pct(latency_ms, 0.99), "max": pct(latency_ms, 1.0)},
             "peak_executions_on_node": knobs["peak_running"],
             "bound_held": knobs["peak_running"] <= concurrency,
             "jobs_submitted_more_than_once": sum(1 for v in submits.values() if len(v) > 1),
             "jobs_without_exactly_one_message": sum(1 for j in by_job if messages.get(j) != 1),
+            "requests_per_job": {k: round(v / jobs, 2) for k, v in sorted(calls.items())},
+            "aws_requests_per_job": round(sum(v for k, v in calls.items() if k != "bacalhau") / jobs, 1),
+            "rig_moto_requests_per_s": round(moto_per_s),
             "daemon_rss_mb": {"after_first_tenth": round(tenth / 1024, 1), "end": round(end_rss / 1024, 1),
                               "max": round(max(kb for _, kb in rss) / 1024, 1)},
         })

@@ -11,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import sys
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import IO
 
@@ -42,21 +44,41 @@ def embedded_policy(settings: Settings) -> Policy:
                   max_gpus=settings.max_gpus, max_runtime_minutes=settings.max_runtime_minutes)
 
 
-def aws_client(settings: Settings, service: str):
+class CallCounter:
+    """Requests the daemon sends, by service (AWS retries included): what a job costs in calls.
+    The health endpoint shows them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, service: str) -> None:
+        with self._lock:
+            self.counts[service] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+def aws_client(settings: Settings, service: str, calls: CallCounter | None = None):
     import boto3
     from botocore.config import Config
 
     # SigV4 presigned links: they carry X-Amz-Expires and cannot outlive 7 days
     config = Config(signature_version="s3v4") if service == "s3" else None
-    return boto3.client(service, endpoint_url=settings.aws_endpoint, region_name=settings.region or "us-east-1", config=config)
+    client = boto3.client(service, endpoint_url=settings.aws_endpoint, region_name=settings.region or "us-east-1", config=config)
+    if calls is not None:
+        client.meta.events.register("before-send", lambda **_: calls(service))  # per client: counts its own requests
+    return client
 
 
-def store_for(settings: Settings, embedded: Path | None) -> Store:
+def store_for(settings: Settings, embedded: Path | None, calls: CallCounter | None = None) -> Store:
     if embedded is not None:
         return SQLiteStore(embedded / "codsplat.db")
     if not settings.table:
         raise InputError("Set the DynamoDB table (table: in the settings, or CODSPLAT_TABLE), or use --embedded DIR.")
-    return DynamoStore(settings.table, aws_client(settings, "dynamodb"))
+    return DynamoStore(settings.table, aws_client(settings, "dynamodb", calls))
 
 
 def hold_folder(embedded: Path) -> IO:
@@ -87,17 +109,19 @@ def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
     if missing:
         raise InputError(f"The daemon needs {', '.join(missing)} in its settings (or CODSPLAT_* variables), "
                          "or --embedded DIR to run with no AWS at all.")
-    blobs = S3Blobs(aws_client(settings, "s3"), settings.bucket)
-    bacalhau = BacalhauExecutor(BacalhauClient.from_env(), settings.deployment, settings.bacalhau_poll_seconds)
+    calls = CallCounter()
+    blobs = S3Blobs(aws_client(settings, "s3", calls), settings.bucket)
+    bacalhau = BacalhauExecutor(BacalhauClient.from_env(on_request=lambda _: calls("bacalhau")), settings.deployment,
+                                settings.bacalhau_poll_seconds)
     options.default_backend = "bacalhau"
-    store = store_for(settings, None)
+    store = store_for(settings, None, calls)
     fallback = None
     if settings.state_machine_arn:
-        fallback = SageMakerFallback(aws_client(settings, "stepfunctions"), settings.state_machine_arn, store,
+        fallback = SageMakerFallback(aws_client(settings, "stepfunctions", calls), settings.state_machine_arn, store,
                                      settings.policy, settings.table, settings.topic_arn, settings.fallback_poll_seconds)
     return Daemon(store=store, blobs=blobs, fallback=fallback,
-                  source=SqsSource(aws_client(settings, "sqs"), settings.queue_url, settings.jobs_prefix,
+                  source=SqsSource(aws_client(settings, "sqs", calls), settings.queue_url, settings.jobs_prefix,
                                    wait_seconds=settings.queue_wait_seconds),
-                  notifier=SnsNotifier(aws_client(settings, "sns"), settings.topic_arn),
+                  notifier=SnsNotifier(aws_client(settings, "sns", calls), settings.topic_arn),
                   executors={"bacalhau": bacalhau, "local": LocalExecutor(blobs, Path(settings.cache_dir))},
-                  policy=settings.policy, options=options)
+                  policy=settings.policy, options=options, calls=calls.snapshot)

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -203,11 +203,13 @@ class BacalhauClient:
         verify: bool | str = True,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        on_request: Callable[[httpx.Request], None] | None = None,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, auth=basic, verify=verify,
-                                  timeout=timeout, transport=transport)
+                                  timeout=timeout, transport=transport,
+                                  event_hooks={"request": [on_request]} if on_request else None)
         self._version: Version | None = None
         self._token, self._basic, self._verify = token, basic, verify
 

@@ -32,8 +32,8 @@ from .executors import Executor, Progress
 from .faults import crashpoint
 from .job import JobDocument, Policy, job_id_from_key, parse_job
 from .notify import ADVICE, Notifier, compose
-from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, JobRecord, Store, change,
-                      now, unfinished)
+from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, InvalidTransition, JobRecord,
+                      Store, change, now, unfinished)
 from .runner import Cancelled, CannotRunHere, JobFailed
 
 log = logging.getLogger("codsplat.daemon")
@@ -79,13 +79,14 @@ class Daemon:
     options: DaemonOptions = field(default_factory=DaemonOptions)
     fallback: Callable[[JobDocument, JobRecord, str], None] | None = None  # SageMaker hand-over
     folder_lock: Any = None  # embedded mode: the open lock file that keeps a second daemon off the folder
+    calls: Callable[[], dict[str, int]] = dict  # requests sent so far, by service (assemble.CallCounter)
 
     def __post_init__(self):
         self._pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="job")
         self._intake = ThreadPoolExecutor(max_workers=self.options.intake_workers, thread_name_prefix="intake")
         self._stopping = threading.Event()
         self._inflight: set[str] = set()
-        self._documents: dict[str, JobDocument] = {}  # parsed at intake, taken when the job starts (saves a read)
+        self._handoff: dict[str, tuple[JobDocument | None, JobRecord | None]] = {}  # see submit()
         self._lock = threading.Lock()
         self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0}
 
@@ -95,9 +96,9 @@ class Daemon:
 
     # ------------------------------------------------------------------ intake
 
-    def handle(self, delivery: Delivery) -> None:
-        """Record every job in a delivery, then acknowledge it. A message we cannot read is logged
-        and left unacknowledged: the queue's redrive policy moves it to the dead-letter queue."""
+    def handle(self, delivery: Delivery) -> bool:
+        """Record every job in a delivery; True when it may be acknowledged. A message we cannot read
+        is recorded and left unacknowledged: the queue's redrive policy moves it to the dead-letter queue."""
         if delivery.error:  # recorded, never acknowledged: the redrive policy moves it to the DLQ
             job_id = f"message-{(delivery.message_id or 'unknown')[:36]}"
             record = JobRecord(job_id=job_id, job_key=f"sqs:{delivery.message_id}", state=FAILED, notified_at=now(),
@@ -107,19 +108,19 @@ class Daemon:
             self.store.create(record)
             log.error("unreadable message %s: %s", delivery.message_id, delivery.error,
                       extra={"job_id": job_id, "error": delivery.error})
-            return
+            return False
         for event in delivery.events:
             self.intake(event)
-        crashpoint("before-ack")
-        self.source.ack(delivery)
+        return True
 
-    def _handle_guarded(self, delivery: Delivery) -> None:
+    def _handle_guarded(self, delivery: Delivery) -> bool:
         if self._stopping.is_set():
-            return  # not acknowledged: it will be delivered again
+            return False  # not acknowledged: it will be delivered again
         try:
-            self.handle(delivery)
+            return self.handle(delivery)
         except Exception:  # a store or S3 blip: unacknowledged, the message comes back after its visibility timeout
             log.exception("could not take message %s; it will be delivered again", delivery.message_id)
+            return False
 
     def intake(self, event: JobEvent) -> str | None:
         self._count("received")
@@ -156,21 +157,22 @@ class Daemon:
         log.info("job received", extra={"job_id": job_id, "state": RECEIVED})
         crashpoint("after-create")
         if problem:
-            self._fail(job_id, "validate", problem, "input")
-            self.finish(job_id)
+            self.finish(job_id, self._fail(job_id, "validate", problem, "input", current=record))
             return job_id
         output = self.blobs.uri(job.output_uri(self.policy).key)
-        change(self.store, job_id, lambda r: setattr(r, "output", output), to=VALIDATED)
+        record = change(self.store, job_id, lambda r: setattr(r, "output", output), to=VALIDATED, current=record)
         crashpoint("after-validate")
-        self._documents[job_id] = job
-        self.submit(job_id)
+        self.submit(job_id, job, record)
         return job_id
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, job: JobDocument | None = None, record: JobRecord | None = None) -> None:
+        """Queue a job for a worker. What the caller already holds (the parsed document, the record
+        as last written) goes with it, so the worker need not read them again."""
         with self._lock:
             if job_id in self._inflight:
                 return
             self._inflight.add(job_id)
+            self._handoff[job_id] = (job, record)
         self._pool.submit(self._run_guarded, job_id)
 
     # ------------------------------------------------------------------ running
@@ -178,11 +180,12 @@ class Daemon:
     def _run_guarded(self, job_id: str) -> None:
         try:
             self.run(job_id)
+        except InvalidTransition:  # the record moved on meanwhile (cancelled before it ran): announce that
+            self.finish(job_id)
         except Exception as exc:  # a bug must fail one job, never the daemon
             log.exception("job crashed the worker", extra={"job_id": job_id})
             try:
-                self._fail(job_id, None, f"Internal error: {exc.__class__.__name__}: {exc}", "internal")
-                self.finish(job_id)
+                self.finish(job_id, self._fail(job_id, None, f"Internal error: {exc.__class__.__name__}: {exc}", "internal"))
             except Exception:
                 log.exception("could not record the failure", extra={"job_id": job_id})
         finally:
@@ -190,66 +193,73 @@ class Daemon:
                 self._inflight.discard(job_id)
 
     def run(self, job_id: str) -> None:
-        record = self.store.get(job_id)
+        with self._lock:
+            job, record = self._handoff.pop(job_id, (None, None))
+        record = record or self.store.get(job_id)
         if record is None or record.terminal:
             if record is not None:
-                self.finish(job_id)
+                self.finish(job_id, record)
             return
-        job = self._documents.pop(job_id, None) or parse_job(json.loads(self.blobs.read(record.job_key)), self.policy,
-                                                             default_id=job_id)
+        job = job or parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=job_id)
         if record.state == VALIDATED:
             crashpoint("before-media-check")
             if not self._wait_for_media(job):
-                self._fail(job_id, "validate", f"The media {job.input} was not found (waited "
-                           f"{self.options.media_wait_seconds:.0f} s for it to finish uploading).", "input")
-                return self.finish(job_id)
+                return self.finish(job_id, self._fail(
+                    job_id, "validate", f"The media {job.input} was not found (waited "
+                    f"{self.options.media_wait_seconds:.0f} s for it to finish uploading).", "input", current=record))
             crashpoint("before-queue")
-            record = change(self.store, job_id, lambda r: None, to=QUEUED)
+            record = change(self.store, job_id, lambda r: None, to=QUEUED, current=record)
             crashpoint("after-queue")
         if record.cancel_requested:
-            change(self.store, job_id, lambda r: None, to=CANCELLED, note="cancelled before it ran")
-            return self.finish(job_id)
+            return self.finish(job_id, change(self.store, job_id, lambda r: None, to=CANCELLED,
+                                              note="cancelled before it ran", current=record))
         if record.backend == "sagemaker":  # handed over before a restart: the state machine finishes it
             if self.fallback and not any(a.get("backend") == "sagemaker" for a in record.attempts):
                 self.fallback(job, record, "resumed after a restart")  # died before it was started
             return
         if job.compute.backend == "sagemaker" and self.fallback is not None:
-            change(self.store, job_id, lambda r: setattr(r, "backend", "sagemaker"), to=RUNNING, stage="sagemaker",
-                   note="the job asks for SageMaker")
-            self.fallback(job, self.store.get(job_id), "the job asks for SageMaker")
+            record = change(self.store, job_id, lambda r: setattr(r, "backend", "sagemaker"), to=RUNNING,
+                            stage="sagemaker", note="the job asks for SageMaker", current=record)
+            self.fallback(job, record, "the job asks for SageMaker")
             return
         backend = job.compute.backend if job.compute.backend in self.executors else self.options.default_backend
         executor = self.executors[backend]
-        change(self.store, job_id, lambda r: setattr(r, "backend", backend), to=RUNNING, stage="all" if record.state == QUEUED else record.stage)
+        record = change(self.store, job_id, lambda r: setattr(r, "backend", backend), to=RUNNING,
+                        stage="all" if record.state == QUEUED else record.stage, current=record)
         output_key = job.output_uri(self.policy).key
         crashpoint("after-running")
         started = time.monotonic()
+        latest = {"record": record}  # the record as last written while the job runs
         try:
-            executor.run(job, output_key, self._progress(job_id, backend))
+            executor.run(job, output_key, self._progress(job_id, backend, latest))
         except Cancelled as exc:
-            change(self.store, job_id, lambda r: None, to=CANCELLED, stage=exc.stage, note="stopped while running")
-            return self.finish(job_id)
+            return self.finish(job_id, change(self.store, job_id, lambda r: None, to=CANCELLED, stage=exc.stage,
+                                              note="stopped while running", current=latest["record"]))
         except JobFailed as exc:
             advice = STAGE_ADVICE.get(exc.exit_code or 0, "internal")
-            self._fail(job_id, exc.stage, exc.message, advice)
-            return self.finish(job_id)
+            return self.finish(job_id, self._fail(job_id, exc.stage, exc.message, advice, current=latest["record"]))
         except CannotRunHere as exc:
             if self.fallback is not None and backend != "local":
-                change(self.store, job_id, lambda r: setattr(r, "backend", "sagemaker"), to=RUNNING, stage="sagemaker",
-                       note=f"Bacalhau cannot run it: {exc.reason}")
-                self.fallback(job, self.store.get(job_id), exc.reason)
+                record = change(self.store, job_id, lambda r: setattr(r, "backend", "sagemaker"), to=RUNNING,
+                                stage="sagemaker", note=f"Bacalhau cannot run it: {exc.reason}", current=latest["record"])
+                self.fallback(job, record, exc.reason)
                 return
-            self._fail(job_id, exc.stage, f"No backend could run the job: {exc.reason}", "compute")
-            return self.finish(job_id)
+            return self.finish(job_id, self._fail(job_id, exc.stage, f"No backend could run the job: {exc.reason}",
+                                                  "compute", current=latest["record"]))
         crashpoint("after-compute")
-        if self.store.get(job_id).cancel_requested:
-            change(self.store, job_id, lambda r: None, to=CANCELLED)
-            return self.finish(job_id)
-        self._succeed(job, job_id, output_key, time.monotonic() - started)
+        record = self.store.get(job_id)  # read once more: a cancel may have come while it ran
+        if record.cancel_requested:
+            return self.finish(job_id, change(self.store, job_id, lambda r: None, to=CANCELLED, current=record))
+        record = self._succeed(job, record, output_key, time.monotonic() - started)
         crashpoint("after-succeed")
-        self.finish(job_id)
+        self.finish(job_id, record)
 
-    def _progress(self, job_id: str, backend: str) -> Progress:
+    def _progress(self, job_id: str, backend: str, latest: dict[str, JobRecord]) -> Progress:
+        """The executor's reports, written to the record. `latest["record"]` is the record as last
+        written: each change starts from it instead of reading it again."""
+        def write(mutate: Callable[[JobRecord], None], **how: Any) -> None:
+            latest["record"] = change(self.store, job_id, mutate, current=latest["record"], **how)
+
         def upsert(attempt: dict) -> None:
             def mutate(r: JobRecord) -> None:
                 key = (attempt.get("stage"), attempt.get("number"))
@@ -258,23 +268,18 @@ class Daemon:
                         existing.update({k: v for k, v in attempt.items() if v is not None}, updated_at=now())
                         return
                 r.attempts.append({**attempt, "started_at": now()})
-            change(self.store, job_id, mutate)
+            write(mutate)
 
-        seen = {"stage": None}  # called on every poll: touch the store only when the stage moves
+        def stage(name: str) -> None:  # called on every poll: writes only when the stage moves
+            if latest["record"].stage != name and not latest["record"].terminal:
+                write(lambda r: None, to=RUNNING, stage=name)
 
-        def stage(name: str) -> None:
-            if seen["stage"] == name:
-                return
-            seen["stage"] = name
-            record = self.store.get(job_id)
-            if record.stage != name and not record.terminal:
-                change(self.store, job_id, lambda r: None, to=RUNNING, stage=name)
-
-        checked = {"at": float("-inf"), "cancel": False}
+        checked = {"at": time.monotonic(), "cancel": bool(latest["record"].cancel_requested)}
 
         def cancelled() -> bool:  # asked on every poll; the store is read at most every few seconds
             if not checked["cancel"] and time.monotonic() - checked["at"] >= self.options.cancel_check_seconds:
-                checked["at"], checked["cancel"] = time.monotonic(), bool(self.store.get(job_id).cancel_requested)
+                latest["record"] = self.store.get(job_id)
+                checked["at"], checked["cancel"] = time.monotonic(), bool(latest["record"].cancel_requested)
             return checked["cancel"]
 
         return Progress(attempt_started=upsert, attempt_updated=upsert, stage=stage, cancelled=cancelled)
@@ -288,13 +293,15 @@ class Daemon:
                 return found
             time.sleep(self.options.media_poll_seconds)
 
-    def _succeed(self, job: JobDocument, job_id: str, output_key: str, seconds: float) -> None:
+    def _succeed(self, job: JobDocument, record: JobRecord, output_key: str, seconds: float) -> JobRecord:
         export = output_key + "export/"
         crashpoint("before-outputs-check")
-        missing = [f"splat.{fmt}" for fmt in job.export.formats if not self.blobs.exists(export + f"splat.{fmt}")]
-        if missing or not self.blobs.exists(export + "metrics.json"):
-            self._fail(job_id, "export", f"The job ended but its outputs are missing: {', '.join(missing) or 'metrics.json'}.", "internal")
-            return
+        keys = self.blobs.list(export)  # one listing answers both: are the outputs there, and which are they
+        missing = [name for name in [f"splat.{fmt}" for fmt in job.export.formats] + ["metrics.json"]
+                   if export + name not in keys]
+        if missing:
+            return self._fail(record.job_id, "export", f"The job ended but its outputs are missing: {', '.join(missing)}.",
+                              "internal", current=record)
         metrics = json.loads(self.blobs.read(export + "metrics.json"))
         stages = {k: v.get("seconds") for k, v in metrics.get("stages", {}).items()}
         on_gpu = metrics.get("train", {}).get("device") == "cuda"
@@ -302,27 +309,31 @@ class Daemon:
         cpu_seconds = sum(v or 0 for v in stages.values()) - (stages.get("train") or 0 if on_gpu else 0)
         cost = gpu_seconds / 3600 * self.options.gpu_hour_usd + cpu_seconds / 3600 * self.options.cpu_hour_usd
         result = {
-            "outputs": sorted(k for k in self.blobs.list(export) if "/previews/" not in k),
+            "outputs": sorted(k for k in keys if "/previews/" not in k),
             "metrics": {k: metrics.get(k) for k in ("psnr", "ssim", "gaussians")},
             "stage_seconds": stages, "gpu_seconds": round(gpu_seconds, 1), "wall_seconds": round(seconds, 1),
             "estimated_cost_usd": round(cost, 4),
         }
         crashpoint("before-succeed")
-        change(self.store, job_id, lambda r: setattr(r, "result", result), to=SUCCEEDED)
+        record = change(self.store, record.job_id, lambda r: setattr(r, "result", result), to=SUCCEEDED, current=record)
         self._count("succeeded")
-        log.info("job succeeded", extra={"job_id": job_id, "state": SUCCEEDED})
+        log.info("job succeeded", extra={"job_id": record.job_id, "state": SUCCEEDED})
+        return record
 
-    def _fail(self, job_id: str, stage: str | None, message: str, advice: str) -> None:
+    def _fail(self, job_id: str, stage: str | None, message: str, advice: str,
+              current: JobRecord | None = None) -> JobRecord:
         error = {"stage": stage, "message": message, "advice": ADVICE[advice], "kind": advice}
         crashpoint("before-fail")
-        change(self.store, job_id, lambda r: setattr(r, "error", error), to=FAILED, stage=stage)
+        record = change(self.store, job_id, lambda r: setattr(r, "error", error), to=FAILED, stage=stage, current=current)
         crashpoint("after-fail")
         self._count("failed")
         log.warning("job failed: %s", message, extra={"job_id": job_id, "state": FAILED, "stage": stage})
+        return record
 
-    def finish(self, job_id: str) -> None:
-        """Send the one message a finished job gets, unless it has been sent."""
-        record = self.store.get(job_id)
+    def finish(self, job_id: str, record: JobRecord | None = None) -> None:
+        """Send the one message a finished job gets, unless it has been sent. `record`: as the
+        caller just wrote it (else it is read)."""
+        record = record or self.store.get(job_id)
         if record is None or not record.terminal or record.notified_at:
             return
         links = {}
@@ -333,7 +344,7 @@ class Daemon:
         message = compose(record, links)
         crashpoint("before-notify")
         self.notifier.send(message)
-        change(self.store, job_id, lambda r: setattr(r, "notified_at", now()))
+        change(self.store, job_id, lambda r: setattr(r, "notified_at", now()), current=record)
         crashpoint("after-notify")
 
     # ------------------------------------------------------------------ lifecycle
@@ -345,12 +356,12 @@ class Daemon:
             if record.state == RECEIVED:
                 self.intake_again(record)
             else:
-                self.submit(record.job_id)
+                self.submit(record.job_id, record=record)
         # a job finished but not yet announced was finished just before a stop: only recent records can be
         since = (datetime.now(timezone.utc) - timedelta(days=self.options.recover_days)).isoformat(timespec="milliseconds")
         for record in (r for state in (SUCCEEDED, FAILED, CANCELLED) for r in self.store.list(state, 100_000, since=since)):
             if not record.notified_at:
-                self.finish(record.job_id)
+                self.finish(record.job_id, record)
         return len(records)
 
     def intake_again(self, record: JobRecord) -> None:
@@ -358,11 +369,11 @@ class Daemon:
         try:
             job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=record.job_id)
         except (InputError, ValueError) as exc:
-            self._fail(record.job_id, "validate", getattr(exc, "message", str(exc)), "input")
-            return self.finish(record.job_id)
+            return self.finish(record.job_id, self._fail(record.job_id, "validate", getattr(exc, "message", str(exc)),
+                                                         "input", current=record))
         output = self.blobs.uri(job.output_uri(self.policy).key)
-        change(self.store, record.job_id, lambda r: setattr(r, "output", output), to=VALIDATED)
-        self.submit(record.job_id)
+        record = change(self.store, record.job_id, lambda r: setattr(r, "output", output), to=VALIDATED, current=record)
+        self.submit(record.job_id, job, record)
 
     def serve(self, health_port: int | None = None, install_signals: bool = True, grace_seconds: float | None = None) -> None:
         """Take deliveries until stop() (or SIGTERM). Then stop taking messages and give running
@@ -380,9 +391,12 @@ class Daemon:
                 log.exception("receiving failed; retrying")
                 self._stopping.wait(2.0)
                 continue
-            # a batch is recorded in parallel (each message acknowledged once its jobs have records)
-            for future in [self._intake.submit(self._handle_guarded, d) for d in deliveries]:
-                future.result()
+            # a batch is recorded in parallel, then the messages whose jobs all have records are
+            # acknowledged in one call
+            handled = [d for d, ok in zip(deliveries, self._intake.map(self._handle_guarded, deliveries)) if ok]
+            crashpoint("before-ack")
+            if handled:
+                self._ack(handled)
         self._intake.shutdown(wait=True)
         self._pool.shutdown(wait=grace_seconds is None, cancel_futures=True)
         if grace_seconds is not None:
@@ -400,6 +414,12 @@ class Daemon:
             os._exit(0)  # worker threads cannot be interrupted; their records are consistent as they are
         log.info("daemon stopped")
 
+    def _ack(self, deliveries: list[Delivery]) -> None:
+        try:
+            self.source.ack(deliveries)
+        except Exception:  # unacknowledged: delivered again, and the duplicate changes nothing
+            log.exception("could not acknowledge %d messages; they will be delivered again", len(deliveries))
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -409,7 +429,7 @@ class Daemon:
         class Health(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 body = json.dumps({"status": "stopping" if daemon._stopping.is_set() else "ok",
-                                   "inflight": len(daemon._inflight), **daemon.stats}).encode()
+                                   "inflight": len(daemon._inflight), **daemon.stats, "calls": daemon.calls()}).encode()
                 self.send_response(200 if self.path == "/health" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()

@@ -92,8 +92,13 @@ class SqsSource:
                 out.append(Delivery([], message["ReceiptHandle"], message["MessageId"], error=str(exc)))
         return out
 
-    def ack(self, delivery: Delivery) -> None:
-        self.client.delete_message(QueueUrl=self.queue_url, ReceiptHandle=delivery.receipt)
+    def ack(self, deliveries: list[Delivery]) -> None:
+        """Delete handled messages, ten to a call. One the queue refuses to delete is delivered again,
+        which is harmless (its job already has a record)."""
+        for start in range(0, len(deliveries), 10):
+            chunk = deliveries[start:start + 10]
+            self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=[
+                {"Id": str(i), "ReceiptHandle": d.receipt} for i, d in enumerate(chunk)])
 
 
 class FolderSource:
@@ -128,5 +133,5 @@ class FolderSource:
             self._stop.wait(self.poll_seconds)
         return fresh
 
-    def ack(self, delivery: Delivery) -> None:
-        pass
+    def ack(self, deliveries: list[Delivery]) -> None:
+        pass  # a file stays where it is; its record is what marks it taken

@@ -11,6 +11,7 @@ Two stores behind one interface: `SQLiteStore` (the embedded default) and `Dynam
 
 from __future__ import annotations
 
+import copy
 import json
 import sqlite3
 import threading
@@ -85,13 +86,16 @@ class Store(Protocol):
 
 
 def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to: str | None = None,
-           stage: str | None = None, note: str = "", retries: int = 20) -> JobRecord:
+           stage: str | None = None, note: str = "", current: JobRecord | None = None, retries: int = 20) -> JobRecord:
     """Read, mutate, write conditionally; re-read and retry when another writer got there first.
 
-    With `to`, the state moves (checked against ALLOWED) and the history gets an entry.
+    With `to`, the state moves (checked against ALLOWED) and the history gets an entry. `current`
+    is the caller's copy of the record (what its last change returned): the first try writes on it
+    without a read, and a conflict falls back to reading. Returns the record as written.
     """
     for _ in range(retries):
-        record = store.get(job_id)
+        record = copy.deepcopy(current) if current is not None else store.get(job_id)
+        current = None
         if record is None:
             raise KeyError(job_id)
         if to is not None and to not in ALLOWED[record.state] and not (to == record.state and stage == record.stage):

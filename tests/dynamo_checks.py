@@ -49,6 +49,22 @@ def test_a_stale_write_is_refused(store):
         store.put(stale, stale.version - 1)
 
 
+def test_a_change_from_the_callers_copy_reads_only_when_it_is_stale(store):
+    store.create(JobRecord(job_id="g1", job_key="k"))
+    mine = change(store, "g1", lambda r: None, to=VALIDATED)
+    reads = []
+    counting = type("Counting", (), {"get": lambda self, job_id: reads.append(job_id) or store.get(job_id),
+                                     "put": lambda self, r, v: store.put(r, v)})()
+    mine = change(counting, "g1", lambda r: None, to=QUEUED, current=mine)
+    assert reads == [] and store.get("g1").version == 2
+    change(store, "g1", lambda r: setattr(r, "cancel_requested", True))  # another writer (jobs cancel)
+    after = change(counting, "g1", lambda r: r.attempts.append({"n": 1}), to=RUNNING, stage="all", current=mine)
+    assert reads == ["g1"]  # the stale copy was refused, the record read again, and nothing was lost
+    assert after.cancel_requested and after.attempts == [{"n": 1}] and after.version == 4
+    assert mine.state == QUEUED  # the caller's copy is left as it was
+    assert store.get("g1").to_json() == after.to_json()
+
+
 def test_concurrent_writers_lose_nothing(store):
     store.create(JobRecord(job_id="d1", job_key="k"))
 

@@ -213,3 +213,6 @@ def test_many_jobs_at_once_each_run_once_within_the_bound(aws, standin):
     peak = httpx.post(f"{standin.url}/standin/knobs", json={}).json()["peak_running"]
     assert 1 <= peak <= 3
     assert daemon.stats["created"] == jobs and daemon.stats["duplicates"] >= jobs
+    calls = daemon.calls()  # what the daemon sent, counted at its clients
+    assert calls["sns"] == jobs
+    assert calls["s3"] <= 6 * jobs  # each: its document (read again for the duplicate), the media, one listing, the metrics
