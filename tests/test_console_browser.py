@@ -155,8 +155,13 @@ def test_login_upload_watch_view_resubmit_and_cancel(console, browser):
     browser.save_screenshot(str(ARTIFACTS / "viewer.png"))
     background = np.array([16, 20, 24])
     assert first.std() > 20 and (np.abs(first - background).sum(-1) > 30).mean() > 0.5, "the canvas is blank"
-    browser.execute_script("window.codsplatViewer.orbit(30)")
+    # an idle viewer draws nothing; moving the camera draws until the new view's sort is on screen
+    drawn = browser.execute_script("return window.codsplatViewer.frames")
     time.sleep(1.0)
+    assert browser.execute_script("return window.codsplatViewer.frames") == drawn, "an idle viewer kept drawing"
+    browser.execute_script("window.codsplatViewer.orbit(30)")
+    wait(lambda: browser.execute_script(
+        "const v = window.codsplatViewer; return v.settled && v.frames > arguments[0]", drawn), 60, "the orbited view")
     second = canvas_image(browser)
     Image.fromarray(second.astype(np.uint8)).save(ARTIFACTS / "viewer-orbit.png")
     assert np.abs(first - second).mean() > 8, "the picture did not change with the camera"

@@ -1,7 +1,10 @@
 // The splat viewer: three.js + Spark, bundled by esbuild into static/dist/viewer.js (no CDN at run time).
 // It reads the splat's URL from the page, opens at a held-out photo's camera (cameras.json) or else
 // frames the splat's bounding box, and orbits with the mouse.
-// window.codsplatViewer exposes `ready` and `orbit(degrees)` so tests (and people) can move the camera.
+// It draws only when something changed (the camera, the canvas size, or Spark finishing a sort), so an
+// idle viewer costs nothing: on a laptop or a software renderer a constant render loop holds the CPU/GPU.
+// window.codsplatViewer exposes `ready`, `settled` and `orbit(degrees)` so tests (and people) can move
+// the camera and know when the picture is final.
 import * as THREE from "three";
 import { OrbitControls } from "three/examples/jsm/controls/OrbitControls.js";
 import { SparkRenderer, SplatMesh } from "@sparkjsdev/spark";
@@ -23,13 +26,34 @@ async function start(container) {
   container.appendChild(renderer.domElement);
   const scene = new THREE.Scene();
   const camera = new THREE.PerspectiveCamera(50, 1, 0.01, 1000);
-  scene.add(new SparkRenderer({ renderer }));
+
+  // One frame per animation tick at most, and only when asked for.
+  let frames = 0;
+  let lastDraw = 0;
+  let requested = false;
+  const draw = () => {
+    if (requested) return;
+    requested = true;
+    requestAnimationFrame(() => {
+      requested = false;
+      renderer.render(scene, camera);
+      frames += 1;
+      lastDraw = performance.now();
+    });
+  };
+  // Spark calls onDirty when a sort (run in a worker after the view moved) is ready to be drawn.
+  const spark = new SparkRenderer({ renderer, onDirty: draw });
+  scene.add(spark);
+  // settled: the last frame drew the final sort for this view and nothing else is on its way
+  const settled = () =>
+    frames > 0 && !requested && !spark.dirty && !spark.sorting && !spark.sortDirty && performance.now() - lastDraw > 100;
 
   const resize = () => {
     const { clientWidth: w, clientHeight: h } = container;
     renderer.setSize(w, h, false);
     camera.aspect = w / Math.max(h, 1);
     camera.updateProjectionMatrix();
+    draw();
   };
   new ResizeObserver(resize).observe(container);
   resize();
@@ -62,22 +86,19 @@ async function start(container) {
     camera.position.copy(centre).add(new THREE.Vector3(0, radius * 0.3, radius * 1.6));
   }
   const controls = new OrbitControls(camera, renderer.domElement);
+  controls.addEventListener("change", draw); // the mouse, the wheel and orbit() all land here
   controls.target.copy(target);
   camera.near = radius / 500;
   camera.far = radius * 50;
   camera.updateProjectionMatrix();
   controls.update();
+  draw();
 
-  let frames = 0;
-  renderer.setAnimationLoop(() => {
-    controls.update();
-    renderer.render(scene, camera);
-    frames += 1;
-  });
   const viewer = {
     ready: false,
     splats: splat.numSplats,
     get frames() { return frames; },
+    get settled() { return settled(); },
     orbit(degrees) {
       const offset = camera.position.clone().sub(controls.target);
       offset.applyAxisAngle(camera.up, (degrees * Math.PI) / 180);
@@ -86,9 +107,13 @@ async function start(container) {
     },
   };
   window.codsplatViewer = viewer;
-  // ready once a few frames have been drawn with the splat loaded (Spark sorts in a worker first)
-  const wait = () => (frames > 10 ? (viewer.ready = true) : requestAnimationFrame(wait));
-  wait();
+  // ready once the loaded splat has been sorted for the opening view and drawn
+  const poll = setInterval(() => {
+    if (settled() && spark.lastSortTime > 0) {
+      viewer.ready = true;
+      clearInterval(poll);
+    }
+  }, 50);
 }
 
 const container = document.getElementById("viewer");
