@@ -9,6 +9,7 @@ SQS delivers at least once), so everything downstream is idempotent on the job i
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
+
+log = logging.getLogger("codsplat.events")
 
 
 class BadMessage(Exception):
@@ -97,8 +100,11 @@ class SqsSource:
         which is harmless (its job already has a record)."""
         for start in range(0, len(deliveries), 10):
             chunk = deliveries[start:start + 10]
-            self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=[
+            response = self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=[
                 {"Id": str(i), "ReceiptHandle": d.receipt} for i, d in enumerate(chunk)])
+            for failed in response.get("Failed", []):
+                log.warning("the queue did not delete message %s (%s); it will be delivered again",
+                            chunk[int(failed["Id"])].message_id, failed.get("Message") or failed.get("Code"))
 
 
 class FolderSource:

@@ -91,14 +91,18 @@ def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to
 
     With `to`, the state moves (checked against ALLOWED) and the history gets an entry. `current`
     is the caller's copy of the record (what its last change returned): the first try writes on it
-    without a read, and a conflict falls back to reading. Returns the record as written.
+    without a read, and a conflict (or a move the copy's state refuses) falls back to reading.
+    Returns the record as written.
     """
     for _ in range(retries):
-        record = copy.deepcopy(current) if current is not None else store.get(job_id)
+        from_copy = current is not None
+        record = copy.deepcopy(current) if from_copy else store.get(job_id)
         current = None
         if record is None:
             raise KeyError(job_id)
         if to is not None and to not in ALLOWED[record.state] and not (to == record.state and stage == record.stage):
+            if from_copy:
+                continue  # the copy may be behind the store: judge the move on the stored record
             raise InvalidTransition(f"{job_id}: {record.state} → {to} is not allowed")
         expected = record.version
         mutate(record)

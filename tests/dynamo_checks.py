@@ -63,6 +63,11 @@ def test_a_change_from_the_callers_copy_reads_only_when_it_is_stale(store):
     assert after.cancel_requested and after.attempts == [{"n": 1}] and after.version == 4
     assert mine.state == QUEUED  # the caller's copy is left as it was
     assert store.get("g1").to_json() == after.to_json()
+    # a move the stale copy's state refuses is judged on the stored record, which allows it
+    moved = change(counting, "g1", lambda r: None, to=SUCCEEDED, current=mine)
+    assert moved.state == SUCCEEDED and moved.version == 5 and reads == ["g1", "g1"]
+    with pytest.raises(InvalidTransition):  # and a move the stored record refuses is still refused
+        change(counting, "g1", lambda r: None, to=RUNNING, stage="train", current=after)
 
 
 def test_concurrent_writers_lose_nothing(store):

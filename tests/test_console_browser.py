@@ -161,7 +161,7 @@ def test_login_upload_watch_view_resubmit_and_cancel(console, browser):
     assert browser.execute_script("return window.codsplatViewer.frames") == drawn, "an idle viewer kept drawing"
     browser.execute_script("window.codsplatViewer.orbit(30)")
     wait(lambda: browser.execute_script(
-        "const v = window.codsplatViewer; return v.settled && v.frames > arguments[0]", drawn), 60, "the orbited view")
+        "const v = window.codsplatViewer; return v.ready && v.frames > arguments[0]", drawn), 60, "the orbited view")
     second = canvas_image(browser)
     Image.fromarray(second.astype(np.uint8)).save(ARTIFACTS / "viewer-orbit.png")
     assert np.abs(first - second).mean() > 8, "the picture did not change with the camera"

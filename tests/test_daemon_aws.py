@@ -11,6 +11,7 @@ import boto3
 import pytest
 
 from codsplat.orchestrator.assemble import build_daemon
+from codsplat.orchestrator.events import Delivery, SqsSource
 from codsplat.orchestrator.provision import provision
 from codsplat.orchestrator.records import DynamoStore
 from codsplat.orchestrator.settings import Settings
@@ -98,6 +99,22 @@ def test_unreadable_messages_are_recorded_then_dead_lettered(aws):
     assert dead and dead[0]["Body"] == "this is not json"
     [record] = [r for r in daemon.store.list("FAILED") if r.job_id.startswith("message-")]
     assert "Unreadable queue message: message body is not JSON" in record.error["message"]
+
+
+def test_acknowledging_deletes_in_batches_and_names_a_message_the_queue_kept(moto_server, caplog):
+    sqs = boto3.client("sqs", endpoint_url=moto_server.url, region_name="us-east-1")
+    queue = sqs.create_queue(QueueName=f"ack-{time.time_ns()}")["QueueUrl"]
+    for n in range(13):
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"n": n}))
+    source, deliveries = SqsSource(sqs, queue, wait_seconds=1), []
+    while len(deliveries) < 13:
+        deliveries += source.receive()
+    kept = Delivery([], "not-a-receipt-handle", "message-that-stays")
+    source.ack(deliveries[:6] + [kept] + deliveries[6:])  # 14 entries: two DeleteMessageBatch calls
+    counts = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert counts["ApproximateNumberOfMessages"] == counts["ApproximateNumberOfMessagesNotVisible"] == "0"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "codsplat.events"]
+    assert len(warnings) == 1 and "message-that-stays" in warnings[0] and "receipt handle" in warnings[0]
 
 
 def fallback_settings(aws, **extra):

@@ -3,8 +3,8 @@
 // frames the splat's bounding box, and orbits with the mouse.
 // It draws only when something changed (the camera, the canvas size, or Spark finishing a sort), so an
 // idle viewer costs nothing: on a laptop or a software renderer a constant render loop holds the CPU/GPU.
-// window.codsplatViewer exposes `ready`, `settled` and `orbit(degrees)` so tests (and people) can move
-// the camera and know when the picture is final.
+// window.codsplatViewer exposes `ready` (the picture on screen is final for this view) and
+// `orbit(degrees)`, so tests (and people) can move the camera and know when it has been drawn.
 import * as THREE from "three";
 import { OrbitControls } from "three/examples/jsm/controls/OrbitControls.js";
 import { SparkRenderer, SplatMesh } from "@sparkjsdev/spark";
@@ -44,9 +44,6 @@ async function start(container) {
   // Spark calls onDirty when a sort (run in a worker after the view moved) is ready to be drawn.
   const spark = new SparkRenderer({ renderer, onDirty: draw });
   scene.add(spark);
-  // settled: the last frame drew the final sort for this view and nothing else is on its way
-  const settled = () =>
-    frames > 0 && !requested && !spark.dirty && !spark.sorting && !spark.sortDirty && performance.now() - lastDraw > 100;
 
   const resize = () => {
     const { clientWidth: w, clientHeight: h } = container;
@@ -95,10 +92,13 @@ async function start(container) {
   draw();
 
   const viewer = {
-    ready: false,
     splats: splat.numSplats,
+    // ready: the last frame drew a finished sort for this view, and nothing else is on its way
+    get ready() {
+      return spark.lastSortTime > 0 && !requested && !spark.dirty && !spark.sorting && !spark.sortDirty &&
+        performance.now() - lastDraw > 100;
+    },
     get frames() { return frames; },
-    get settled() { return settled(); },
     orbit(degrees) {
       const offset = camera.position.clone().sub(controls.target);
       offset.applyAxisAngle(camera.up, (degrees * Math.PI) / 180);
@@ -107,13 +107,6 @@ async function start(container) {
     },
   };
   window.codsplatViewer = viewer;
-  // ready once the loaded splat has been sorted for the opening view and drawn
-  const poll = setInterval(() => {
-    if (settled() && spark.lastSortTime > 0) {
-      viewer.ready = true;
-      clearInterval(poll);
-    }
-  }, 50);
 }
 
 const container = document.getElementById("viewer");
