@@ -1,9 +1,12 @@
-"""`rasterize()`: 3D Gaussians → images, on CUDA with gsplat and on the CPU in plain torch.
+"""`rasterize()`: 3D Gaussians → images, on CUDA with gsplat and on the CPU with compiled kernels.
 
 One function, one interface, so that training and evaluation are a single piece of code for both
 devices. On CUDA it is `gsplat.rasterization(packed=False)`. On the CPU it is a differentiable tile
-rasterizer built on gsplat's own torch projection and SH helpers (`gsplat.cuda._torch_impl`, which
-run anywhere) and a vectorised per-tile compositor that follows gsplat's CUDA kernel rule for rule:
+rasterizer: gsplat's own torch projection and SH helpers (`gsplat.cuda._torch_impl`, which run
+anywhere), then alpha compositing by the compiled kernels of `raster_cpu` (numba, parallel over
+tiles). The vectorised torch compositor here is their reference and their fallback: where the
+kernels cannot load, the run says so once in its log and goes on in torch. Both follow gsplat's CUDA
+kernel rule for rule:
 
 - pixel centres at (x + 0.5, y + 0.5); tiles of `tile_size` pixels; a Gaussian touches the tiles
   its 3.33-sigma box overlaps (the same `radii` as gsplat);
@@ -18,16 +21,20 @@ The returned `meta` carries the keys gsplat's densification strategies read (`me
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+log = logging.getLogger("codsplat.raster")
+
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
 T_MIN = 1e-4
-CPU_TILE_SIZE = 8  # on the CPU, small tiles waste fewer pixel-Gaussian pairs (2.5x faster than 16 at 128²)
+CPU_TILE_SIZE = 8  # on the CPU, small tiles waste fewer pixel-Gaussian pairs (benchmarks/results/raster_cpu.json)
 CHUNK_ELEMENTS = 1 << 22  # tiles × Gaussians-per-tile × pixels-per-tile processed at once (memory bound)
 
 
@@ -51,9 +58,10 @@ def rasterize(
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Render C views. Returns colours [C, H, W, D], alphas [C, H, W, 1] and meta.
 
-    The device of `means` decides the implementation: CUDA → gsplat's kernels, CPU → torch.
-    `tile_size` defaults to 16 on CUDA (gsplat's) and 8 on the CPU; it changes speed, not the image
-    (a Gaussian's 3.33-sigma box already ends where its alpha falls below 1/255).
+    The device of `means` decides the implementation: CUDA → gsplat's kernels, CPU → the compiled
+    kernels (or the torch reference where they cannot load). `tile_size` defaults to 16 on CUDA
+    (gsplat's) and 8 on the CPU; it changes speed, not the image (a Gaussian's 3.33-sigma box
+    already ends where its alpha falls below 1/255).
     """
     if means.is_cuda:
         from gsplat import rasterization
@@ -63,11 +71,40 @@ def rasterize(
             sh_degree=sh_degree, backgrounds=backgrounds, near_plane=near_plane, far_plane=far_plane,
             eps2d=eps2d, tile_size=tile_size or 16, packed=False,
         )
-    return rasterize_torch(
+    return rasterize_cpu(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         sh_degree=sh_degree, backgrounds=backgrounds, near_plane=near_plane, far_plane=far_plane,
-        eps2d=eps2d, tile_size=tile_size or CPU_TILE_SIZE,
+        eps2d=eps2d, tile_size=tile_size or CPU_TILE_SIZE, kernels=cpu_kernels(),
     )
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """What the CPU rasterizer runs: a projection (with SH colours) over every camera, and a
+    compositor for one view. The compiled pair (`raster_cpu`) and the torch pair here share contracts."""
+
+    name: str
+    project: Callable  # (means, quats, scales, colors, viewmats, Ks, W, H, sh_degree, eps2d, near, far) → radii, means2d, depths, conics, feats
+    composite: Callable  # (means2d, conics, opacities, feats, depths, radii, W, H, tile_size, background) → image, alpha
+
+
+_LOADED: list[CpuKernels] = []
+
+
+def cpu_kernels() -> CpuKernels:
+    """The compiled kernels, loaded on first use (compiled by numba, or read from its on-disk cache);
+    the torch reference when they cannot load, said once in the log."""
+    if not _LOADED:
+        try:
+            from . import raster_cpu
+
+            raster_cpu.warm_up()
+            _LOADED.append(CpuKernels("compiled", raster_cpu.project, raster_cpu.composite))
+        except Exception as exc:  # noqa: BLE001 - any failure to load means the reference path
+            log.warning("the compiled CPU rasterizer could not load (%s: %s); training goes on with the "
+                        "torch tile rasterizer, which is several times slower", exc.__class__.__name__, exc)
+            _LOADED.append(TORCH)
+    return _LOADED[0]
 
 
 def project(means, quats, scales, viewmats, Ks, width, height, *, eps2d=0.3, near_plane=0.01, far_plane=1e10):
@@ -101,6 +138,17 @@ def project_visible(means, quats, scales, viewmats, Ks, width, height, **kw):
     return radii, means2d, depths, conics
 
 
+def project_torch(means, quats, scales, colors, viewmats, Ks, width, height, sh_degree, eps2d, near_plane, far_plane):
+    """Every camera: radii [C,N,2], means2d [C,N,2], depths [C,N], conics [C,N,3], colours [C,N,D]."""
+    radii, means2d, depths, conics = project_visible(
+        means, quats, scales, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane)
+    if sh_degree is not None:
+        feats = sh_to_rgb(means, colors, viewmats, sh_degree)
+    else:
+        feats = colors if colors.dim() == 3 else colors[None].expand(viewmats.shape[0], *colors.shape)
+    return radii, means2d, depths, conics, feats
+
+
 def sh_to_rgb(means: Tensor, coeffs: Tensor, viewmats: Tensor, sh_degree: int) -> Tensor:
     """View-dependent colour per camera [C, N, 3] from SH coefficients [N, K, 3]."""
     from gsplat.cuda._torch_impl import _spherical_harmonics
@@ -111,22 +159,21 @@ def sh_to_rgb(means: Tensor, coeffs: Tensor, viewmats: Tensor, sh_degree: int) -
     return torch.clamp_min(_spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
 
 
-def rasterize_torch(
+def rasterize_cpu(
     means, quats, scales, opacities, colors, viewmats, Ks, width, height, *,
-    sh_degree=None, backgrounds=None, near_plane=0.01, far_plane=1e10, eps2d=0.3, tile_size=16,
+    sh_degree=None, backgrounds=None, near_plane=0.01, far_plane=1e10, eps2d=0.3, tile_size=CPU_TILE_SIZE,
+    kernels: CpuKernels | None = None,
 ):
+    """The CPU rasterizer over a pair of kernels; with `TORCH` (the default) it is the reference."""
+    kernels = kernels or TORCH
     C, N = viewmats.shape[0], means.shape[0]
-    radii, means2d, depths, conics = project_visible(
-        means, quats, scales, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane
-    )
-    if sh_degree is not None:
-        feats = sh_to_rgb(means, colors, viewmats, sh_degree)
-    else:
-        feats = colors if colors.dim() == 3 else colors[None].expand(C, *colors.shape)
+    radii, means2d, depths, conics, feats = kernels.project(
+        means, quats, scales, colors, viewmats, Ks, width, height, sh_degree, eps2d, near_plane, far_plane)
     images, alphas = [], []
     for c in range(C):
         bg = backgrounds[c] if backgrounds is not None else None
-        img, alpha = composite(means2d[c], conics[c], opacities, feats[c], depths[c], radii[c], width, height, tile_size, bg)
+        img, alpha = kernels.composite(means2d[c], conics[c], opacities, feats[c], depths[c], radii[c], width, height,
+                                       tile_size, bg)
         images.append(img)
         alphas.append(alpha)
     meta = {
@@ -235,3 +282,6 @@ def _blend_tiles(px, py, mu, conic, opacity, feat, valid):
     weights = alpha * t_excl  # [n, K, P]
     color = torch.einsum("nkp,nkd->npd", weights, feat)
     return color, t_incl[:, -1]
+
+
+TORCH = CpuKernels("torch", project_torch, composite)

@@ -26,7 +26,7 @@ from . import splats as splat_io
 from .config import TrainConfig
 from .errors import EnvironmentProblem, InputError, QualityError
 from .metrics import psnr, ssim
-from .raster import rasterize
+from .raster import cpu_kernels, rasterize
 from .scene import Scene, View, load_scene
 from .stages import StageContext
 
@@ -171,7 +171,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     (out / "eval.json").write_text(json.dumps(evaluation, indent=2))
     (out / CAMERAS).write_text(json.dumps({"views": [camera_json(v) for v in scene.test]}, indent=2))
     return {
-        **stats, "device": device.type, "sh_degree": sh_degree, "train_views": len(scene.train),
+        **stats, "device": device.type, "rasterizer": "gsplat-cuda" if device.type == "cuda" else cpu_kernels().name,
+        "sh_degree": sh_degree, "train_views": len(scene.train),
         "test_views": len(scene.test), "resolution": [scene.train[0].width, scene.train[0].height],
         "scene_scale": round(scene.scale, 4), "psnr": evaluation["psnr"], "ssim": evaluation["ssim"],
     }

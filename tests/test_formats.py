@@ -2,8 +2,10 @@
 
 import csv
 import gzip
+import json
 import struct
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,22 +87,70 @@ def test_spz_version_3_header(tmp_path):
     assert len(raw) == 16 + 7 * (9 + 1 + 3 + 3 + 4 + 8 * 3)
 
 
+def reference(*args: str, tmp_path=None) -> str:
+    """Niantic's reference library (tests/spz_reference.mjs), as a spec-following reader/writer."""
+    proc = subprocess.run(["node", str(Path(__file__).with_name("spz_reference.mjs")), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def as_reference_cloud(params, sh_degree):
+    """A cloud as the reference library holds one: xyzw quaternions, SH as [point][coefficient][colour]."""
+    k = (sh_degree + 1) ** 2 - 1
+    q = params["quats"].numpy()
+    return {"numPoints": len(q), "shDegree": sh_degree, "positions": params["means"].numpy().ravel().tolist(),
+            "scales": params["scales"].numpy().ravel().tolist(),
+            "rotations": np.concatenate([q[:, 1:], q[:, :1]], axis=1).ravel().tolist(),
+            "alphas": params["opacities"].numpy().tolist(), "colors": params["sh0"].numpy().ravel().tolist(),
+            "sh": params["shN"][:, :k].numpy().ravel().tolist()}
+
+
 @pytest.mark.parametrize("sh_degree", [0, 1, 3])
-def test_spz_read_by_splat_transform_within_quantisation(tmp_path, splat_transform, sh_degree):
+def test_spz_is_byte_for_byte_what_the_reference_writer_writes_from_rdf(tmp_path, sh_degree):
+    """The spec stores RUB; the reference writer, told the cloud is RDF (as trained, as in the .ply),
+    turns it over. Ours must write the same bytes, saturated opacities (stored as 255) included."""
+    params = cloud(n=400, sh_degree=sh_degree, seed=10 + sh_degree)
+    params["opacities"][:20] = 9.0  # sigmoid(9) * 255 rounds to 255: saturated, as the reference stores it
+    (tmp_path / "cloud.json").write_text(json.dumps(as_reference_cloud(params, sh_degree)))
+    reference("write", tmp_path / "cloud.json", tmp_path / "ref.spz")
+    formats.write(params, sh_degree, "spz", tmp_path / "ours.spz")
+    ref, ours = (gzip.decompress((tmp_path / f).read_bytes()) for f in ("ref.spz", "ours.spz"))
+    assert len(ours) == len(ref)
+    diff = np.frombuffer(ours, np.uint8) != np.frombuffer(ref, np.uint8)
+    assert not diff.any(), f"{diff.sum()} bytes differ, first at {np.argmax(diff)}"
+
+
+@pytest.mark.parametrize("sh_degree", [0, 1, 3])
+def test_spz_read_by_the_reference_reader_in_rdf_matches_the_ply_axes(tmp_path, sh_degree):
     params = cloud(sh_degree=sh_degree, seed=sh_degree)
     path = tmp_path / "s.spz"
     formats.write(params, sh_degree, "spz", path)
-    cols = read_csv(splat_transform, path, tmp_path)
+    got = json.loads(reference("read", path, "RDF"))
     p = {k: v.numpy() for k, v in params.items()}
-    for i, axis in enumerate("xyz"):
-        np.testing.assert_allclose(cols[axis], p["means"][:, i], atol=1.5 / 4096)
-        np.testing.assert_allclose(cols[f"scale_{i}"], p["scales"][:, i], atol=1 / 32 + 1e-4)
-        np.testing.assert_allclose(cols[f"f_dc_{i}"], p["sh0"][:, 0, i], atol=0.5 / (0.15 * 255) + 1e-3)
-    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
-    np.testing.assert_allclose(sigmoid(cols["opacity"]), sigmoid(p["opacities"]), atol=0.6 / 255)
-    assert same_rotation(p["quats"], cols).min() > 0.998
-    k = (sh_degree + 1) ** 2 - 1
-    for j in range(k):  # f_rest_{c*k + j}: channel-major, as in .ply
+    n, k = len(p["means"]), (sh_degree + 1) ** 2 - 1
+    assert (got["numPoints"], got["shDegree"]) == (n, sh_degree)
+    np.testing.assert_allclose(np.reshape(got["positions"], (n, 3)), p["means"], atol=0.5 / 4096 + 1e-6)
+    np.testing.assert_allclose(np.reshape(got["scales"], (n, 3)), p["scales"], atol=1 / 32 + 1e-4)
+    np.testing.assert_allclose(np.reshape(got["colors"], (n, 3)), p["sh0"][:, 0], atol=0.5 / (0.15 * 255) + 1e-4)
+    sigmoid = lambda x: 1 / (1 + np.exp(-np.asarray(x, float)))  # noqa: E731
+    np.testing.assert_allclose(sigmoid(got["alphas"]), sigmoid(p["opacities"]), atol=0.5 / 255 + 1e-6)
+    xyzw = np.reshape(got["rotations"], (n, 4))
+    assert same_rotation(p["quats"], {f"rot_{i}": xyzw[:, (i - 1) % 4] for i in range(4)}).min() > 0.998
+    sh = np.reshape(got["sh"], (n, k, 3))
+    for j in range(k):  # 5 bits for degree 1, 4 bits above: half a bucket, plus the 1/128 grid
         step = 8 / 128 if j < 3 else 16 / 128
-        for c in range(3):
-            np.testing.assert_allclose(cols[f"f_rest_{c * k + j}"], p["shN"][:, j, c], atol=step / 2 + 1 / 128)
+        np.testing.assert_allclose(sh[:, j], p["shN"][:, j], atol=step / 2 + 1 / 128)
+
+
+def test_spz_stores_rub_which_raw_readers_see_turned_over(tmp_path, splat_transform):
+    """splat-transform 3.7 reads SPZ raw (no conversion): it sees the stored RUB axes, y and z of
+    the .ply's negated. (The console's viewer, also a raw reader, turns .spz accordingly.)"""
+    params = cloud(sh_degree=0, seed=7)
+    path = tmp_path / "s.spz"
+    formats.write(params, 0, "spz", path)
+    cols = read_csv(splat_transform, path, tmp_path)
+    means = params["means"].numpy()
+    np.testing.assert_allclose(cols["x"], means[:, 0], atol=1 / 4096)
+    np.testing.assert_allclose(cols["y"], -means[:, 1], atol=1 / 4096)
+    np.testing.assert_allclose(cols["z"], -means[:, 2], atol=1 / 4096)

@@ -55,9 +55,12 @@ async function start(container) {
   new ResizeObserver(resize).observe(container);
   resize();
 
+  // The world is COLMAP's (x right, y down, z ahead: RDF); three.js's is RUB. The .ply and .splat
+  // hold RDF, so they are turned over (180° about x). The .spz holds RUB, as its spec says, and
+  // Spark reads it as stored, so it is drawn as it is. The cameras are RDF whatever the file.
+  const rdfToWorld = new THREE.Matrix4().makeRotationX(Math.PI);
   const splat = new SplatMesh({ url });
-  // COLMAP looks down +z with y down; three.js looks down -z with y up: turn the world over.
-  splat.quaternion.set(1, 0, 0, 0);
+  if (!new URL(url, window.location.href).pathname.endsWith(".spz")) splat.quaternion.set(1, 0, 0, 0);
   scene.add(splat);
   await splat.initialized;
 
@@ -69,7 +72,7 @@ async function start(container) {
   let target = centre;
   if (photo) {
     // open where a held-out photo was taken, looking the way it looked
-    const toWorld = (v) => v.applyMatrix4(splat.matrixWorld);
+    const toWorld = (v) => v.applyMatrix4(rdfToWorld);
     const c2w = new THREE.Matrix4().set(...photo.world_to_camera.flat()).invert();
     const eye = toWorld(new THREE.Vector3().setFromMatrixPosition(c2w));
     const ahead = toWorld(new THREE.Vector3(0, 0, 1).applyMatrix4(c2w)).sub(eye).normalize();
