@@ -23,7 +23,7 @@ from aws_cdk import aws_ssm as ssm
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
-from codsplat.orchestrator.fallback import ASL_PATH
+from codsplat.orchestrator.executors.sagemaker import ASL_PATH
 from codsplat.orchestrator.provision import DLQ_RETENTION_SECONDS, MAX_RECEIVE_COUNT, QUEUE_VISIBILITY_SECONDS, SSM_PATH
 from codsplat.orchestrator.records import DynamoStore
 from codsplat.orchestrator.settings import Settings

@@ -11,7 +11,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from codsplat.orchestrator.fallback import ASL_PATH
+from codsplat.orchestrator.executors.sagemaker import ASL_PATH
 from codsplat.orchestrator.provision import SSM_PATH
 
 from .base import BaseStack

@@ -1,25 +1,29 @@
 """A small typed client for Bacalhau's v1 orchestrator API, on httpx.
 
-Facts it relies on (see shared/reference/bacalhau/NOTES.md): keys are PascalCase; job states are
-strings; execution ComputeState is an integer whose numbering changed in v1.6 (so `version()` is
-read once and the numbers are mapped to `ExecutionState` names); the log WebSocket is best effort,
-state is followed by polling. Server errors become `BacalhauError` subclasses that carry the
+Facts it relies on (see shared/reference/bacalhau/NOTES.md and the upstream files named below):
+keys are PascalCase; job states are strings; execution ComputeState is an integer whose numbering
+changed in v1.6 (so `version()` is read once and the numbers are mapped to `ExecutionState` names);
+a node's GPUs are `models.GPU` with no json tags (`Name`, `Memory` in MiB, `Vendor`, `Index`:
+pkg/models/resource.go), its capacity is CPU units, bytes and a GPU count; the log WebSocket is best
+effort, state is followed by polling. Server errors become `BacalhauError` subclasses that carry the
 server's own message.
 
-    client = BacalhauClient.from_env()          # BACALHAU_API_HOST / BACALHAU_API_PORT / ...
+    client = BacalhauClient.from_settings(settings)   # BACALHAU_API_HOST / _PORT / _KEY / ... via Settings
     job_id = client.submit(spec).job_id
-    info = client.describe(job_id)              # state, executions (with RunOutput), history
+    info = client.describe(job_id)                    # state, executions (with RunOutput), history
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import httpx
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 DEFAULT_PORT = 1234
 
@@ -106,17 +110,18 @@ class Execution:
     id: str
     node_id: str
     state: ExecutionState
-    message: str = ""
-    exit_code: int | None = None
-    error_msg: str = ""
-    stdout: str = ""
+    message: str = ""  # ComputeState.Message: why a failed execution failed (a system error)
+    exit_code: int | None = None  # RunOutput.ExitCode: set once the container ran
+    error_msg: str = ""  # RunOutput.ErrorMsg
+    stdout: str = ""  # RunOutput.Stdout: the FIRST 2 KiB of the container's stdout (pkg/executor/results.go)
     stderr: str = ""
     details: dict[str, str] = field(default_factory=dict)
+    create_time: int = 0
 
     @property
     def failure(self) -> str:
-        """The most useful text about why it failed: error, then the end of stderr."""
-        parts = [self.error_msg or self.message] + ([self.stderr.strip()[-2000:]] if self.stderr.strip() else [])
+        """The most useful text about why it failed: the error, then the start of stderr."""
+        parts = [self.error_msg or self.message] + ([self.stderr.strip()[:2000]] if self.stderr.strip() else [])
         return "\n".join(p for p in parts if p)
 
 
@@ -129,9 +134,34 @@ class Job:
     labels: dict[str, str]
     meta: dict[str, str]
     create_time: int
+    modify_time: int = 0
     executions: list[Execution] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def gpu_label(name: str) -> str:
+    """A GPU model in the form node labels give it: `NVIDIA A10G` → `NVIDIA-A10G` (pkg/compute/capacity/labels.go)."""
+    return "-".join(name.split())
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str  # as the driver reports it, "NVIDIA A10G"
+    memory_mib: int
+    vendor: str
+
+    @property
+    def label(self) -> str:
+        return gpu_label(self.name)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpu: float = 0.0  # units
+    memory: int = 0  # bytes
+    disk: int = 0  # bytes
+    gpu: int = 0  # count
 
 
 @dataclass
@@ -139,9 +169,14 @@ class Node:
     id: str
     labels: dict[str, str]
     connected: bool
-    gpu_models: list[str]
-    gpus_available: int
-    gpus_total: int
+    approved: bool
+    gpus: list[GPU]
+    max: Capacity  # what the node offers Bacalhau (its allocated share of the machine)
+    available: Capacity
+
+    @property
+    def gpu_models(self) -> list[str]:
+        return [g.label for g in self.gpus]
 
 
 @dataclass(frozen=True)
@@ -161,6 +196,7 @@ def _parse_job(raw: dict[str, Any], version: tuple[int, int]) -> Job:
         id=job.get("ID", ""), name=job.get("Name", ""),
         state=JobState(state.get("StateType", "Undefined")), message=state.get("Message", ""),
         labels=job.get("Labels") or {}, meta=job.get("Meta") or {}, create_time=int(job.get("CreateTime") or 0),
+        modify_time=int(job.get("ModifyTime") or 0),
         executions=executions, history=(raw.get("History") or {}).get("Items") or [], raw=raw,
     )
 
@@ -173,22 +209,25 @@ def _parse_execution(e: dict[str, Any], version: tuple[int, int]) -> Execution:
         state=execution_state(int(compute.get("StateType", 0)), version), message=compute.get("Message", ""),
         exit_code=out.get("ExitCode"), error_msg=out.get("ErrorMsg", ""), stdout=out.get("Stdout", ""),
         stderr=out.get("stderr", out.get("Stderr", "")),  # the server sends lowercase "stderr"
-        details=compute.get("Details") or {},
+        details=compute.get("Details") or {}, create_time=int(e.get("CreateTime") or 0),
     )
 
 
+def _capacity(r: dict[str, Any] | None) -> Capacity:
+    r = r or {}  # models.Resources: CPU float, Memory and Disk in bytes, GPU a count (omitempty)
+    return Capacity(float(r.get("CPU") or 0), int(r.get("Memory") or 0), int(r.get("Disk") or 0), int(r.get("GPU") or 0))
+
+
 def _parse_node(n: dict[str, Any]) -> Node:
+    """A models.NodeState (pkg/models/node_state.go, node_info.go)."""
     info = n.get("Info") or {}
     compute = info.get("ComputeNodeInfo") or {}
-    labels = info.get("Labels") or {}
-    total = (compute.get("MaxCapacity") or {}).get("GPU") or 0
-    available = (compute.get("AvailableCapacity") or {}).get("GPU") or 0
-    models = [g.get("name", "") for g in (compute.get("MaxCapacity") or {}).get("GPUs") or []]
+    gpus = [GPU(str(g.get("Name", "")), int(g.get("Memory") or 0), str(g.get("Vendor", "")))
+            for g in (compute.get("MaxCapacity") or {}).get("GPUs") or []]
     connection = (n.get("ConnectionState") or {}).get("Status") or n.get("Connection")
-    connected = connection in (0, "CONNECTED", "connected", {"connection": 0})
-    return Node(id=info.get("NodeID", ""), labels=labels, connected=connected,
-                gpu_models=models or [v for k, v in sorted(labels.items()) if k.startswith("GPU-") and k.count("-") == 1],
-                gpus_available=int(available), gpus_total=int(total))
+    return Node(id=info.get("NodeID", ""), labels=info.get("Labels") or {}, connected=connection == "CONNECTED",
+                approved=n.get("Membership", "APPROVED") == "APPROVED", gpus=gpus,
+                max=_capacity(compute.get("MaxCapacity")), available=_capacity(compute.get("AvailableCapacity")))
 
 
 class BacalhauClient:
@@ -214,17 +253,12 @@ class BacalhauClient:
         self._token, self._basic, self._verify = token, basic, verify
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "BacalhauClient":
-        """BACALHAU_API_HOST, BACALHAU_API_PORT, BACALHAU_API_TLS_USETLS, BACALHAU_API_KEY (bearer),
-        BACALHAU_API_USERNAME/PASSWORD (basic), BACALHAU_API_TLS_CACERT, BACALHAU_API_TLS_INSECURE."""
-        env = os.environ
-        host = env.get("BACALHAU_API_HOST", "127.0.0.1")
-        port = env.get("BACALHAU_API_PORT", str(DEFAULT_PORT))
-        tls = env.get("BACALHAU_API_TLS_USETLS", "").lower() in ("1", "true", "yes")
-        verify: bool | str = env.get("BACALHAU_API_TLS_CACERT") or not env.get("BACALHAU_API_TLS_INSECURE")
-        basic = (env["BACALHAU_API_USERNAME"], env.get("BACALHAU_API_PASSWORD", "")) if env.get("BACALHAU_API_USERNAME") else None
-        kwargs = {"token": env.get("BACALHAU_API_KEY"), "basic": basic, "verify": verify, **overrides}
-        return cls(f"{'https' if tls else 'http'}://{host}:{port}", **kwargs)
+    def from_settings(cls, settings: "Settings", **overrides: Any) -> "BacalhauClient":
+        """The endpoint, TLS and credentials of `settings` (BACALHAU_API_HOST, _PORT, _TLS_USETLS,
+        _TLS_CACERT, _TLS_INSECURE, _KEY for a bearer token, _USERNAME/_PASSWORD for basic auth)."""
+        verify: bool | str = settings.bacalhau_ca_cert or not settings.bacalhau_insecure
+        basic = (settings.bacalhau_username, settings.bacalhau_password or "") if settings.bacalhau_username else None
+        return cls(settings.bacalhau_url, **{"token": settings.bacalhau_api_key, "basic": basic, "verify": verify, **overrides})
 
     def close(self) -> None:
         self._http.close()
@@ -280,18 +314,26 @@ class BacalhauClient:
         raw = self._request("GET", f"/api/v1/orchestrator/jobs/{job_id}", params={"include": include} if include else None)
         return _parse_job(raw, self.version().tuple)
 
-    def list_jobs(self, labels: dict[str, str] | None = None, limit: int = 100) -> list[Job]:
-        """Every job matching the labels (all pages), newest first."""
-        params: dict[str, Any] = {"limit": limit, "order_by": "created_at", "reverse": "true"}
-        if labels:
-            params["labels"] = ",".join(f"{k}={v}" for k, v in labels.items())
-        jobs, token = [], None
+    def iter_jobs(self, selector: str = "", order_by: str = "created_at", limit: int = 100,
+                  namespace: str | None = None) -> Iterator[Job]:
+        """Jobs matching a label selector (`codsplat-job=abc`, or `codsplat-job` for any value),
+        newest first by `order_by` (created_at or modified_at), page by page as they are read."""
+        params: dict[str, Any] = {"limit": limit, "order_by": order_by, "reverse": "true"}
+        if selector:
+            params["labels"] = selector
+        if namespace:
+            params["namespace"] = namespace
+        token = None
         while True:
             body = self._request("GET", "/api/v1/orchestrator/jobs", params={**params, **({"next_token": token} if token else {})})
-            jobs += [_parse_job(j, self.version().tuple) for j in body.get("Items") or []]
+            yield from (_parse_job(j, self.version().tuple) for j in body.get("Items") or [])
             token = body.get("NextToken")
             if not token:
-                return jobs
+                return
+
+    def list_jobs(self, labels: dict[str, str] | None = None, limit: int = 100) -> list[Job]:
+        """Every job matching the labels (all pages), newest first."""
+        return list(self.iter_jobs(",".join(f"{k}={v}" for k, v in (labels or {}).items()), limit=limit))
 
     def executions(self, job_id: str) -> list[Execution]:
         body = self._request("GET", f"/api/v1/orchestrator/jobs/{job_id}/executions")

@@ -24,6 +24,8 @@ class Blobs(Protocol):
     def upload_dir(self, src: Path, prefix: str) -> list[str]: ...
     def link(self, key: str, seconds: int) -> str: ...
     def uri(self, key: str) -> str: ...
+    def local_path(self, key: str) -> Path | None:
+        """The key as a file or folder on this machine (embedded mode), or None (S3)."""
 
 
 class S3Blobs:
@@ -91,6 +93,9 @@ class S3Blobs:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def local_path(self, key: str) -> Path | None:
+        return None
+
 
 class FolderBlobs:
     def __init__(self, root: Path):
@@ -145,3 +150,6 @@ class FolderBlobs:
 
     def uri(self, key: str) -> str:
         return str(self._path(key))
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)

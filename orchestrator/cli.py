@@ -1,9 +1,13 @@
-"""`codsplat` command line: the pipeline's `run`, plus job documents and Bacalhau.
+"""`codsplat`: the control plane's command line. It loads the worker (torch, pycolmap) for `run`
+alone, so every other command starts in a fraction of a second.
 
+    codsplat run INPUT --out DIR ...      the pipeline, on this machine (the worker's own command line)
     codsplat validate job.json            every error, or the normalised job with defaults
     codsplat jobspec job.json [--stage]   the Bacalhau job specs the job becomes (YAML)
-    codsplat submit job.json --backend bacalhau
-    codsplat status JOB_ID · codsplat logs JOB_ID
+    codsplat submit job.json              run it on Bacalhau and follow it to the end
+    codsplat nodes [--job job.json]       the Bacalhau nodes, and whether any can take a job
+    codsplat status ID · codsplat logs ID · codsplat exit-codes
+    codsplat daemon · codsplat jobs list|show|cancel · codsplat console
 """
 
 from __future__ import annotations
@@ -21,28 +25,51 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from codsplat.pipeline.cli import app, err, fail
-from codsplat.pipeline.errors import EXIT_INTERNAL, EXIT_USAGE, PipelineError
+from codsplat.pipeline.contract import EXIT_CANNOT_RUN, EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, SPLIT, exit_code
+from codsplat.pipeline.errors import CannotRun as CannotRunError
+from codsplat.pipeline.errors import PipelineError, usage_error
 
-from .bacalhau import BacalhauClient, BacalhauError
 from .job import load_job
-from .runner import Attempt, BacalhauRunner, CannotRunHere, Hooks, JobFailed
 from .settings import load_settings
-from .translate import SPLIT, stages_of, translate_all
 
-EXIT_CANNOT_RUN = 6  # Bacalhau cannot run the job here (no GPU node, queue timeout, repeated failures)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="codsplat: video or photos in, 3D Gaussian splat out; on this machine, Bacalhau or SageMaker.")
+jobs_app = typer.Typer(help="Read and change job records.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+err = Console(stderr=True, soft_wrap=True)
 SettingsOption = typer.Option(None, "--settings", help="Deployment settings file (YAML/JSON); CODSPLAT_* variables override it.")
+EmbeddedOption = typer.Option(None, "--embedded", help="Run with no AWS: this folder is the bucket, SQLite the table.")
 
 
-def _usage(message: str, hint: str | None = None) -> PipelineError:
-    exc = PipelineError(message, hint=hint)
-    exc.exit_code = EXIT_USAGE
-    return exc
+def fail(exc: PipelineError, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, **exc.to_dict()}))
+    where = f" [dim](stage {exc.stage})[/dim]" if exc.stage else ""
+    err.print(f"[bold red]error:[/bold red] {exc.message}{where}", highlight=False)
+    if exc.hint:
+        err.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
+    raise typer.Exit(exc.exit_code)
 
 
 def _load(job_path: Path, settings_path: Path | None):
     settings = load_settings(settings_path)
     return settings, load_job(job_path, settings.policy)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False,
+             help="Turn a capture into a Gaussian splat on this machine: frames → SfM → training → export. "
+                  "`codsplat run --help` lists its options.")
+def run(ctx: typer.Context) -> None:
+    from codsplat.pipeline.cli import app as worker  # torch, pycolmap: loaded here and only here
+
+    worker(["run", *ctx.args], prog_name="codsplat")
+
+
+@app.command("exit-codes")
+def exit_codes() -> None:
+    """List the exit codes that codsplat commands use, and what each means."""
+    for c in EXIT_CODES.values():
+        print(f"{c.code:>3}  {c.meaning}")
 
 
 @app.command()
@@ -54,7 +81,7 @@ def validate(
     try:
         _, doc = _load(job, settings)
     except PipelineError as exc:
-        fail(exc, as_json=False)
+        fail(exc)
     print(json.dumps(doc.model_dump(mode="json"), indent=2))
 
 
@@ -66,25 +93,30 @@ def jobspec(
     settings: Optional[Path] = SettingsOption,
 ) -> None:
     """Print the Bacalhau job specs that a job document becomes (first attempt of each stage)."""
+    from .compute import stages_of
+    from .translate import translate_all
+
     try:
         conf, doc = _load(job, settings)
-        specs = translate_all(doc, conf.deployment)
+        specs = translate_all(doc, conf)
         if stage is not None:
             names = list(stages_of(doc))
             if stage not in names:
-                raise _usage(f"--stage must be one of {', '.join(names)} for this job "
-                             f"(compute.split_stages is {str(doc.compute.split_stages).lower()}).")
+                raise usage_error(f"--stage must be one of {', '.join(names)} for this job "
+                                  f"(compute.split_stages is {str(doc.compute.split_stages).lower()}).")
             specs = [specs[names.index(stage)]]
     except PipelineError as exc:
-        fail(exc, as_json=False)
+        fail(exc)
     if output == "json":
         print(json.dumps(specs if len(specs) > 1 else specs[0], indent=2))
     else:
         print(yaml.safe_dump_all(specs, sort_keys=False, width=1000), end="")
 
 
-def _client() -> BacalhauClient:
-    return BacalhauClient.from_env()
+def _client(settings_path: Path | None = None):
+    from .bacalhau import BacalhauClient
+
+    return BacalhauClient.from_settings(load_settings(settings_path))
 
 
 @app.command()
@@ -94,93 +126,166 @@ def submit(
     settings: Optional[Path] = SettingsOption,
     poll: float = typer.Option(2.0, "--poll", help="Seconds between state checks."),
 ) -> None:
-    """Submit a job to Bacalhau and follow it to the end, stage by stage."""
+    """Run a job on Bacalhau and follow it to the end, stage by stage, retrying crashed attempts.
+    Exits with the worker's own code (2 input, 3 reconstruction, 4 quality gate), or 6 when Bacalhau
+    cannot run it."""
+    from .bacalhau import BacalhauError
+    from .compute import Attempt, CannotRun, Done, Fail, Stopped, Submit, decide, first_step, upstream_of
+    from .executors.bacalhau import BacalhauExecutor, result_of
+
     if backend != "bacalhau":
-        fail(PipelineError(f"--backend must be 'bacalhau' here, got {backend!r}.", hint="The daemon runs the other backends."), False)
+        fail(usage_error(f"--backend must be 'bacalhau' here, got {backend!r}.", hint="The daemon runs the other backends."))
     try:
         conf, doc = _load(job, settings)
     except PipelineError as exc:
-        fail(exc, as_json=False)
-    title = f"codsplat job {doc.id}"
-    rows: dict[str, list[str]] = {}
-    started: dict[str, float] = {}
+        fail(exc)
+    conf = conf.model_copy(update={"bacalhau_poll_seconds": poll})
+    with _client(settings) as client:
+        executor = BacalhauExecutor(client, conf)
+        rows: dict[str, list[str]] = {}
+        attempts: list[Attempt] = []
 
-    def render() -> Table:
-        t = Table(title=title, title_justify="left")
-        for column in ("stage", "attempt", "bacalhau job", "state", "time"):
-            t.add_column(column)
-        for row in rows.values():
-            t.add_row(*row)
-        return t
+        def render() -> Table:
+            t = Table(title=f"codsplat job {doc.id}", title_justify="left")
+            for column in ("stage", "attempt", "bacalhau job", "state", "time"):
+                t.add_column(column)
+            for row in rows.values():
+                t.add_row(*row)
+            return t
 
-    with _client() as client, Live(render(), console=err, refresh_per_second=4) as live:
-        def update(attempt: Attempt, info=None) -> None:
-            started.setdefault(attempt.name, time.monotonic())
-            rows[attempt.name] = [attempt.stage, str(attempt.number), attempt.bacalhau_id or "…",
-                                  attempt.state or "submitting", f"{time.monotonic() - started[attempt.name]:.0f} s"]
-            live.update(render())
-
-        hooks = Hooks(before_submit=update, submitted=update, progress=update)
         try:
-            result = BacalhauRunner(client, conf.deployment, poll_interval=poll).run(doc, hooks)
-        except CannotRunHere as exc:
-            err.print(f"[bold red]cannot run on Bacalhau:[/bold red] {exc.reason}")
-            raise typer.Exit(EXIT_CANNOT_RUN)
-        except JobFailed as exc:
-            err.print(f"[bold red]error:[/bold red] {exc.message} [dim](stage {exc.stage})[/dim]", highlight=False)
-            raise typer.Exit(exc.exit_code or EXIT_INTERNAL)
-    out = doc.output_uri(conf.policy)
-    err.print(f"results: s3://{out.bucket}/{result.output_key}export/")
-    print(json.dumps({"ok": True, "job": doc.id, "output": f"s3://{out.bucket}/{result.output_key}",
-                      "attempts": [a.__dict__ for a in result.attempts]}, indent=2))
+            executor.preflight(doc)
+            step, started = first_step(doc), time.monotonic()
+            with Live(render(), console=err, refresh_per_second=4) as live:
+                while True:
+                    attempt = Attempt.new("bacalhau", doc.id, step.stage, step.number)
+                    executor.submit(doc, attempt, upstream_of(attempts))
+                    attempts.append(attempt)
+                    while True:  # follow it: one describe per poll
+                        info = client.describe(attempt.remote_id, executions=False)
+                        rows[attempt.name] = [attempt.stage, str(attempt.number), attempt.remote_id, info.state.value,
+                                              f"{time.monotonic() - started:.0f} s"]
+                        live.update(render())
+                        if info.state.terminal:
+                            break
+                        time.sleep(poll)
+                    info.executions = client.executions(attempt.remote_id)
+                    result = result_of(info)
+                    attempt.state, attempt.ending = result.ending.state, result.ending.value
+                    attempt.exit_code, attempt.executions, attempt.error = result.exit_code, result.executions, result.message
+                    decision = decide(doc, attempts, attempt, result)
+                    if not isinstance(decision, Submit):
+                        break
+                    step = decision
+        except CannotRun as exc:
+            decision = exc
+        except BacalhauError as exc:
+            fail(CannotRunError(f"Bacalhau: {exc.message}"))
+        except KeyboardInterrupt:
+            err.print(f"[yellow]interrupted[/yellow]; the Bacalhau jobs go on: codsplat status {doc.id}")
+            raise typer.Exit(EXIT_INTERRUPTED)
+    if isinstance(decision, Done):
+        out = doc.output_uri(conf.policy)
+        err.print(f"results: {out}export/")
+        print(json.dumps({"ok": True, "job": doc.id, "output": str(out), "attempts": [a.to_dict() for a in attempts]}, indent=2))
+        return
+    if isinstance(decision, Fail):
+        err.print(f"[bold red]error:[/bold red] {decision.message} [dim](stage {decision.stage})[/dim]", highlight=False)
+        err.print(f"[yellow]hint:[/yellow] {exit_code(decision.exit_code).advice}", highlight=False)
+        raise typer.Exit(decision.exit_code)
+    reason = "Bacalhau stopped the job" if isinstance(decision, Stopped) else decision.reason
+    err.print(f"[bold red]cannot run on Bacalhau:[/bold red] {reason}", highlight=False)
+    raise typer.Exit(EXIT_CANNOT_RUN)
 
 
 @app.command()
-def status(job_id: str = typer.Argument(..., help="The codsplat job id.")) -> None:
-    """Show every Bacalhau attempt of a job: stage, state, and why it failed."""
+def nodes(
+    job: Optional[Path] = typer.Option(None, "--job", help="A job document: can any node take it, and if not, why?"),
+    settings: Optional[Path] = SettingsOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the Bacalhau compute nodes with their GPUs, labels and free capacity."""
+    from .bacalhau import BacalhauError
+    from .executors.bacalhau import placement
+
     try:
-        with _client() as client:
-            jobs = client.list_jobs(labels={"codsplat-job": job_id})
-            jobs = [client.describe(j.id) for j in jobs]
+        conf = load_settings(settings)
+        doc = load_job(job, conf.policy) if job else None
+        with _client(settings) as client:
+            found = client.nodes()
+    except PipelineError as exc:
+        fail(exc, as_json)
     except BacalhauError as exc:
-        fail(PipelineError(f"Bacalhau: {exc.message}"), False)
+        fail(CannotRunError(f"Bacalhau: {exc.message}"), as_json)
+    fits, problems = placement(doc, conf, found) if doc else ({}, [])
+    if as_json:
+        print(json.dumps({"nodes": [{"id": n.id, "connected": n.connected, "approved": n.approved, "labels": n.labels,
+                                     "gpus": [g.__dict__ for g in n.gpus], "max": n.max.__dict__, "available": n.available.__dict__}
+                                    for n in found], "fits": fits, "problems": problems}, indent=2))
+    else:
+        table = Table(title="Bacalhau compute nodes", title_justify="left")
+        for column in ("node", "state", "GPUs", "free CPU", "free memory", "free disk", "free GPUs", "labels"):
+            table.add_column(column)
+        for n in found:
+            gpus = ", ".join(f"{g.name} ({g.memory_mib:,} MiB)" for g in n.gpus) or "none"
+            table.add_row(n.id, "connected" if n.connected else "disconnected", gpus, f"{n.available.cpu:g}",
+                          f"{n.available.memory / 1e9:.1f} GB", f"{n.available.disk / 1e9:.0f} GB", str(n.available.gpu),
+                          " ".join(f"{k}={v}" for k, v in sorted(n.labels.items())))
+        Console(width=max(160, Console().width)).print(table)
+        if doc:
+            for stage, names in fits.items():
+                err.print(f"{stage}: " + (f"fits on {', '.join(names)}" if names else "no node fits"))
+            for problem in problems:
+                err.print(f"[bold red]cannot run:[/bold red] {problem}", highlight=False)
+    if problems:
+        raise typer.Exit(EXIT_CANNOT_RUN)
+
+
+@app.command()
+def status(job_id: str = typer.Argument(..., help="The codsplat job id."), settings: Optional[Path] = SettingsOption) -> None:
+    """Show every Bacalhau attempt of a job: stage, state, exit code, and why it failed."""
+    from .bacalhau import BacalhauError
+    from .executors.bacalhau import result_of
+
+    try:
+        with _client(settings) as client:
+            jobs = [client.describe(j.id) for j in client.list_jobs(labels={"codsplat-job": job_id})]
+    except BacalhauError as exc:
+        fail(PipelineError(f"Bacalhau: {exc.message}"))
     if not jobs:
-        fail(PipelineError(f"No Bacalhau job carries the label codsplat-job={job_id}.", hint="Check the id."), False)
+        fail(PipelineError(f"No Bacalhau job carries the label codsplat-job={job_id}.", hint="Check the id."))
     table = Table(title=f"codsplat job {job_id}", title_justify="left")
-    for column in ("stage", "name", "bacalhau job", "state", "detail"):
+    for column in ("stage", "name", "bacalhau job", "state", "exit", "detail"):
         table.add_column(column)
     order = {s: i for i, s in enumerate(("all", *SPLIT))}
     for j in sorted(jobs, key=lambda j: (order.get(j.labels.get("codsplat-stage", ""), 9), j.create_time)):
-        detail = ""
-        if j.state.value == "Failed":
-            detail = j.message or (j.executions[-1].failure.splitlines()[-1] if j.executions and j.executions[-1].failure else "")
-        table.add_row(j.labels.get("codsplat-stage", "?"), j.name, j.id, j.state.value, detail[:160])
+        result = result_of(j) if j.state.terminal else None
+        detail = "" if result is None or result.exit_code == 0 else result.message.splitlines()[0] if result.message else ""
+        code = "" if result is None or result.exit_code is None else str(result.exit_code)
+        table.add_row(j.labels.get("codsplat-stage", "?"), j.name, j.id, j.state.value, code, detail[:160])
     Console(width=max(160, Console().width)).print(table)
 
 
 @app.command()
 def logs(job_id: str = typer.Argument(..., help="The codsplat job id."),
-         follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+         settings: Optional[Path] = SettingsOption) -> None:
     """Print the container output of a job's latest attempt of each stage (best effort)."""
+    from .bacalhau import BacalhauError
+
     try:
-        with _client() as client:
-            jobs = client.list_jobs(labels={"codsplat-job": job_id})
+        with _client(settings) as client:
             latest: dict[str, object] = {}
-            for j in sorted(jobs, key=lambda j: j.create_time):
+            for j in sorted(client.list_jobs(labels={"codsplat-job": job_id}), key=lambda j: j.create_time):
                 latest[j.labels.get("codsplat-stage", "?")] = j
             if not latest:
-                fail(PipelineError(f"No Bacalhau job carries the label codsplat-job={job_id}."), False)
+                fail(PipelineError(f"No Bacalhau job carries the label codsplat-job={job_id}."))
             for stage, j in latest.items():
                 err.print(f"[bold]── {stage}: {j.name} ({j.id})[/bold]")
                 for stream, line in client.logs(j.id, follow=follow):
                     print(line, end="" if line.endswith("\n") else "\n")
     except BacalhauError as exc:
-        fail(PipelineError(f"Bacalhau: {exc.message}"), False)
-
-
-EmbeddedOption = typer.Option(None, "--embedded", help="Run with no AWS: this folder is the bucket, SQLite the table.")
-jobs_app = typer.Typer(help="Read and change job records.", no_args_is_help=True)
-app.add_typer(jobs_app, name="jobs")
+        fail(PipelineError(f"Bacalhau: {exc.message}"))
 
 
 @app.command()
@@ -190,14 +295,14 @@ def daemon(
     health_port: Optional[int] = typer.Option(None, "--health-port", help="Serve /health on 127.0.0.1 (0 = off)."),
 ) -> None:
     """Run the orchestrator: take job uploads, run them, record and notify. Stops cleanly on SIGTERM."""
-    from .assemble import build_daemon, setup_logging
+    from .backends import build_daemon, setup_logging
 
     try:
         conf = load_settings(settings)
         setup_logging()
         built = build_daemon(conf, embedded)
     except PipelineError as exc:
-        fail(exc, as_json=False)
+        fail(exc)
     port = conf.health_port if health_port is None else health_port
     built.serve(health_port=port or None, grace_seconds=conf.shutdown_grace_seconds)
 
@@ -222,13 +327,13 @@ def console(
 
     import uvicorn
 
-    from .assemble import setup_logging
+    from .backends import setup_logging
     from .console import build_console
     from .console.auth import Guard, is_loopback
 
     if no_login and not is_loopback(host):
-        fail(_usage(f"--no-login is only allowed on 127.0.0.1, and --host is {host}.",
-                    "Drop --no-login; the console prints a login token."), False)
+        fail(usage_error(f"--no-login is only allowed on 127.0.0.1, and --host is {host}.",
+                         "Drop --no-login; the console prints a login token."))
     if not no_login and not token:
         token = secrets.token_urlsafe(24)
     hosts = set(h.lower() for h in allowed_hosts)
@@ -242,7 +347,7 @@ def console(
         setup_logging()
         web = build_console(conf, guard, embedded)
     except PipelineError as exc:
-        fail(exc, as_json=False)
+        fail(exc)
     child = None
     if embedded is not None and run_daemon:
         command = [sys.executable, "-m", "codsplat.orchestrator.cli", "daemon", "--embedded", str(embedded), "--health-port", "0"]
@@ -270,9 +375,9 @@ def _die_with_parent() -> None:
 
 
 def _store(embedded: Path | None, settings: Path | None):
-    from .assemble import store_for
+    from .backends import Backends
 
-    return store_for(load_settings(settings), embedded)
+    return Backends(load_settings(settings), embedded).store
 
 
 @jobs_app.command("list")
@@ -307,9 +412,9 @@ def jobs_show(job_id: str, embedded: Optional[Path] = EmbeddedOption, settings: 
     try:
         record = _store(embedded, settings).get(job_id)
     except PipelineError as exc:
-        fail(exc, False)
+        fail(exc)
     if record is None:
-        fail(_usage(f"No job record {job_id!r}.", "`codsplat jobs list` shows the ids."), False)
+        fail(usage_error(f"No job record {job_id!r}.", "`codsplat jobs list` shows the ids."))
     print(json.dumps(json.loads(record.to_json()), indent=2))
 
 
@@ -321,11 +426,11 @@ def jobs_cancel(job_id: str, embedded: Optional[Path] = EmbeddedOption, settings
     try:
         record = request_cancel(_store(embedded, settings), job_id)
     except KeyError:
-        fail(_usage(f"No job record {job_id!r}.", "`codsplat jobs list` shows the ids."), False)
+        fail(usage_error(f"No job record {job_id!r}.", "`codsplat jobs list` shows the ids."))
     except InvalidTransition as exc:
-        fail(_usage(str(exc)), False)
+        fail(usage_error(str(exc)))
     except PipelineError as exc:
-        fail(exc, False)
+        fail(exc)
     err.print(f"{job_id}: {record.state}" + (" (cancel requested)" if record.state != CANCELLED else ""))
 
 

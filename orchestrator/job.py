@@ -21,9 +21,12 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from codsplat.jobspecs import HERE as JOBSPECS
-from codsplat.pipeline.config import PRESETS, PipelineConfig, merge, preset_settings, read_document
+from codsplat.pipeline.config import PipelineConfig, merge, preset_settings, read_document
+from codsplat.pipeline.contract import PRESETS, SETTING_SECTIONS, encode_settings
 from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.validation import StrictModel, explain
+
+from .settings import Policy, Settings
 
 SCHEMA_PATH = JOBSPECS / "job.schema.json"
 JOB_ID = r"^[a-z0-9][a-z0-9-]{2,62}$"
@@ -38,17 +41,6 @@ FORBIDDEN = {
     "environment": "jobs cannot set environment variables",
     "network": "jobs run without network access",
 }
-
-
-@dataclass(frozen=True)
-class Policy:
-    """What a deployment lets jobs touch. Comes from the operator's settings, never from a job."""
-
-    bucket: str = "codsplat-data"
-    input_prefixes: tuple[str, ...] = ("uploads/", "jobs/")
-    output_prefix: str = "results/"
-    max_gpus: int = 8
-    max_runtime_minutes: int = 24 * 60
 
 
 @dataclass(frozen=True)
@@ -78,7 +70,7 @@ def parse_s3(value: str, what: str) -> S3Uri:
 
 
 def _policy(info: ValidationInfo) -> Policy:
-    return (info.context or {}).get("policy") or Policy()
+    return (info.context or {}).get("policy") or Settings().policy
 
 
 def _absolute(value: str, policy: Policy) -> str:
@@ -177,8 +169,16 @@ class JobDocument(PipelineConfig):
         return parse_s3(self.output or f"s3://{policy.bucket}/{policy.output_prefix}{self.id}/", "results")
 
     def pipeline_settings(self) -> dict[str, Any]:
-        """The sections the container's `codsplat` reads, as plain JSON."""
-        return self.model_dump(mode="json", include={"preset", "frames", "sfm", "train", "export"})
+        """The sections the worker reads, as plain JSON."""
+        return self.model_dump(mode="json", include=set(SETTING_SECTIONS))
+
+    def worker_settings(self, device: str | None = None) -> str:
+        """The settings text every transport hands the worker (`contract.encode_settings`); with
+        `device`, training is pinned to it (a CPU-only stage of a split job)."""
+        sections = self.pipeline_settings()
+        if device:
+            sections["train"]["device"] = device
+        return encode_settings(sections)
 
 
 def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = None) -> JobDocument:
@@ -194,7 +194,7 @@ def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = 
             raise InputError("The job has 1 problem: id: required (or let it default to the job file's name).")
         layered["id"] = default_id
     try:
-        return JobDocument.model_validate(layered, context={"policy": policy or Policy()})
+        return JobDocument.model_validate(layered, context={"policy": policy or Settings().policy})
     except ValidationError as exc:
         problems = explain(exc, JobDocument, forbidden=FORBIDDEN)
         raise InputError(

@@ -74,7 +74,9 @@ class SnsNotifier:
 
 class FileNotifier:
     """Embedded mode: each message is `<job id>.json` in a folder, also appended to `sent.jsonl`
-    (one line per message sent, the record of what went out) and logged."""
+    (one line per message sent, the record of what went out) and logged. Sending a job's message
+    twice is a no-op, so the window between sending and marking the record sent is closed here (an
+    email cannot be unsent: on AWS that window stays, milliseconds wide)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -83,9 +85,12 @@ class FileNotifier:
     def send(self, message: Message) -> str:
         name = f"{message.attributes['job_id']}.json"
         body = to_dict(message)
+        target = self.folder / name
+        if target.exists() and json.loads(target.read_text()).get("attributes") == body["attributes"]:
+            return name  # sent before a crash
         tmp = self.folder / f".{name}.tmp"
         tmp.write_text(json.dumps(body, indent=2))
-        os.replace(tmp, self.folder / name)
+        os.replace(tmp, target)
         with open(self.folder / "sent.jsonl", "a") as fh:  # one short O_APPEND write: whole lines
             fh.write(json.dumps(body) + "\n")
         log.info("notification", extra={"job_id": message.attributes["job_id"], "subject": message.subject})

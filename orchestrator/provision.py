@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .fallback import definition
+from .executors.sagemaker import definition
 from .records import DynamoStore
 
 # Shared with the CDK stacks (aws/), so that a local deployment and a real one are wired alike.

@@ -16,7 +16,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
@@ -31,6 +31,7 @@ ALLOWED = {
     RUNNING: {RUNNING, SUCCEEDED, FAILED, CANCELLED},  # RUNNING → RUNNING: the next stage
     SUCCEEDED: set(), FAILED: set(), CANCELLED: set(),
 }
+ORDER = {RECEIVED: 0, VALIDATED: 1, QUEUED: 2, RUNNING: 3, SUCCEEDED: 4, FAILED: 4, CANCELLED: 4}
 
 
 def now() -> str:
@@ -63,6 +64,8 @@ class JobRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
+    notify_claimed_at: str | None = None  # a sender claimed the message (conditional write) before sending it
+    notify_claimed_by: str | None = None  # which daemon (or "fallback", the SageMaker state machine)
     notified_at: str | None = None
     cancel_requested: bool = False
 
@@ -75,7 +78,9 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, text: str) -> "JobRecord":
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class Store(Protocol):
@@ -86,13 +91,15 @@ class Store(Protocol):
 
 
 def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to: str | None = None,
-           stage: str | None = None, note: str = "", current: JobRecord | None = None, retries: int = 20) -> JobRecord:
+           stage: str | None = None, note: str = "", current: JobRecord | None = None, passing: tuple[str, ...] = (),
+           retries: int = 20) -> JobRecord:
     """Read, mutate, write conditionally; re-read and retry when another writer got there first.
 
-    With `to`, the state moves (checked against ALLOWED) and the history gets an entry. `current`
-    is the caller's copy of the record (what its last change returned): the first try writes on it
-    without a read, and a conflict (or a move the copy's state refuses) falls back to reading.
-    Returns the record as written.
+    With `to`, the state moves (checked against ALLOWED) and the history gets an entry; `passing`
+    names states it moves through on the way in the same write (each hop checked, each in the
+    history). `current` is the caller's copy of the record (what its last change returned): the
+    first try writes on it without a read, and a conflict (or a move the copy's state refuses)
+    falls back to reading. Returns the record as written.
     """
     for _ in range(retries):
         from_copy = current is not None
@@ -100,12 +107,17 @@ def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to
         current = None
         if record is None:
             raise KeyError(job_id)
-        if to is not None and to not in ALLOWED[record.state] and not (to == record.state and stage == record.stage):
+        hops = [s for s in passing if ORDER[s] > ORDER[record.state]] + ([to] if to is not None else [])
+        path = [record.state, *hops]
+        if to is not None and not all(b in ALLOWED[a] or (a == b == to and stage == record.stage)
+                                      for a, b in zip(path, path[1:])):
             if from_copy:
                 continue  # the copy may be behind the store: judge the move on the stored record
-            raise InvalidTransition(f"{job_id}: {record.state} → {to} is not allowed")
+            raise InvalidTransition(f"{job_id}: {' → '.join(path)} is not allowed")
         expected = record.version
         mutate(record)
+        for hop in hops[:-1]:
+            record.history.append({"at": now(), "state": hop, "stage": None, "note": ""})
         moves = to is not None and (to, stage) != (record.state, record.stage)
         if moves or note:
             record.history.append({"at": now(), "state": to or record.state, "stage": stage, "note": note})

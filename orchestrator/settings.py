@@ -1,72 +1,119 @@
-"""Deployment settings: a config file (YAML/JSON), overridden by environment variables.
+"""Deployment settings: the one home of every default the control plane uses.
 
-    bucket: codsplat-data            # CODSPLAT_BUCKET
-    input_prefixes: [uploads/, jobs/]
-    output_prefix: results/          # CODSPLAT_OUTPUT_PREFIX
-    image: 123.dkr.ecr.../codsplat:1.2.0   # CODSPLAT_IMAGE
-    region: eu-west-1                # AWS_REGION
-    s3_endpoint: null                # CODSPLAT_S3_ENDPOINT (MinIO, tests)
-    max_gpus: 8                      # CODSPLAT_MAX_GPUS
-    max_runtime_minutes: 1440        # CODSPLAT_MAX_RUNTIME_MINUTES
-    bacalhau_namespace: default      # CODSPLAT_BACALHAU_NAMESPACE
+Layers, each overriding the one before: the defaults below < a settings file (YAML or JSON) < SSM
+parameters under `$CODSPLAT_SSM_PATH` (`/codsplat/daemon/concurrency` → `concurrency`) < environment
+variables. A parameter or a variable is text, and it is read as its setting's own type: numbers,
+`true`/`false` (also yes/no, on/off, 1/0), lists as comma-separated text, objects as JSON. A value
+that does not read is reported with its setting's name, as a bad value in the file is.
 
-The Bacalhau endpoint itself comes from BACALHAU_API_HOST / BACALHAU_API_PORT (see bacalhau.py).
+Each setting's variable is `CODSPLAT_<NAME>`, except where the wider world has a name already:
+`AWS_REGION`, and Bacalhau's own `BACALHAU_API_*` for its endpoint (`ENV` lists them all).
+
+    bucket: codsplat-data
+    image: 123456789012.dkr.ecr.eu-west-1.amazonaws.com/codsplat:1.2.0
+    resources: {train: {cpu: "3", memory: 12gb, disk: 40gb}}
 """
 
 from __future__ import annotations
 
+import json
 import os
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from codsplat.pipeline.config import read_document
 from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.validation import StrictModel, explain
 
-from .job import Policy
-from .translate import Deployment
+CPU = r"^\d+(\.\d+)?m?$"
+SIZE = r"^\d+(\.\d+)?(b|kb|mb|gb|tb|kib|mib|gib|tib)$"
+StageName = Literal["all", "preprocess", "train", "export"]
 
-ENV = {
-    "bucket": "CODSPLAT_BUCKET", "output_prefix": "CODSPLAT_OUTPUT_PREFIX", "image": "CODSPLAT_IMAGE",
-    "region": "AWS_REGION", "s3_endpoint": "CODSPLAT_S3_ENDPOINT", "max_gpus": "CODSPLAT_MAX_GPUS",
-    "max_runtime_minutes": "CODSPLAT_MAX_RUNTIME_MINUTES", "bacalhau_namespace": "CODSPLAT_BACALHAU_NAMESPACE",
-    "input_prefixes": "CODSPLAT_INPUT_PREFIXES", "queue_url": "CODSPLAT_QUEUE_URL", "table": "CODSPLAT_TABLE",
-    "topic_arn": "CODSPLAT_TOPIC_ARN", "concurrency": "CODSPLAT_CONCURRENCY", "intake_workers": "CODSPLAT_INTAKE_WORKERS", "health_port": "CODSPLAT_HEALTH_PORT",
-    "media_wait_seconds": "CODSPLAT_MEDIA_WAIT_SECONDS", "jobs_prefix": "CODSPLAT_JOBS_PREFIX",
-    "aws_endpoint": "CODSPLAT_AWS_ENDPOINT", "cache_dir": "CODSPLAT_CACHE_DIR",
-    "state_machine_arn": "CODSPLAT_STATE_MACHINE_ARN", "queue_wait_seconds": "CODSPLAT_QUEUE_WAIT_SECONDS",
-    "bacalhau_poll_seconds": "CODSPLAT_BACALHAU_POLL_SECONDS", "fallback_poll_seconds": "CODSPLAT_FALLBACK_POLL_SECONDS",
-}
-INTEGERS = ("max_gpus", "max_runtime_minutes", "concurrency", "intake_workers", "health_port", "queue_wait_seconds", "fallback_poll_seconds")
+
+@dataclass(frozen=True)
+class Policy:
+    """What a deployment lets jobs touch and ask for; derived from `Settings`, never from a job."""
+
+    bucket: str
+    input_prefixes: tuple[str, ...]
+    output_prefix: str
+    max_gpus: int
+    max_runtime_minutes: int
+
+
+class StageResources(StrictModel):
+    """What one Bacalhau task asks of its node, in Bacalhau's own notation."""
+
+    cpu: str = Field(pattern=CPU, description="CPU units, e.g. 3 or 500m.")
+    memory: str = Field(pattern=SIZE, description="e.g. 12gb")
+    disk: str = Field(pattern=SIZE, description="e.g. 40gb")
+
+
+def _resources() -> dict[str, StageResources]:
+    # What the CDK's default GPU node (g5.xlarge: 4 vCPU, 16 GiB, one A10G, 200 GB disk) offers Bacalhau
+    # at its default 80% allocation (3.2 CPU, 12.8 GiB, 160 GB), with room to spare. GPU stages run
+    # there; the CPU stages of a split job fit any small node.
+    gpu = StageResources(cpu="3", memory="12gb", disk="60gb")
+    return {"all": gpu, "train": gpu, "preprocess": StageResources(cpu="3", memory="8gb", disk="40gb"),
+            "export": StageResources(cpu="2", memory="4gb", disk="20gb")}
 
 
 class Settings(StrictModel):
+    # ---------------------------------------------------------------- where jobs read and write
     bucket: str = Field("codsplat-data", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     input_prefixes: list[str] = Field(default_factory=lambda: ["uploads/", "jobs/"], min_length=1)
     output_prefix: str = Field("results/", pattern=r"^[A-Za-z0-9._-]+/$")
-    image: str = "codsplat:latest"
-    region: str | None = None
-    s3_endpoint: str | None = None
-    max_gpus: int = Field(8, ge=0, le=64)
-    max_runtime_minutes: int = Field(24 * 60, ge=5)
-    bacalhau_namespace: str = "default"
-    # the daemon
     jobs_prefix: str = Field("jobs/", pattern=r"^[A-Za-z0-9._-]+/$")
+    # ---------------------------------------------------------------- AWS
+    region: str | None = None
+    aws_endpoint: str | None = Field(None, description="Every AWS API at one endpoint (the tests' moto server).")
+    s3_endpoint: str | None = Field(None, description="A non-AWS S3 for Bacalhau's inputs and publisher (MinIO, tests).")
     queue_url: str | None = None
     table: str | None = None
     topic_arn: str | None = None
-    aws_endpoint: str | None = None  # every AWS API at one endpoint (the tests' moto server)
-    concurrency: int = Field(2, ge=1, le=256, description="Jobs at a backend at once.")
+    state_machine_arn: str | None = Field(None, description="The SageMaker fallback state machine.")
+    # ---------------------------------------------------------------- compute
+    image: str = "codsplat:latest"
+    max_gpus: int = Field(8, ge=0, le=64)
+    max_runtime_minutes: int = Field(24 * 60, ge=5)
+    bacalhau_namespace: str = "default"
+    resources: dict[StageName, StageResources] = Field(default_factory=_resources,
+                                                       description="What each Bacalhau stage asks of its node.")
+    # ---------------------------------------------------------------- the Bacalhau API
+    bacalhau_host: str = "127.0.0.1"
+    bacalhau_port: int = Field(1234, ge=1, le=65535)
+    bacalhau_tls: bool = False
+    bacalhau_ca_cert: str | None = Field(None, description="A CA bundle for the API's certificate.")
+    bacalhau_insecure: bool = Field(False, description="Skip the certificate check (never in production).")
+    bacalhau_api_key: str | None = Field(None, repr=False, description="Bearer token (an API key user).")
+    bacalhau_username: str | None = None
+    bacalhau_password: str | None = Field(None, repr=False)
+    # ---------------------------------------------------------------- the daemon
+    concurrency: int = Field(2, ge=1, le=1024, description="Jobs at a backend at once.")
     intake_workers: int = Field(8, ge=1, le=64, description="Messages read, validated and recorded at once.")
     health_port: int | None = Field(8787, ge=0, le=65535)
-    media_wait_seconds: float = Field(120.0, ge=0)
+    media_wait_seconds: float = Field(120.0, ge=0, description="How long a job waits for its media to finish uploading.")
+    media_poll_seconds: float = Field(2.0, gt=0)
+    cancel_check_seconds: float = Field(5.0, gt=0, description="How soon a running job notices a cancel.")
+    recover_days: int = Field(14, ge=1, description="On start, finished records this recent are checked for a message not yet sent.")
+    claim_seconds: float = Field(120.0, gt=0, description="A message claimed this long ago and not sent is taken over.")
+    link_seconds: int = Field(7 * 24 * 3600 - 300, ge=60, le=7 * 24 * 3600, description="Presigned result links.")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long running jobs may finish.")
-    state_machine_arn: str | None = Field(None, description="The SageMaker fallback state machine.")
-    fallback_poll_seconds: int = Field(60, ge=1, le=3600)
     queue_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait.")
     bacalhau_poll_seconds: float = Field(5.0, gt=0, description="Seconds between Bacalhau state checks.")
+    fallback_poll_seconds: int = Field(60, ge=1, le=3600)
     cache_dir: str = Field(str(Path.home() / ".cache" / "codsplat"), description="Work folders of local runs.")
+    local_worker: list[str] = Field(default_factory=list, description="The command a local job runs in place of this "
+                                    "Python's `codsplat run` (say `nice,-n,10,codsplat`, or a memory-capped `systemd-run` scope); "
+                                    "`run INPUT --config FILE --out DIR --json` follow it.")
+    # ---------------------------------------------------------------- prices, for the cost estimate in records
+    gpu_hour_usd: float = Field(1.006, ge=0, description="An A10G (g5.xlarge) on-demand hour.")
+    cpu_hour_usd: float = Field(0.10, ge=0)
 
     @property
     def policy(self) -> Policy:
@@ -74,16 +121,50 @@ class Settings(StrictModel):
                       max_gpus=self.max_gpus, max_runtime_minutes=self.max_runtime_minutes)
 
     @property
-    def deployment(self) -> Deployment:
-        return Deployment(image=self.image, namespace=self.bacalhau_namespace, policy=self.policy,
-                          region=self.region, s3_endpoint=self.s3_endpoint)
+    def embedded_policy(self) -> Policy:
+        """Embedded mode: the folder is the bucket, named `local` in s3:// keys."""
+        return Policy(bucket="local", input_prefixes=tuple(self.input_prefixes), output_prefix=self.output_prefix,
+                      max_gpus=self.max_gpus, max_runtime_minutes=self.max_runtime_minutes)
+
+    @property
+    def bacalhau_url(self) -> str:
+        return f"{'https' if self.bacalhau_tls else 'http'}://{self.bacalhau_host}:{self.bacalhau_port}"
+
+
+ALIASES = {
+    "region": "AWS_REGION", "bacalhau_host": "BACALHAU_API_HOST", "bacalhau_port": "BACALHAU_API_PORT",
+    "bacalhau_tls": "BACALHAU_API_TLS_USETLS", "bacalhau_ca_cert": "BACALHAU_API_TLS_CACERT",
+    "bacalhau_insecure": "BACALHAU_API_TLS_INSECURE", "bacalhau_api_key": "BACALHAU_API_KEY",
+    "bacalhau_username": "BACALHAU_API_USERNAME", "bacalhau_password": "BACALHAU_API_PASSWORD",
+}
+ENV = {name: ALIASES.get(name, f"CODSPLAT_{name.upper()}") for name in Settings.model_fields}
+
+
+def from_text(name: str, text: str) -> Any:
+    """A parameter's or variable's text as its setting's type; text that does not read stays text,
+    so that validation names the setting."""
+    annotation = Settings.model_fields[name].annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    origin = typing.get_origin(annotation) or annotation
+    if origin is list:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if origin is dict or (isinstance(origin, type) and issubclass(origin, BaseModel)):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    try:
+        return TypeAdapter(annotation).validate_python(text, strict=False)
+    except ValidationError:
+        return text
 
 
 def ssm_settings(path: str, client=None) -> dict[str, str]:
     """Every parameter under an SSM path (`/codsplat/prod/bucket` → `bucket`), decrypted."""
     import boto3
 
-    client = client or boto3.client("ssm", endpoint_url=os.environ.get("CODSPLAT_AWS_ENDPOINT") or None)
+    client = client or boto3.client("ssm", endpoint_url=os.environ.get(ENV["aws_endpoint"]) or None)
     out = {}
     for page in client.get_paginator("get_parameters_by_path").paginate(Path=path, Recursive=True, WithDecryption=True):
         for p in page["Parameters"]:
@@ -91,31 +172,16 @@ def ssm_settings(path: str, client=None) -> dict[str, str]:
     return out
 
 
-def load_settings(path: Path | None = None, env: dict[str, str] | None = None, ssm_client=None) -> Settings:
+def load_settings(path: Path | None = None, env: typing.Mapping[str, str] | None = None, ssm_client=None) -> Settings:
     """File < SSM parameters (under $CODSPLAT_SSM_PATH) < environment variables."""
     env = os.environ if env is None else env
     data = read_document(path) if path else {}
     layers = [ssm_settings(env["CODSPLAT_SSM_PATH"], ssm_client)] if env.get("CODSPLAT_SSM_PATH") else []
-    layers.append({key: env[var] for key, var in ENV.items() if env.get(var)})
+    layers.append({name: env[var] for name, var in ENV.items() if env.get(var)})
     for layer in layers:
-        for key, value in layer.items():
-            data[key] = _typed(key, value)
+        for name, text in layer.items():
+            data[name] = from_text(name, text) if name in Settings.model_fields else text
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise InputError("The deployment settings have problems: " + "; ".join(explain(exc, Settings)) + ".") from None
-
-
-def _typed(key: str, value: str) -> object:
-    """Parameters and variables are text: give numbers and lists their types (bad text stays text,
-    so the model reports it with its name)."""
-    if key in INTEGERS:
-        return int(value) if str(value).isdigit() else value
-    if key in ("media_wait_seconds", "bacalhau_poll_seconds"):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    if key == "input_prefixes":
-        return [p.strip() for p in str(value).split(",") if p.strip()]
-    return value

@@ -1,23 +1,24 @@
 """Job document → Bacalhau job specs, from the YAML templates in `jobspecs/`.
 
 A job runs either as one Bacalhau job (`all`, on a GPU node) or, with `compute.split_stages`, as
-three: `preprocess` (frames + SfM, CPU) → `train` (GPU) → `export` (CPU), the next stage reading the
-previous one's published prefix. Every attempt gets a unique Name (Bacalhau ≥ 1.8 would update a job
-of the same name) and carries our job id in Labels and Meta, so an attempt can be found again by
-label after a crash.
+three: `preprocess` (frames + SfM, CPU) → `train` (GPU) → `export` (CPU), each reading the previous
+one's published prefix. Every attempt gets a unique Name (Bacalhau ≥ 1.8 would update a job of the
+same name) and carries our job id in Labels and Meta, so an attempt can be found again by label
+after a crash. What each stage asks of its node comes from the deployment (`Settings.resources`).
 
-Published layout under the job's output prefix:
-    work/<attempt name>/{frames,sfm}/   preprocess   (split only)
-    work/<attempt name>/train/           train        (split only)
-    frames/ sfm/ train/ export/          single job, or export/ alone for a split job
+Published layout (the S3 publisher puts each ResultPath under `<Key><Name>/`, and the task's
+`stdout`, `stderr` and `exitCode` beside them; pkg/publisher/s3/publisher.go):
+
+    <output>frames/ sfm/ train/ export/ stdout stderr exitCode    a single job: a local run's layout
+    <output>work/<attempt>/frames/ sfm/                            split: preprocess
+    <output>work/<attempt>/train/                                  split: train
+    <output>export/                                                split: export
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -25,46 +26,16 @@ import yaml
 
 from codsplat.jobspecs import HERE as TEMPLATES
 
-from .job import JobDocument, Policy
+from .compute import attempt_name, stages_of
+from .job import JobDocument
+from .settings import Settings
 
-SPLIT = ("preprocess", "train", "export")
 VARIABLE = re.compile(r"\$\{([a-z_]+)\}")
+GPU_STAGES = ("all", "train")
 
 
-@dataclass(frozen=True)
-class StageResources:
-    cpu: str
-    memory: str
-    disk: str
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """Operator settings that shape every job spec (never taken from a job document)."""
-
-    image: str = "codsplat:latest"
-    namespace: str = "default"
-    policy: Policy = field(default_factory=Policy)
-    region: str | None = None
-    s3_endpoint: str | None = None  # a non-AWS S3 (MinIO, or the test server); None on AWS
-    resources: dict[str, StageResources] = field(default_factory=lambda: {
-        "all": StageResources("8", "32gb", "100gb"),
-        "preprocess": StageResources("8", "16gb", "50gb"),
-        "train": StageResources("8", "32gb", "50gb"),
-        "export": StageResources("4", "8gb", "20gb"),
-    })
-
-
-def stages_of(job: JobDocument) -> tuple[str, ...]:
-    return SPLIT if job.compute.split_stages else ("all",)
-
-
-def attempt_name(job_id: str, stage: str, attempt: int) -> str:
-    return f"codsplat-{job_id}-{stage}-a{attempt}"
-
-
-def publish_key(job: JobDocument, deployment: Deployment, stage: str, name: str) -> str:
-    base = job.output_uri(deployment.policy).key
+def publish_key(job: JobDocument, settings: Settings, stage: str, name: str) -> str:
+    base = job.output_uri(settings.policy).key
     return base if stage in ("all", "export") else f"{base}work/{name}/"
 
 
@@ -88,34 +59,30 @@ def _fill(node: Any, values: dict[str, Any]) -> Any:
     return node
 
 
-def translate(
-    job: JobDocument,
-    deployment: Deployment,
-    stage: str = "all",
-    attempt: int = 1,
-    upstream: dict[str, str] | None = None,
-) -> dict[str, Any]:
+def gpus_for(job: JobDocument, stage: str) -> int:
+    return job.compute.gpus if stage in GPU_STAGES else 0
+
+
+def translate(job: JobDocument, settings: Settings, stage: str = "all", attempt: int = 1,
+              upstream: dict[str, str] | None = None) -> dict[str, Any]:
     """The Bacalhau Job (as the JSON the API takes) for one attempt of one stage.
 
-    `upstream` maps earlier stages to the keys they published ("preprocess" → "results/x/work/...").
+    `upstream` maps earlier stages to the prefixes they published ("preprocess" → "results/x/work/...").
     """
-    if stage not in ("all", *SPLIT):
+    if stage not in ("all", "preprocess", "train", "export"):
         raise ValueError(f"unknown stage {stage!r}")
     upstream = upstream or {}
     name = attempt_name(job.id, stage, attempt)
     compute = job.compute
-    res = deployment.resources[stage]
-    gpus = compute.gpus if stage in ("all", "train") else 0
-    settings = job.pipeline_settings()
-    if gpus == 0:
-        settings["train"]["device"] = "cpu"
+    res = settings.resources[stage]
+    gpus = gpus_for(job, stage)
     execution = compute.max_runtime_minutes * 60
     queue = compute.queue_timeout_minutes * 60
     values = {
-        "name": name, "namespace": deployment.namespace, "job_id": job.id, "attempt": str(attempt),
-        "image": deployment.image, "settings": json.dumps(settings, separators=(",", ":")),
-        "bucket": deployment.policy.bucket, "input_key": job.input_uri.key,
-        "publish_key": publish_key(job, deployment, stage, name),
+        "name": name, "namespace": settings.bacalhau_namespace, "job_id": job.id, "attempt": str(attempt),
+        "image": settings.image, "settings": job.worker_settings(device=None if gpus else "cpu"),
+        "bucket": settings.bucket, "input_key": job.input_uri.key,
+        "publish_key": publish_key(job, settings, stage, name),
         "preprocess_key": upstream.get("preprocess", ""), "train_key": upstream.get("train", ""),
         "cpu": res.cpu, "memory": res.memory, "disk": res.disk, "gpus": str(gpus),
         "execution_timeout": execution, "queue_timeout": queue, "total_timeout": execution + queue,
@@ -124,26 +91,30 @@ def translate(
     task = spec["Tasks"][0]
     if gpus == 0:
         task["Resources"].pop("GPU", None)
-    if gpus and compute.gpu_model:  # nodes label their first GPU's model as GPU-0
-        constraint = [{"Key": "GPU-0", "Operator": "=", "Values": [compute.gpu_model]}]
-        spec = {**{k: v for k, v in spec.items() if k != "Tasks"}, "Constraints": constraint, "Tasks": spec["Tasks"]}
+    if gpus and compute.gpu_model:  # nodes label their first GPU's model as GPU-0, spaces as dashes
+        spec = {**{k: v for k, v in spec.items() if k != "Tasks"},
+                "Constraints": [{"Key": "GPU-0", "Operator": "=", "Values": [compute.gpu_model]}], "Tasks": spec["Tasks"]}
         task = spec["Tasks"][0]
     for params in [s["Source"]["Params"] for s in task["InputSources"]] + [task["Publisher"]["Params"]]:
-        if deployment.region:
-            params["Region"] = deployment.region
-        if deployment.s3_endpoint:
-            params["Endpoint"] = deployment.s3_endpoint
+        if settings.region:
+            params["Region"] = settings.region
+        if settings.s3_endpoint:
+            params["Endpoint"] = settings.s3_endpoint
     missing = [s["Alias"] for s in task["InputSources"] if not s["Source"]["Params"]["Key"]]
     if missing:
         raise ValueError(f"stage {stage} needs the published prefix of: {', '.join(missing)}")
     return spec
 
 
-def translate_all(job: JobDocument, deployment: Deployment) -> list[dict[str, Any]]:
+def published(spec: dict[str, Any]) -> str:
+    return spec["Tasks"][0]["Publisher"]["Params"]["Key"]
+
+
+def translate_all(job: JobDocument, settings: Settings) -> list[dict[str, Any]]:
     """Every stage's first attempt, each wired to the previous one's published prefix (for display)."""
     specs, upstream = [], {}
     for stage in stages_of(job):
-        spec = translate(job, deployment, stage, 1, upstream)
-        upstream[stage] = spec["Tasks"][0]["Publisher"]["Params"]["Key"]
+        spec = translate(job, settings, stage, 1, upstream)
+        upstream[stage] = published(spec)
         specs.append(spec)
     return specs

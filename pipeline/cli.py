@@ -1,8 +1,8 @@
-"""The `codsplat` command line.
+"""`codsplat run`: the worker's command line (the control plane's `codsplat` loads this module for
+`run` alone, so that its other commands never import torch).
 
-Exit codes (also in `codsplat run --help` and the README):
-  0 success · 2 bad command line, config or input · 3 the capture could not be reconstructed ·
-  4 the result failed the quality gate (nothing exported) · 5 internal error · 130 interrupted
+Exit codes (also in `codsplat run --help`, `codsplat exit-codes` and the README): see
+`contract.EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import PRESETS, load_pipeline_config
-from .errors import EXIT_CODES, EXIT_INTERRUPTED, PipelineError
+from .config import load_pipeline_config
+from .contract import EXIT_CODES, PRESETS, VIDEO_SUFFIXES
+from .errors import EXIT_INTERRUPTED, PipelineError
 from .run import STAGE_CHOICES, run_pipeline
 
 app = typer.Typer(
@@ -29,7 +30,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the width
-EXIT_HELP = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items()) + "."
+EXIT_HELP = "Exit codes: " + "; ".join(f"{c.code} {c.meaning}" for c in EXIT_CODES.values()) + "."
+
+
+@app.callback()
+def worker() -> None:
+    """codsplat's worker: video or photos in, 3D Gaussian splat out."""
 
 
 def fail(exc: PipelineError, as_json: bool) -> None:
@@ -78,7 +84,7 @@ def result_json(summary) -> dict:
 
 @app.command(epilog=EXIT_HELP)
 def run(
-    input: Optional[Path] = typer.Argument(None, help="A video (.mp4 .mov .mkv .webm), a folder of .jpg/.png images, or a .zip of them. Not needed for --stage train/export."),
+    input: Optional[Path] = typer.Argument(None, help=f"A video ({' '.join(VIDEO_SUFFIXES)}), a folder of .jpg/.png images, or a .zip of them. Not needed for --stage train/export."),
     out: Path = typer.Option(..., "--out", "-o", help="Work directory: frames/, sfm/, train/ and export/ are written here."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Settings (JSON or YAML): frames, sfm, train, export sections, or a whole job document."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"One of {', '.join(PRESETS)}; the config's own keys override it."),
@@ -114,13 +120,6 @@ def run(
             traceback.print_exc()
         fail(PipelineError(f"Internal error: {exc.__class__.__name__}: {exc}",
                            hint="Set CODSPLAT_DEBUG=1 for the traceback and report it."), as_json)
-
-
-@app.command("exit-codes")
-def exit_codes() -> None:
-    """List the exit codes that codsplat commands use."""
-    for code, text in EXIT_CODES.items():
-        print(f"{code:>3}  {text}")
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from .contract import PRESETS
 from .errors import InputError
 from .validation import StrictModel, explain
 
-PRESETS = ("tiny", "fast", "quality")
 PRESET_DIR = Path(__file__).with_name("presets")
 
 

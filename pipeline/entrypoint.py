@@ -1,17 +1,23 @@
 """The container's entrypoint: one image for Bacalhau jobs and SageMaker training jobs.
 
 Bacalhau (`codsplat-entrypoint bacalhau ...`): inputs are mounted where the job spec puts them and
-results go to the result path that the S3 publisher uploads. A split job passes the previous
-stages' published folders as `--upstream` mounts; only the stages run here are written to `--out`,
+each stage folder is written under `--out`, where one ResultPath per stage (`/outputs/frames`, ...)
+hands it to the S3 publisher. A split job passes the previous stages' published prefixes as
+`--upstream` mounts; a stage folder is found in a mount however the publisher laid it out
+(`<mount>/sfm/` or `<mount>/<result name>/sfm/`). Only the stages run here are written to `--out`,
 so each stage publishes its own folder and nothing twice:
 
-    codsplat-entrypoint bacalhau --stage preprocess --input /inputs/media --config /inputs/job/job.json --out /outputs
-    codsplat-entrypoint bacalhau --stage train  --upstream /inputs/preprocess --config ... --out /outputs
-    codsplat-entrypoint bacalhau --stage export --upstream /inputs/preprocess --upstream /inputs/train --config ... --out /outputs
+    codsplat-entrypoint bacalhau --stage preprocess --input /inputs/media --settings '{...}' --out /outputs
+    codsplat-entrypoint bacalhau --stage train  --upstream /inputs/preprocess --settings '{...}' --out /outputs
+    codsplat-entrypoint bacalhau --stage export --upstream /inputs/preprocess --upstream /inputs/train --settings '{...}' --out /outputs
+
+Its stdout is one JSON line at the end, the run's outcome (`contract.summary_line` on success, the
+error on failure), because Bacalhau keeps only the first 2 KiB of stdout in the execution's
+RunOutput; progress goes to stderr.
 
 SageMaker (`codsplat-entrypoint train`, which is how SageMaker starts an image): the media channel is
 `/opt/ml/input/data/media`, settings come from `/opt/ml/input/config/hyperparameters.json` (string
-values: `preset`, `stage`, and `settings` holding the job's pipeline sections as JSON). The work
+values: `preset`, `stage`, and `settings`: the same JSON text as Bacalhau's `--settings`). The work
 directory is `/opt/ml/checkpoints` when SageMaker syncs one (so a restarted job resumes finished
 stages), else `/opt/ml/model`; the exports are copied to `/opt/ml/model`. On failure the reason goes
 to `/opt/ml/output/failure`, which SageMaker shows as the job's FailureReason.
@@ -30,10 +36,10 @@ import tempfile
 from pathlib import Path
 
 from .config import build_config, load_pipeline_config
+from .contract import (ARCHIVE_SUFFIXES, ERROR_FILE, IMAGE_SUFFIXES, METRICS, STAGES, VIDEO_SUFFIXES, decode_settings,
+                       outcome_line, run_summary)
 from .errors import EXIT_INTERNAL, InputError, PipelineError
-from .ingest import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .run import STAGE_CHOICES, run_pipeline, stages_for
-from .stages import STAGES
 
 SM_ROOT_ENV = "CODSPLAT_SAGEMAKER_ROOT"  # lets tests point SageMaker mode at a folder of their own
 
@@ -45,7 +51,7 @@ def resolve_media(path: Path) -> Path:
     if not path.is_dir():
         raise InputError(f"Input mount {path} does not exist.")
     files = [p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    single = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES | {".zip"}]
+    single = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES + ARCHIVE_SUFFIXES]
     if len(single) == 1:
         return single[0]
     if len(single) > 1:
@@ -56,15 +62,27 @@ def resolve_media(path: Path) -> Path:
     raise InputError(f"Input mount {path} holds no video, .zip or folder of images.")
 
 
+def find_stage(mount: Path, stage: str) -> Path | None:
+    """A finished stage folder (it has its manifest) in an upstream mount: `<mount>/<stage>/`, or
+    one level down when the publisher put each result path under its name."""
+    for candidate in [mount / stage, *sorted(p / stage for p in mount.iterdir() if p.is_dir())]:
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return None
+
+
 def assemble_work(scratch: Path, upstream: list[Path], out: Path, stages: tuple[str, ...]) -> Path:
     """A work directory whose earlier stages link to the read-only upstream mounts and whose
     stages to run link into `out`, so that only they are published."""
     work = scratch / "work"
     work.mkdir(parents=True, exist_ok=True)
     for mount in upstream:
+        if not mount.is_dir():
+            raise InputError(f"Upstream mount {mount} does not exist.")
         for stage in STAGES:
-            if (mount / stage).is_dir() and stage not in stages:
-                (work / stage).symlink_to((mount / stage).resolve(), target_is_directory=True)
+            found = find_stage(mount, stage) if stage not in stages and not (work / stage).exists() else None
+            if found is not None:
+                (work / stage).symlink_to(found.resolve(), target_is_directory=True)
     for stage in stages:
         (out / stage).mkdir(parents=True, exist_ok=True)
         link = work / stage
@@ -76,19 +94,15 @@ def assemble_work(scratch: Path, upstream: list[Path], out: Path, stages: tuple[
 
 def _write_error(out: Path, exc: PipelineError) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "error.json").write_text(json.dumps(exc.to_dict(), indent=2))
+    (out / ERROR_FILE).write_text(json.dumps(exc.to_dict(), indent=2))
 
 
 def bacalhau(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         stages = stages_for(args.stage)
-        if args.settings:
-            try:
-                settings = json.loads(args.settings)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"--settings is not valid JSON: {exc.msg}.") from None
-            config = build_config(settings, args.preset)
+        if args.settings is not None:
+            config = build_config(decode_settings(args.settings, "--settings"), args.preset)
         else:
             config = load_pipeline_config(Path(args.config) if args.config else None, args.preset)
         media = resolve_media(Path(args.input)) if args.input else None
@@ -97,11 +111,15 @@ def bacalhau(args: argparse.Namespace) -> int:
             summary = run_pipeline(media, work, config, stage=args.stage,
                                    on_done=lambda name, m, skipped: print(json.dumps(
                                        {"stage": name, "skipped": skipped, "seconds": m["seconds"],
-                                        "stats": m["stats"]}), flush=True))
-        print(json.dumps({"ok": True, "stages": [r.stage for r in summary.results]}), flush=True)
+                                        "stats": m["stats"]}), file=sys.stderr, flush=True))
+            device = (summary.manifest("train") or {}).get("stats", {}).get("device")
+            outcome = (run_summary(json.loads((work / METRICS).read_text()), device) if "export" in stages
+                       else {"ok": True, "stages": [r.stage for r in summary.results]})
+        print(outcome_line(outcome), flush=True)
         return 0
     except PipelineError as exc:
         _write_error(out, exc)
+        print(outcome_line({"ok": False, **exc.to_dict()}), flush=True)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 
@@ -115,11 +133,9 @@ def sagemaker(root: Path) -> int:
         unknown = set(hp) - {"preset", "stage", "settings"}
         if unknown:
             raise InputError(f"Unknown hyperparameters {sorted(unknown)}; valid: preset, stage, settings.")
-        try:
-            settings = json.loads(hp.get("settings", "{}")) if isinstance(hp.get("settings", "{}"), str) else hp["settings"]
-        except json.JSONDecodeError as exc:
-            raise InputError(f"Hyperparameter 'settings' is not valid JSON: {exc.msg}.") from None
-        config = build_config(settings, hp.get("preset"))
+        if not isinstance(hp.get("settings", "{}"), str):
+            raise InputError("Hyperparameter 'settings' must be JSON text (SageMaker passes hyperparameters as strings).")
+        config = build_config(decode_settings(hp.get("settings", "{}"), "Hyperparameter 'settings'"), hp.get("preset"))
         stage = hp.get("stage", "all")
         stages_for(stage)
         media_dir = root / "input" / "data" / "media"

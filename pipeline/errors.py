@@ -2,7 +2,8 @@
 
 Every failure a user can cause or meet (bad input, a capture that cannot be reconstructed, a result
 below the quality bar) is a `PipelineError`. The command line prints its message, never a traceback,
-and exits with its `exit_code`. Anything else is a bug and exits with `EXIT_INTERNAL`.
+and exits with its `exit_code`. Anything else is a bug and exits with `EXIT_INTERNAL`. What each
+code means, and what to try next, is in `contract.EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,8 @@ EXIT_USAGE = 2  # bad command line, config or input file: fix the request and ru
 EXIT_RECONSTRUCTION = 3  # the capture could not be reconstructed (too few frames register, no overlap)
 EXIT_QUALITY = 4  # training finished but the result failed the quality gate; nothing was exported
 EXIT_INTERNAL = 5  # a bug or an environment problem (out of memory, missing library)
+EXIT_CANNOT_RUN = 6  # the control plane: no backend could run the job
 EXIT_INTERRUPTED = 130
-
-EXIT_CODES = {
-    EXIT_OK: "success",
-    EXIT_USAGE: "bad command line, config or input file",
-    EXIT_RECONSTRUCTION: "the capture could not be reconstructed",
-    EXIT_QUALITY: "the trained splat failed the quality gate; nothing was exported",
-    EXIT_INTERNAL: "internal error or environment problem",
-    EXIT_INTERRUPTED: "interrupted",
-}
 
 
 class PipelineError(Exception):
@@ -70,3 +63,14 @@ class EnvironmentProblem(PipelineError):
     """The machine lacks something the settings ask for (a GPU, memory, a library)."""
 
     exit_code = EXIT_INTERNAL
+
+
+class CannotRun(PipelineError):
+    """No backend could run the job (no matching node, a queue timeout, repeated failures, unreachable)."""
+
+    exit_code = EXIT_CANNOT_RUN
+
+
+def usage_error(message: str, hint: str | None = None) -> InputError:
+    """A bad command line or request: exit code 2 with one sentence."""
+    return InputError(message, hint=hint)

@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 from . import formats
 from . import splats as splat_io
 from .errors import QualityError
-from .stages import STAGES, StageContext
+from .contract import STAGES
+from .stages import StageContext
 from .train import CAMERAS
 
 PREVIEW_MIN_HEIGHT = 240

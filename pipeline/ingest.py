@@ -18,11 +18,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import FramesConfig
+from .contract import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .errors import InputError
 from .stages import StageContext
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".m4v", ".avi"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 JPEG_QUALITY = 95
 THUMB = 64  # long side of the thumbnails compared for near-duplicates
 
@@ -36,7 +35,7 @@ def input_kind(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in VIDEO_SUFFIXES:
         return "video"
-    if suffix == ".zip":
+    if suffix in ARCHIVE_SUFFIXES:
         return "zip"
     if suffix in IMAGE_SUFFIXES:
         raise InputError(
@@ -45,7 +44,7 @@ def input_kind(path: Path) -> str:
         )
     raise InputError(
         f"Input {path} has an unsupported type '{suffix or '(none)'}'.",
-        hint="Use a video (.mp4 .mov .mkv .webm), a folder of .jpg/.png images, or a .zip of them.",
+        hint=f"Use a video ({' '.join(VIDEO_SUFFIXES)}), a folder of .jpg/.png images, or a .zip of them.",
     )
 
 

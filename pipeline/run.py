@@ -8,7 +8,8 @@ from typing import Callable
 from . import export, ingest, sfm, train
 from .config import PipelineConfig
 from .errors import InputError
-from .stages import GROUPS, STAGES, ProgressFile, RunSummary, StageContext, run_stage
+from .contract import GROUPS, STAGES
+from .stages import ProgressFile, RunSummary, StageContext, run_stage
 
 STAGE_FUNCTIONS = {"frames": ingest.run, "sfm": sfm.run, "train": train.run, "export": export.run}
 STAGE_CHOICES = tuple(GROUPS) + tuple(s for s in STAGES if s not in GROUPS)

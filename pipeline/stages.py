@@ -29,14 +29,9 @@ from typing import Any, Callable, Protocol
 import psutil
 
 from .config import PipelineConfig
+from .contract import GROUPS, MANIFEST, PROGRESS, RUN_LOG, STAGES
 from .errors import InputError
 
-STAGES = ("frames", "sfm", "train", "export")
-# Groups that run as one Bacalhau job each: frames+SfM on a CPU node, training on a GPU node, then export.
-GROUPS = {"preprocess": ("frames", "sfm"), "train": ("train",), "export": ("export",), "all": STAGES}
-MANIFEST = "manifest.json"
-RUN_LOG = "runs.jsonl"  # one line per stage execution that completed (skips are not runs)
-PROGRESS = "progress.json"  # where a run is now, for whoever watches the work folder (the web console)
 FORMAT_VERSION = 1  # bump when a stage's outputs change meaning, so old work directories re-run
 
 Progress = Callable[[float, str], None]  # (fraction done 0..1, short note)

@@ -15,8 +15,8 @@ import pytest
 
 from codsplat.aws.app import synth
 from codsplat.aws.base import TEMPORARY_PREFIXES
-from codsplat.orchestrator.assemble import build_daemon
-from codsplat.orchestrator.fallback import ASL_PATH
+from codsplat.orchestrator.backends import build_daemon
+from codsplat.orchestrator.executors.sagemaker import ASL_PATH
 from codsplat.orchestrator.provision import MAX_RECEIVE_COUNT, QUEUE_VISIBILITY_SECONDS, SSM_PATH, provision
 from codsplat.orchestrator.records import DynamoStore
 from codsplat.orchestrator.settings import Settings, load_settings

@@ -10,14 +10,13 @@ import time
 
 import httpx
 import pytest
-from codsplat.orchestrator.assemble import aws_client
+from codsplat.orchestrator.backends import aws_client
 from codsplat.orchestrator.blobs import S3Blobs
 from codsplat.orchestrator.console import build_console
 from codsplat.orchestrator.console.app import create_app
 from codsplat.orchestrator.console.auth import Guard
 from codsplat.orchestrator.console.service import ConsoleService
 from codsplat.orchestrator.console.uploads import MIN_PART, S3Uploads
-from codsplat.orchestrator.job import Policy
 from codsplat.orchestrator.records import JobRecord, SQLiteStore
 from codsplat.orchestrator.settings import Settings
 from conftest import codsplat
@@ -219,7 +218,7 @@ def test_s3_upload_goes_straight_to_the_bucket_with_presigned_parts(moto_server,
     """AWS mode: the browser PUTs parts to S3 presigned links; the console only starts and completes."""
     s3 = aws_client(Settings(aws_endpoint=moto_server.url), "s3")  # as the console makes it (SigV4 links)
     store = SQLiteStore(tmp_path / "records.db")
-    service = ConsoleService(store, S3Blobs(s3, "codsplat-data"), S3Uploads(s3, "codsplat-data"), Policy(bucket="codsplat-data"))
+    service = ConsoleService(store, S3Blobs(s3, "codsplat-data"), S3Uploads(s3, "codsplat-data"), Settings().policy, Settings())
     guard = Guard(token=TOKEN)
     with TestClient(create_app(service, guard, connect_src=s3.meta.endpoint_url)) as client:
         headers = logged_in(client)

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from codsplat.orchestrator.assemble import build_daemon
+from codsplat.orchestrator.backends import build_daemon
 from codsplat.orchestrator.events import Delivery, SqsSource
 from codsplat.orchestrator.provision import provision
 from codsplat.orchestrator.records import DynamoStore

@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from codsplat.orchestrator.job import SCHEMA_PATH, Policy, json_schema, job_id_from_key, parse_job
+from codsplat.orchestrator.job import SCHEMA_PATH, json_schema, job_id_from_key, parse_job
+from codsplat.orchestrator.settings import Settings
 from codsplat.pipeline.config import merge
 from codsplat.pipeline.errors import InputError
 from conftest import codsplat
 
+POLICY = Settings().policy  # the defaults live in Settings alone
 BASE = {"version": 1, "input": "s3://codsplat-data/uploads/u/scan.mp4"}
 CORPUS = yaml.safe_load((Path(__file__).parent / "data" / "bad_jobs.yaml").read_text())
 
@@ -39,22 +41,22 @@ def test_corpus_has_at_least_forty_documents():
 def test_bad_document_is_rejected_with_path_and_message(case):
     doc = case["doc"] if case.get("raw") else merge(BASE, case["doc"])
     with pytest.raises(InputError) as info:
-        parse_job(doc, Policy(), default_id="scan")
+        parse_job(doc, POLICY, default_id="scan")
     for expected in case["expect"]:
         assert expected in info.value.message, info.value.message
 
 
 def test_good_document_is_normalised_with_defaults_and_preset():
     job = parse_job({**BASE, "preset": "fast", "train": {"steps": 9000}, "notify": {"email": ["a@b.co"]}},
-                    Policy(), default_id="scan")
+                    POLICY, default_id="scan")
     assert job.id == "scan" and job.train.steps == 9000 and job.frames.max == 150  # preset under the user's keys
     assert job.compute.backend == "auto" and job.compute.gpus == 1
-    assert str(job.output_uri(Policy())) == "s3://codsplat-data/results/scan/"
+    assert str(job.output_uri(POLICY)) == "s3://codsplat-data/results/scan/"
     assert set(job.pipeline_settings()) == {"preset", "frames", "sfm", "train", "export"}
 
 
 def test_policy_comes_from_the_deployment_not_the_job():
-    strict = Policy(bucket="team-a", input_prefixes=("in/",), output_prefix="out/", max_gpus=1)
+    strict = Settings(bucket="team-a", input_prefixes=["in/"], output_prefix="out/", max_gpus=1).policy
     with pytest.raises(InputError, match="bucket 'codsplat-data' is not allowed; use s3://team-a/"):
         parse_job(BASE, strict, default_id="scan")
     job = parse_job({"version": 1, "input": "s3://team-a/in/x/", "compute": {"gpus": 1}}, strict, default_id="scan")

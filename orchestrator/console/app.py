@@ -38,7 +38,6 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..blobs import FolderBlobs
 from ..job import json_schema
 from .auth import CSRF_HEADER, SESSION_COOKIE, Guard
 from .service import ConsoleService, NotFound
@@ -214,8 +213,9 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
 
     async def files(request: Request):
         key = service.file_key(request.path_params["job_id"], request.path_params["name"])
-        if isinstance(service.blobs, FolderBlobs):
-            return FileResponse(service.blobs.uri(key))
+        local = service.blobs.local_path(key)
+        if local is not None:
+            return FileResponse(local)
         return RedirectResponse(service.blobs.link(key, FILE_SECONDS), status_code=302)
 
     async def health(request: Request):

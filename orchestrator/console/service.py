@@ -11,19 +11,20 @@ import json
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any
 
 from codsplat.pipeline.config import merge
+from codsplat.pipeline.contract import ARCHIVE_SUFFIXES, PROGRESS, VIDEO_SUFFIXES
 from codsplat.pipeline.errors import InputError
-from codsplat.pipeline.stages import PROGRESS
 
 from ..blobs import Blobs
-from ..daemon import DaemonOptions
-from ..job import JobDocument, Policy, job_id_from_key, parse_job
+from ..job import JobDocument, job_id_from_key, parse_job
+from ..pricing import running
 from ..records import RUNNING, InvalidTransition, JobRecord, Store, request_cancel
+from ..settings import Policy, Settings
 from .uploads import Uploads, check_files, safe_name
 
 CONSOLE_USER = "console"  # token login has one user; an OIDC identity would go here
@@ -56,8 +57,11 @@ class ConsoleService:
     blobs: Blobs
     uploads: Uploads
     policy: Policy
-    jobs_prefix: str = "jobs/"
-    prices: DaemonOptions = field(default_factory=DaemonOptions)  # the daemon's hourly prices, for running jobs
+    settings: Settings  # the deployment: its jobs prefix, and its hourly prices for running jobs
+
+    @property
+    def jobs_prefix(self) -> str:
+        return self.settings.jobs_prefix
 
     # ------------------------------------------------------------------ uploads and submission
 
@@ -66,7 +70,7 @@ class ConsoleService:
         check_files(files)
         prefix = f"{self.policy.input_prefixes[0]}{CONSOLE_USER}/{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}/"
         started = [self.uploads.start(prefix + safe_name(f["name"]), f["size"]) for f in files]
-        whole = len(files) == 1 and files[0]["name"].lower().endswith((".mp4", ".mov", ".mkv", ".webm", ".zip"))
+        whole = len(files) == 1 and files[0]["name"].lower().endswith(VIDEO_SUFFIXES + ARCHIVE_SUFFIXES)
         return {"input": started[0]["key"] if whole else prefix, "files": started}
 
     def complete_upload(self, key: str, upload_id: str, parts: list[dict]) -> None:
@@ -149,8 +153,7 @@ class ConsoleService:
         result = record.result or {}
         cost = result.get("estimated_cost_usd")
         if cost is None and record.state == RUNNING:
-            gpu = record.backend in ("bacalhau", "sagemaker")
-            cost = seconds / 3600 * (self.prices.gpu_hour_usd if gpu else self.prices.cpu_hour_usd)
+            cost = running(seconds, record.backend, self.settings)
         return {
             "id": record.job_id, "state": record.state, "stage": record.stage, "backend": record.backend,
             "created_at": record.created_at, "updated_at": record.updated_at, "seconds": round(seconds, 1),

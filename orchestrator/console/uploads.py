@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
+from codsplat.pipeline.contract import ARCHIVE_SUFFIXES, MEDIA_SUFFIXES, VIDEO_SUFFIXES
 from codsplat.pipeline.errors import InputError
 from starlette.concurrency import run_in_threadpool
 
@@ -23,8 +24,8 @@ MIN_PART = 8 * 2**20  # S3 parts are at least 5 MiB (but the last); 8 MiB keeps 
 MAX_PARTS = 10_000  # S3's limit
 MAX_BYTES = 50 * 2**30
 LINK_SECONDS = 3600
-MEDIA = (".mp4", ".mov", ".mkv", ".webm", ".zip", ".jpg", ".jpeg", ".png")
-VIDEO_OR_ZIP = (".mp4", ".mov", ".mkv", ".webm", ".zip")
+MEDIA = MEDIA_SUFFIXES
+VIDEO_OR_ZIP = VIDEO_SUFFIXES + ARCHIVE_SUFFIXES
 
 
 def part_size(size: int) -> int:
@@ -42,7 +43,7 @@ def safe_name(name: str) -> str:
 def check_files(files: list[dict]) -> None:
     """What a job can use: one video or one .zip of images, or images (jpg/png)."""
     if not files:
-        raise InputError("files: choose a video (mp4, mov, mkv, webm), a .zip of images, or images (jpg, png).")
+        raise InputError(f"files: choose a video ({', '.join(s[1:] for s in VIDEO_SUFFIXES)}), a .zip of images, or images (jpg, png).")
     for f in files:
         if not isinstance(f, dict):
             raise InputError('files: each file is {"name": ..., "size": bytes}.')

@@ -1,0 +1,1 @@
+"""The executors: where a job's attempts run. Each implements `compute.Executor`."""

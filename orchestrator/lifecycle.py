@@ -1,0 +1,501 @@
+"""A job's life, from its upload to its one message: the daemon's state machine, top to bottom.
+
+    receive   RECEIVED → VALIDATED | FAILED   read the document (bounded), validate it, create the record
+    admit     VALIDATED → QUEUED              the media are there (looked at again until media_wait_seconds)
+    start     QUEUED → RUNNING(stage)         a free slot; the backend's preflight; the first attempt sent
+    ended     RUNNING → RUNNING(next stage) | SUCCEEDED | FAILED | CANCELLED, by `compute.decide`;
+              a job that cannot run here is handed to the fallback backend (SageMaker)
+    announce  the one message: claimed by a conditional write, sent, then marked sent
+
+Every step writes the record once, conditionally on its version, on the copy the step before wrote
+(`records.change(current=...)`), so a job costs a handful of writes and another writer's change is
+never lost. A step runs on the daemon's pool (`schedule`) and holds no thread while a backend works:
+executors call back when an attempt ends. At most `concurrency` jobs hold a backend at once; the
+rest wait QUEUED for a slot. A restarted daemon `resume`s every record that is not finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from codsplat.pipeline.contract import ADVICE, EXIT_CANNOT_RUN, EXIT_INTERNAL, exit_code
+from codsplat.pipeline.errors import InputError
+
+from .blobs import Blobs
+from .compute import Attempt, CannotRun, Done, Ending, Executor, Fail, Result, Stopped, Submit, decide, first_step, upstream_of
+from .events import JobEvent
+from .faults import crashpoint
+from .job import JobDocument, job_id_from_key, parse_job
+from .notify import Notifier, compose
+from .pricing import estimate
+from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, Conflict, InvalidTransition,
+                      JobRecord, Store, change, now)
+from .settings import Policy, Settings
+
+log = logging.getLogger("codsplat.daemon")
+MAX_ERROR_CHARS = 2000
+EXPORT_FILES = ("metrics.json", "report.html", "cameras.json")  # beside the splats in export/
+
+
+@dataclass
+class Flight:
+    """A job this daemon is working on: the document, and the record as last written."""
+
+    job: JobDocument
+    record: JobRecord
+    lock: threading.RLock = field(default_factory=threading.RLock)  # one step of a job at a time
+    holds_slot: bool = False
+    media_deadline: float = 0.0
+    resumed: bool = False  # picked up after a restart: every attempt is looked up before it is sent
+
+
+class Slots:
+    """At most `size` jobs at a backend at once; the others wait in arrival order."""
+
+    def __init__(self, size: int):
+        self.size, self.held, self.waiting = size, set(), deque()
+        self._lock = threading.Lock()
+
+    def take(self, job_id: str, force: bool = False) -> bool:
+        with self._lock:
+            if job_id in self.held or force or len(self.held) < self.size:
+                self.held.add(job_id)
+                return True
+            if job_id not in self.waiting:
+                self.waiting.append(job_id)
+            return False
+
+    def give_back(self, job_id: str) -> str | None:
+        """Free a slot; the job that waited longest gets it (returned), if any."""
+        with self._lock:
+            self.held.discard(job_id)
+            if job_id in self.waiting:
+                self.waiting.remove(job_id)
+            if self.waiting and len(self.held) < self.size:
+                nxt = self.waiting.popleft()
+                self.held.add(nxt)
+                return nxt
+            return None
+
+
+class Lifecycle:
+    def __init__(self, store: Store, blobs: Blobs, notifier: Notifier, executors: dict[str, Executor],
+                 settings: Settings, policy: Policy, default_backend: str, fallback: str | None,
+                 schedule: Callable[..., None], others_alive: bool = True):
+        self.store, self.blobs, self.notifier, self.executors = store, blobs, notifier, executors
+        # who this daemon is, in the claims it makes; and whether any other daemon may be alive (an
+        # embedded folder holds one daemon at a time, so there a claim by another owner is a dead one's)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.others_alive = others_alive
+        self.settings, self.policy = settings, policy
+        self.default_backend, self.fallback = default_backend, fallback
+        self.schedule = schedule  # schedule(fn, *args, delay=0.0): run fn(*args) on the daemon's pool
+        self.slots = Slots(settings.concurrency)
+        self.flights: dict[str, Flight] = {}
+        self._lock = threading.Lock()
+        self._stopped: set[str] = set()  # handed-over attempts already told to stop
+        self._swept = now()
+        self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
+
+    # ------------------------------------------------------------------ receive: RECEIVED → VALIDATED | FAILED
+
+    def receive(self, event: JobEvent) -> str | None:
+        """Record the job a document names; its record exists before the event is acknowledged."""
+        self._count("received")
+        job_id = job_id_from_key(event.key)
+        try:
+            raw = self.blobs.read(event.key)
+        except Exception:  # deleted again before we looked: nothing to do
+            log.warning("job document %s has gone", event.key, extra={"job_id": job_id})
+            return None
+        job, problem = None, None
+        try:
+            job = parse_job(json.loads(raw), self.policy, default_id=job_id)
+            job_id = job.id
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            problem = f"{event.key} is not valid JSON: {getattr(exc, 'msg', exc)}"
+        except InputError as exc:
+            problem = exc.message
+        state = FAILED if problem else VALIDATED
+        record = JobRecord(job_id=job_id, job_key=event.key, state=state, notify=job.notify.email if job else [],
+                           event_at=event.at, input=job.input if job else None, history=[
+                               {"at": now(), "state": RECEIVED, "stage": None, "note": event.event},
+                               {"at": now(), "state": state, "stage": "validate" if problem else None, "note": ""}])
+        if job:
+            record.output = self.blobs.uri(job.output_uri(self.policy).key)
+        else:
+            record.stage = "validate"
+            record.error = self._error("validate", problem, ADVICE["input"], "input", 2)
+            record.notify_claimed_at, record.notify_claimed_by = now(), self.owner  # its creator sends its message
+        crashpoint("before-create")
+        if not self.store.create(record):
+            self._count("duplicates")
+            log.info("duplicate event for %s", job_id, extra={"job_id": job_id})
+            return job_id
+        self._count("created")
+        crashpoint("after-create")
+        if problem:
+            self._count("failed")
+            log.warning("job failed: %s", problem[:300], extra={"job_id": job_id, "state": FAILED, "stage": "validate"})
+            self.schedule(self.send, record)
+            return job_id
+        log.info("job received", extra={"job_id": job_id, "state": VALIDATED})
+        self.schedule(self.admit, self._flight(job, record))
+        return job_id
+
+    # ------------------------------------------------------------------ admit: VALIDATED → QUEUED
+
+    def admit(self, flight: Flight) -> None:
+        """Wait (without holding a thread) for the media to finish uploading, then queue the job."""
+        with flight.lock:
+            job = flight.job
+            if flight.media_deadline == 0.0:
+                flight.media_deadline = time.monotonic() + self.settings.media_wait_seconds
+            crashpoint("before-media-check")
+            uri = job.input_uri
+            if not (self.blobs.exists_prefix(uri.key) if uri.is_prefix else self.blobs.exists(uri.key)):
+                if time.monotonic() < flight.media_deadline:
+                    return self.schedule(self.admit, flight, delay=self.settings.media_poll_seconds)
+                return self.fail(flight, "validate", f"The media {job.input} was not found (waited "
+                                 f"{self.settings.media_wait_seconds:.0f} s for it to finish uploading).", "input", code=2)
+            crashpoint("before-queue")
+            if self.slots.take(job.id):
+                return self.start(job.id)
+            if flight.record.state != QUEUED:
+                flight.record = change(self.store, job.id, lambda r: None, to=QUEUED, current=flight.record)
+            crashpoint("after-queue")
+
+    # ------------------------------------------------------------------ start: QUEUED → RUNNING
+
+    def start(self, job_id: str) -> None:
+        """The job has a slot: choose its backend, check it can run there, send its first attempt."""
+        flight = self.flights.get(job_id)
+        if flight is None:
+            return self._give_back(job_id)
+        with flight.lock:
+            flight.holds_slot = True
+            if flight.record.cancel_requested:
+                return self.cancelled(flight, "cancelled before it ran")
+            backend = self._backend(flight.job)
+            step = first_step(flight.job)
+            if flight.resumed and self._adopt(flight, backend, step):
+                return
+            try:
+                self.executors[backend].preflight(flight.job)
+            except CannotRun as exc:
+                return self.cannot_run(flight, backend, exc.reason, exc.stage)
+            self.submit(flight, backend, step)
+
+    def submit(self, flight: Flight, backend: str, step: Submit, reason: str | None = None,
+               mutate: Callable[[JobRecord], None] = lambda r: None) -> None:
+        """Send one attempt, record it (with `mutate`, in the same write), and have its end called back."""
+        job = flight.job
+        attempt = Attempt.new(backend, job.id, step.stage, step.number, reason=reason)
+        if flight.resumed and self._adopt(flight, backend, step, mutate):
+            return
+        crashpoint("before-submit")
+        try:
+            self.executors[backend].submit(job, attempt, upstream_of([Attempt.from_dict(a) for a in flight.record.attempts]))
+        except CannotRun as exc:
+            return self.cannot_run(flight, backend, exc.reason, exc.stage, mutate)
+        crashpoint("after-submit")
+        self._running(flight, attempt, mutate, note=reason or "")
+
+    def _adopt(self, flight: Flight, backend: str, step: Submit, mutate: Callable[[JobRecord], None] = lambda r: None) -> bool:
+        """After a restart: an attempt sent just before the crash is followed, never sent again."""
+        attempt = Attempt.new(backend, flight.job.id, step.stage, step.number)
+        if not self.executors[backend].find(flight.job, attempt):
+            return False
+        log.info("found attempt %s sent before a restart", attempt.name, extra={"job_id": flight.job.id})
+        self._running(flight, attempt, mutate, note="found again after a restart", resumed=True)
+        return True
+
+    def _running(self, flight: Flight, attempt: Attempt, mutate: Callable[[JobRecord], None], note: str = "",
+                 resumed: bool = False) -> None:
+        job, executor = flight.job, self.executors[attempt.backend]
+        attempt.state = "Running"
+
+        def record(r: JobRecord) -> None:
+            mutate(r)
+            r.backend = attempt.backend
+            r.attempts.append(attempt.to_dict())
+
+        try:
+            flight.record = change(self.store, job.id, record, to=RUNNING, passing=(QUEUED,), note=note,
+                                   stage="sagemaker" if attempt.backend == "sagemaker" else attempt.stage,
+                                   current=flight.record)
+        except InvalidTransition:  # ended meanwhile (a queued job's cancel): stop what was sent
+            executor.stop(attempt, "cancelled by the user")
+            stored = self.store.get(job.id)
+            if stored is not None and not stored.terminal:
+                log.error("job %s cannot move from %s to RUNNING", job.id, stored.state, extra={"job_id": job.id})
+            return self.closed(flight)
+        crashpoint("after-running")
+        if executor.finishes_record:  # the fallback's state machine records the end and sends the message
+            log.info("job handed to %s", attempt.backend, extra={"job_id": job.id, "backend": attempt.backend})
+            return self.release(flight)
+        executor.watch(job, attempt, lambda result: self.schedule(self.ended, job.id, attempt, result), resumed=resumed)
+
+    # ------------------------------------------------------------------ ended: an attempt's result decides
+
+    def ended(self, job_id: str, attempt: Attempt, result: Result) -> None:
+        flight = self.flights.get(job_id)
+        if flight is None:
+            return
+        with flight.lock:
+            crashpoint("after-compute")
+            attempt.state, attempt.ending = result.ending.state, result.ending.value
+            attempt.exit_code, attempt.executions = result.exit_code, result.executions
+            attempt.error, attempt.updated_at = (result.message[:MAX_ERROR_CHARS] or None), now()
+
+            def store_attempt(r: JobRecord) -> None:
+                r.attempts = [attempt.to_dict() if a.get("name") == attempt.name else a for a in r.attempts]
+
+            attempts = [attempt if a.get("name") == attempt.name else Attempt.from_dict(a) for a in flight.record.attempts]
+            decision = decide(flight.job, attempts, attempt, result)
+            if isinstance(decision, Submit):
+                if decision.stage != attempt.stage:  # the next stage reads what this one published
+                    flight.record = change(self.store, job_id, store_attempt, current=flight.record)
+                    return self.submit(flight, attempt.backend, decision)
+                return self.submit(flight, attempt.backend, decision, reason=f"attempt {attempt.number} crashed",
+                                   mutate=store_attempt)
+            if isinstance(decision, Done):
+                return self.succeed(flight, decision.summary, store_attempt)
+            if isinstance(decision, Fail):
+                kind = exit_code(decision.exit_code).kind
+                return self.fail(flight, decision.stage, decision.message, kind, store_attempt, decision.exit_code)
+            if isinstance(decision, Stopped):
+                return self.cancelled(flight, "stopped while running", store_attempt, stage=decision.stage)
+            return self.cannot_run(flight, attempt.backend, decision.reason, decision.stage, store_attempt)
+
+    def cannot_run(self, flight: Flight, backend: str, reason: str, stage: str | None,
+                   mutate: Callable[[JobRecord], None] = lambda r: None) -> None:
+        """Hand the job to the fallback backend, or fail it: no backend could run it."""
+        fallback = self.fallback if flight.job.compute.backend == "auto" and backend != self.fallback else None
+        if fallback is None:
+            return self.fail(flight, stage, f"No backend could run the job: {reason}", "compute", mutate, EXIT_CANNOT_RUN)
+        self.release(flight, keep_flight=True)  # the fallback holds none of our slots
+        number = 1 + sum(a.get("backend") == fallback for a in flight.record.attempts)
+        self.submit(flight, fallback, Submit("all", number), reason=f"{backend} cannot run it: {reason}", mutate=mutate)
+
+    # ------------------------------------------------------------------ the endings
+
+    def succeed(self, flight: Flight, summary: dict[str, Any] | None, mutate: Callable[[JobRecord], None]) -> None:
+        job = flight.job
+        if not summary or not summary.get("files"):
+            return self.fail(flight, "export", "The job ended but its outputs are missing (no export/metrics.json).",
+                             "internal", mutate, EXIT_INTERNAL)
+        export = job.output_uri(self.policy).key + "export/"
+        result = {
+            "outputs": [export + f for f in [*summary["files"], *EXPORT_FILES]],
+            "metrics": {k: summary.get(k) for k in ("psnr", "ssim", "gaussians")},
+            "stage_seconds": summary.get("stages") or {}, "device": summary.get("device"),
+            "wall_seconds": round(max(0.0, time.time() - _epoch(flight.record.created_at)), 1),
+            **estimate(summary.get("stages") or {}, summary.get("device"), job.compute.gpus, self.settings),
+        }
+        crashpoint("before-succeed")
+        claimed = self._end(flight, SUCCEEDED, None, "", lambda r: (mutate(r), setattr(r, "result", result)))
+        crashpoint("after-succeed")
+        self._count("succeeded")
+        log.info("job succeeded", extra={"job_id": job.id, "state": SUCCEEDED})
+        self.closed(flight, claimed)
+
+    def fail(self, flight: Flight, stage: str | None, message: str, kind: str,
+             mutate: Callable[[JobRecord], None] = lambda r: None, code: int | None = None) -> None:
+        error = self._error(stage, message, ADVICE.get(kind, ADVICE["internal"]), kind, code)
+        crashpoint("before-fail")
+        claimed = self._end(flight, FAILED, stage, "", lambda r: (mutate(r), setattr(r, "error", error)))
+        crashpoint("after-fail")
+        self._count("failed")
+        log.warning("job failed: %s", error["message"][:300], extra={"job_id": flight.job.id, "state": FAILED, "stage": stage})
+        self.closed(flight, claimed)
+
+    def cancelled(self, flight: Flight, note: str, mutate: Callable[[JobRecord], None] = lambda r: None,
+                  stage: str | None = None) -> None:
+        claimed = self._end(flight, CANCELLED, stage, note, mutate)
+        self._count("cancelled")
+        self.closed(flight, claimed)
+
+    def _end(self, flight: Flight, state: str, stage: str | None, note: str, mutate: Callable[[JobRecord], None]) -> bool:
+        """The terminal write, which claims the job's message for this daemon in the same put.
+        False when the job had ended elsewhere meanwhile (a cancel): that ending's message stands."""
+        try:
+            flight.record = change(self.store, flight.job.id, lambda r: (mutate(r), self._stamp(r)),
+                                   to=state, stage=stage, note=note, current=flight.record)
+            return True
+        except InvalidTransition:
+            flight.record = self.store.get(flight.job.id) or flight.record
+            return False
+
+    def closed(self, flight: Flight, claimed: bool = False) -> None:
+        """The job is finished, here or elsewhere: free its slot and see its message out."""
+        self.release(flight)
+        if claimed:
+            return self.send(flight.record)
+        self.announce(flight.record if flight.record.terminal else self.store.get(flight.job.id))
+
+    def release(self, flight: Flight, keep_flight: bool = False) -> None:
+        if not keep_flight:
+            with self._lock:
+                self.flights.pop(flight.job.id, None)
+        if flight.holds_slot:
+            flight.holds_slot = False
+            self._give_back(flight.job.id)
+
+    def _give_back(self, job_id: str) -> None:
+        nxt = self.slots.give_back(job_id)
+        if nxt is not None:
+            self.schedule(self.start, nxt)
+
+    # ------------------------------------------------------------------ announce: the one message
+
+    def announce(self, record: JobRecord | None) -> None:
+        """See out the message of a finished job this daemon did not end (found at a restart, or ended
+        by another writer). Its ender claimed it; a claim older than `claim_seconds` belonged to a
+        sender that died, and is taken over; a fresh one is looked at again once it would be stale."""
+        if record is None or not record.terminal or record.notified_at:
+            return
+        claimed = self._claim(record)
+        if claimed is not None:
+            return self.send(claimed)
+        latest = self.store.get(record.job_id)
+        if latest is not None and latest.terminal and not latest.notified_at:
+            self.schedule(lambda: self.announce(self.store.get(record.job_id)), delay=self.settings.claim_seconds)
+
+    def _stamp(self, record: JobRecord) -> None:
+        record.notify_claimed_at, record.notify_claimed_by = now(), self.owner
+
+    def _claim(self, record: JobRecord | None) -> JobRecord | None:
+        """Take the message: one conditional put on the version read, never retried over another writer.
+        A claim is left alone while its owner may be alive and it is younger than `claim_seconds`."""
+        for _ in range(3):
+            if record is None or not record.terminal or record.notified_at:
+                return None
+            if (record.notify_claimed_at and record.notify_claimed_by != self.owner and self.others_alive
+                    and time.time() - _epoch(record.notify_claimed_at) < self.settings.claim_seconds):
+                return None
+            mine = copy.deepcopy(record)
+            self._stamp(mine)
+            mine.updated_at, mine.version = now(), record.version + 1
+            try:
+                self.store.put(mine, record.version)
+                return mine
+            except Conflict:
+                record = self.store.get(record.job_id)
+        return None
+
+    def send(self, record: JobRecord, retry: int = 0) -> None:
+        """Send the message of a record this daemon has claimed, then mark it sent. A failed send is
+        tried again on a growing interval, the claim renewed each time so no one takes it over."""
+        links = {}
+        for key in (record.result or {}).get("outputs", []):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith("splat.") or name in ("report.html", "metrics.json"):
+                links[name] = self.blobs.link(key, self.settings.link_seconds)
+        crashpoint("before-notify")
+        try:
+            self.notifier.send(compose(record, links))
+        except Exception as exc:  # SNS or the disk said no: keep the claim, try again later
+            delay = min(self.settings.claim_seconds / 2, 2.0 ** retry)
+            log.warning("could not send the message of %s (%s); trying again in %.0f s", record.job_id, exc, delay,
+                        extra={"job_id": record.job_id})
+            renewed = change(self.store, record.job_id, self._stamp, current=record)
+            return self.schedule(self.send, renewed, retry + 1, delay=delay)
+        crashpoint("after-notify")
+        change(self.store, record.job_id, lambda r: setattr(r, "notified_at", now()), current=record)
+
+    # ------------------------------------------------------------------ resume: after a restart
+
+    def resume(self, record: JobRecord) -> None:
+        """Pick up a record a previous daemon left unfinished. Nothing is sent twice: an attempt the
+        record names is followed; one that may have been sent just before the crash is looked up
+        (by its labels on Bacalhau) before anything is sent."""
+        if record.terminal:
+            return self.announce(record)
+        try:
+            job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=record.job_id)
+        except Exception as exc:  # the document went bad or away: the job cannot go on
+            flight = self._flight(JobDocument.model_construct(id=record.job_id), record)
+            message = getattr(exc, "message", None) or f"Its job document {record.job_key} can no longer be read ({exc.__class__.__name__})."
+            return self.fail(flight, "validate", message, "input", code=2)
+        flight = self._flight(job, record)
+        flight.resumed = True
+        if record.state in (RECEIVED, VALIDATED, QUEUED):
+            return self.admit(flight)
+        if record.backend in self.executors and self.executors[record.backend].finishes_record:
+            return  # handed over: the fallback's state machine finishes it
+        attempts = [Attempt.from_dict(a) for a in record.attempts]
+        last = attempts[-1] if attempts else None
+        self.slots.take(job.id, force=True)
+        flight.holds_slot = True
+        if last is None or last.backend not in self.executors:
+            return self.start(job.id)
+        executor = self.executors[last.backend]
+        if last.state == "Running" and last.remote_id and last.backend != "local":
+            done = lambda result: self.schedule(self.ended, job.id, last, result)  # noqa: E731
+            return executor.watch(job, last, done, resumed=True)
+        if last.state == "Running":  # a local run dies with its daemon: run the stage again (finished stages are kept)
+            return self.submit(flight, last.backend, Submit(last.stage, last.number + 1), reason="resumed after a restart")
+        # the last attempt ended (recorded) but what it led to was not sent: decide again
+        self.ended(job.id, last, Result(Ending(last.ending or Ending.CRASHED.value), last.error or "", last.exit_code,
+                                        last.executions))
+
+    # ------------------------------------------------------------------ cancels
+
+    def sweep(self) -> None:
+        """Stop what was cancelled: running jobs whose record asks for it (one query for all of them),
+        and queued ones cancelled while they waited for a slot."""
+        swept, self._swept = self._swept, now()
+        for record in self.store.list(RUNNING, 100_000):
+            if not record.cancel_requested or not record.attempts:
+                continue
+            attempt = Attempt.from_dict(record.attempts[-1])
+            executor = self.executors.get(attempt.backend)
+            if executor is None or (record.job_id not in self.flights and not executor.finishes_record):
+                continue  # another daemon's job
+            if attempt.name not in self._stopped:
+                self._stopped.add(attempt.name)
+                log.info("stopping %s: cancelled", attempt.name, extra={"job_id": record.job_id})
+                executor.stop(attempt, "cancelled by the user")
+        for record in self.store.list(CANCELLED, 100_000, since=swept):
+            flight = self.flights.get(record.job_id)
+            if flight is not None and not flight.holds_slot:
+                self.release(flight)
+            if not record.notified_at:
+                self.announce(record)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _flight(self, job: JobDocument, record: JobRecord) -> Flight:
+        with self._lock:
+            flight = self.flights.get(record.job_id)
+            if flight is None:
+                flight = self.flights[record.job_id] = Flight(job, record)
+            return flight
+
+    def _backend(self, job: JobDocument) -> str:
+        wanted = job.compute.backend
+        return wanted if wanted in self.executors else self.default_backend
+
+    @staticmethod
+    def _error(stage: str | None, message: str, advice: str, kind: str, code: int | None = None) -> dict[str, Any]:
+        return {"stage": stage, "message": message[:MAX_ERROR_CHARS], "advice": advice, "kind": kind, "exit_code": code}
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
