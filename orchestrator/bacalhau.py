@@ -16,6 +16,7 @@ server's own message.
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -239,7 +240,7 @@ class BacalhauClient:
         *,
         token: str | None = None,
         basic: tuple[str, str] | None = None,
-        verify: bool | str = True,
+        verify: bool | ssl.SSLContext = True,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         on_request: Callable[[httpx.Request], None] | None = None,
@@ -256,7 +257,15 @@ class BacalhauClient:
     def from_settings(cls, settings: "Settings", **overrides: Any) -> "BacalhauClient":
         """The endpoint, TLS and credentials of `settings` (BACALHAU_API_HOST, _PORT, _TLS_USETLS,
         _TLS_CACERT, _TLS_INSECURE, _KEY for a bearer token, _USERNAME/_PASSWORD for basic auth)."""
-        verify: bool | str = settings.bacalhau_ca_cert or not settings.bacalhau_insecure
+        verify: bool | ssl.SSLContext = not settings.bacalhau_insecure
+        if settings.bacalhau_ca_cert:
+            try:
+                verify = ssl.create_default_context(cafile=settings.bacalhau_ca_cert)
+            except (OSError, ssl.SSLError) as exc:
+                from codsplat.pipeline.errors import InputError
+
+                raise InputError(f"bacalhau_ca_cert (BACALHAU_API_TLS_CACERT): {settings.bacalhau_ca_cert} is not a "
+                                 f"readable CA bundle ({exc.strerror or exc}).") from None
         basic = (settings.bacalhau_username, settings.bacalhau_password or "") if settings.bacalhau_username else None
         return cls(settings.bacalhau_url, **{"token": settings.bacalhau_api_key, "basic": basic, "verify": verify, **overrides})
 

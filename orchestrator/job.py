@@ -26,6 +26,7 @@ from codsplat.pipeline.contract import PRESETS, SETTING_SECTIONS, encode_setting
 from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.validation import StrictModel, explain
 
+from .bacalhau import gpu_label
 from .settings import Policy, Settings
 
 SCHEMA_PATH = JOBSPECS / "job.schema.json"
@@ -107,14 +108,19 @@ class Compute(StrictModel):
     )
     gpus: int = Field(1, ge=0, description="GPUs for training (0 trains on the CPU).")
     gpu_model: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,63}$",
-        description="Only nodes with this GPU, as Bacalhau labels it (model name with dashes, e.g. NVIDIA-A10G).",
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{1,63}$",
+        description="Only nodes with this GPU model: as nvidia-smi names it (NVIDIA A10G) or as Bacalhau labels it (NVIDIA-A10G).",
     )
     sagemaker_instance_type: str = Field("ml.g5.2xlarge", pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
     max_runtime_minutes: int = Field(180, ge=5, description="Longest a stage may run.")
     queue_timeout_minutes: int = Field(30, ge=0, le=24 * 60, description="How long to wait for a free node.")
     split_stages: bool = Field(False, description="Run preprocess (CPU), train (GPU), export (CPU) as three jobs.")
     retries: int = Field(2, ge=0, le=5, description="New attempts after a failed execution.")
+
+    @field_validator("gpu_model")
+    @classmethod
+    def _label_form(cls, value: str | None) -> str | None:
+        return gpu_label(value) if value else value  # the form of the node's GPU-0 label: one normal form
 
     @field_validator("gpus", "max_runtime_minutes")
     @classmethod

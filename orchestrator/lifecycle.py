@@ -1,8 +1,8 @@
 """A job's life, from its upload to its one message: the daemon's state machine, top to bottom.
 
     receive   RECEIVED → VALIDATED | FAILED   read the document (bounded), validate it, create the record
-    admit     VALIDATED → QUEUED              the media are there (looked at again until media_wait_seconds)
-    start     QUEUED → RUNNING(stage)         a free slot; the backend's preflight; the first attempt sent
+    admit     VALIDATED                       the media are there (looked at again until media_wait_seconds)
+    start     → QUEUED → RUNNING(stage)       a free slot; the backend's preflight; the first attempt sent
     ended     RUNNING → RUNNING(next stage) | SUCCEEDED | FAILED | CANCELLED, by `compute.decide`;
               a job that cannot run here is handed to the fallback backend (SageMaker)
     announce  the one message: claimed by a conditional write, sent, then marked sent
@@ -11,7 +11,9 @@ Every step writes the record once, conditionally on its version, on the copy the
 (`records.change(current=...)`), so a job costs a handful of writes and another writer's change is
 never lost. A step runs on the daemon's pool (`schedule`) and holds no thread while a backend works:
 executors call back when an attempt ends. At most `concurrency` jobs hold a backend at once; the
-rest wait QUEUED for a slot. A restarted daemon `resume`s every record that is not finished.
+rest wait for a slot in arrival order, their records still VALIDATED (a write per waiting job would
+cost the most when the most jobs wait); the write that starts a job records QUEUED and RUNNING. A
+restarted daemon `resume`s every record that is not finished.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Lifecycle:
         self._lock = threading.Lock()
         self._stopped: set[str] = set()  # handed-over attempts already told to stop
         self._swept = now()
-        self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
+        self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "sweeps": 0}
 
     def _count(self, key: str) -> None:
         with self._lock:
@@ -175,10 +177,7 @@ class Lifecycle:
                                  f"{self.settings.media_wait_seconds:.0f} s for it to finish uploading).", "input", code=2)
             crashpoint("before-queue")
             if self.slots.take(job.id):
-                return self.start(job.id)
-            if flight.record.state != QUEUED:
-                flight.record = change(self.store, job.id, lambda r: None, to=QUEUED, current=flight.record)
-            crashpoint("after-queue")
+                self.start(job.id)
 
     # ------------------------------------------------------------------ start: QUEUED → RUNNING
 
@@ -461,6 +460,7 @@ class Lifecycle:
         """Stop what was cancelled: running jobs whose record asks for it (one query for all of them),
         and queued ones cancelled while they waited for a slot."""
         swept, self._swept = self._swept, now()
+        self._count("sweeps")
         for record in self.store.list(RUNNING, 100_000):
             if not record.cancel_requested or not record.attempts:
                 continue

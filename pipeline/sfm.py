@@ -80,7 +80,8 @@ def drop_stray_cameras(model, spread: float = 10.0, reach: float = 3.0) -> list[
 def run(ctx: StageContext) -> dict[str, Any]:
     import pycolmap
 
-    pycolmap.logging.minloglevel = 0 if os.environ.get("CODSPLAT_VERBOSE") else 2  # COLMAP's INFO lines drown the progress bars
+    # COLMAP's INFO lines drown the progress bars, and its ERROR lines repeat what our own error says
+    pycolmap.logging.minloglevel = 0 if os.environ.get("CODSPLAT_VERBOSE") else 3
     cfg = ctx.config.sfm
     frames = ctx.manifest("frames")["stats"]
     image_dir = ctx.dir("frames") / "images"

@@ -1,27 +1,62 @@
-"""A Bacalhau orchestrator + compute node stand-in, true to shared/reference/bacalhau/NOTES.md.
+"""A Bacalhau orchestrator and its compute nodes, as an HTTP server on 127.0.0.1, built on the
+upstream source (bacalhau-project/bacalhau v1.5–v1.9). Each behaviour names the file it mirrors, and
+tests/test_bacalhau_conformance.py checks each one against a scenario.
 
-Same routes, validation rules, error bodies, state names and integer execution states as the real
-v1 API; it really executes a task: it downloads the S3 InputSources into a scratch folder mapped to
-each Target, runs the task's Entrypoint + Parameters as a local process (paths remapped, since there
-is no container), uploads the ResultPaths as the S3 publisher would (`plain` or `gzip`), and moves the
-job through Pending → (Queued) → Running → Completed/Failed.
+- API: routes, error bodies `{Status, Message, RequestID, Code, Component}`, submit-time validation
+  (pkg/publicapi/endpoint/orchestrator/job.go, pkg/models/job.go Validate); auth: an API key user
+  needs the capability of the route (read:job, write:job, read:node), else 403; no or a wrong key is
+  401 (pkg/authz/api_key_authorizer.go, capabilities.go; pkg/publicapi/middleware/authz.go).
+- Job listing: label selectors (`k=v`, `k`, `!k`, `k in (a,b)`), `order_by` created_at or
+  modified_at, `reverse`, paging by `next_token` (job.go listJobs, pkg/jobstore/boltdb/store.go).
+- States: job states as strings; execution ComputeState as integers, numbered as v1.6 does, or v1.5
+  before it (pkg/models/execution_state.go).
+- Nodes: `NodeState` JSON, capacities in CPU units and bytes, GPUs as `models.GPU` with no json tags
+  (`Name`, `Memory` in MiB, `Vendor`, `Index`: pkg/models/resource.go), automatic labels `GPU-<i>`
+  (the model with dashes for spaces) and `GPU-<i>-Memory` (pkg/compute/capacity/labels.go); a node
+  offers 80% of its machine's CPU, memory and disk and all its GPUs (pkg/config/defaults.go).
+- Placement: the constraints must match the node's labels (ranking/labels.go); the task must fit the
+  node's MaxJobRequirements, its allocated share (ranking/max_usage.go, pkg/node/compute.go); a node
+  that ran the job twice, or holds a live execution of it, is unsuitable (ranking/previous_executions.go).
+  No node: the job fails at once with QueueTimeout 0, else waits Queued until QueueTimeout counted
+  from its creation (pkg/orchestrator/scheduler/batch_service_job.go). A node runs what fits its free
+  capacity and holds the rest.
+- Retries: a failed execution is placed again by the orchestrator itself (pkg/node/requester.go:
+  FixedStrategy{ShouldRetry: true}), under the same placement rules.
+- Inputs: an S3 key is downloaded to its base name; a prefix (`/` or `*`) to paths relative to it,
+  `Filter` matched against that relative key (pkg/storage/s3/storage.go).
+- Running: each ResultPath is a folder `<results>/<Name>` mounted at its Path; stdout, stderr and
+  exitCode are written beside them, and RunOutput keeps the first 2 KiB of each stream
+  (pkg/executor/docker/executor.go makeContainerMounts, pkg/executor/results.go).
+- Outcomes: a container that exits, whatever its code, is published and Completed with
+  RunOutput.ExitCode; an ErrorMsg (an out-of-memory kill, an image that cannot be pulled, an input
+  that cannot be fetched, a timeout) fails the execution with ComputeState.Message, unpublished and
+  without RunOutput (pkg/compute/executor.go, pkg/executor/docker/handler.go).
+- Publishing: `plain` uploads every file of the results folder under Key; `gzip` one `Key.tar.gz`
+  (pkg/publisher/s3/publisher.go).
+- Images: a node runs an image it holds; any other it pulls, and only with DOCKER_USERNAME /
+  DOCKER_PASSWORD, and only for names with fewer than two slashes; a private registry image it does
+  not hold is a pull error (pkg/docker/docker.go PullImage, getAuthToken).
 
-    python tests/bacalhau_standin.py --port 1234 [--version 1.7.0] [--gpus 1 --gpu-model NVIDIA-A10G]
+    python tests/bacalhau_standin.py --port 1234 [--version 1.7.0] [--api-key KEY[:cap,cap]] [--basic USER:PASS]
 
-Test knobs (POST /standin/knobs, not part of the real API): `gpu_nodes` (0 = no GPU node),
-`gpu_model`, `fail_next` (the next N executions fail), `vanish_next` (the node disappears during
-the next N executions), `hold` (executions wait in Queued until released), `submit_delay_ms`,
-`images` (image name → a folder put first on the task's PATH: what that image would hold, e.g. a
-fast stand-in entrypoint for load tests). It reports `running` and `peak_running` executions.
+Test knobs (POST /standin/knobs, not part of the real API): `nodes` (a list of machines:
+`{id, cpu, memory_gib, disk_gb, gpus: [{name, memory_mib}], labels, connected, images}`; `images`:
+image name → a folder put first on PATH, what that image holds, or null to hold any image),
+`crash_next` (the next N executions die as a lost node would), `oom_next` (killed out of memory),
+`env` (the nodes' environment for executions: what the image is run with),
+`hold` (nodes accept executions but start none), `submit_delay_ms`. It reports `running` and
+`peak_running` executions.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import itertools
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -46,14 +81,19 @@ from starlette.websockets import WebSocket
 JOB_TYPES = {"batch", "ops", "service", "daemon"}
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 CPU = re.compile(r"^\d+(\.\d+)?m?$")
-SIZE = re.compile(r"^\d+(\.\d+)?\s*(b|kb|mb|gb|tb|kib|mib|gib|tib|k|m|g|t|ki|mi|gi|ti)?$", re.I)
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?i?b?)?\s*$", re.I)
 NETWORKS = {"default", "none", "host", "http", "bridge"}
 OPERATORS = {"in", "notin", "exists", "!", "=", "==", "!=", "gt", "lt", "doesnotexist"}
-# ComputeState numbers, v1.6+ and v1.5
+# ComputeState numbers, v1.6+ and v1.5 (v1.5 had no Running/Publishing: BidAccepted meant running)
 STATES_16 = {"New": 1, "AskForBid": 2, "AskForBidAccepted": 3, "BidAccepted": 5, "Running": 6, "Publishing": 7,
              "BidRejected": 8, "Completed": 9, "Failed": 10, "Cancelled": 11}
 STATES_15 = {"New": 1, "AskForBid": 2, "AskForBidAccepted": 3, "BidAccepted": 5, "Running": 5, "Publishing": 5,
-             "BidRejected": 6, "Completed": 7, "Failed": 8, "Cancelled": 9}  # v1.5: BidAccepted is "running"
+             "BidRejected": 6, "Completed": 7, "Failed": 8, "Cancelled": 9}
+ALLOCATED = 0.8  # Compute.AllocatedCapacity default for CPU, memory and disk (pkg/config/defaults.go)
+RETURN_LIMIT = 2048  # system.MaxStdoutReturnLength / MaxStderrReturnLength (pkg/system/utils.go)
+TERMINAL = ("Completed", "Failed", "Stopped")
+G5_XLARGE = {"id": "n-g5-xlarge", "cpu": 4, "memory_gib": 16, "disk_gb": 200,
+             "gpus": [{"name": "NVIDIA A10G", "memory_mib": 23028}], "labels": {}, "connected": True, "images": None}
 
 
 def ci_get(d: dict | None, key: str, default: Any = None) -> Any:
@@ -66,8 +106,26 @@ def ci_get(d: dict | None, key: str, default: Any = None) -> Any:
     return default
 
 
+def parse_size(text: str) -> int:
+    """go-humanize ParseBytes: `gb` is 10⁹, `gib` 2³⁰ (pkg/models/resource.go ToResources)."""
+    m = SIZE.match(str(text))
+    if not m:
+        raise ValueError(text)
+    unit = (m.group(2) or "b").lower()
+    power = "bkmgtpe".index(unit[0]) if unit[0] != "b" else 0
+    return int(float(m.group(1)) * (1024 if "i" in unit else 1000) ** power)
+
+
+def task_resources(task: dict) -> dict:
+    res = ci_get(task, "Resources") or {}
+    cpu = str(ci_get(res, "CPU") or "0")
+    return {"CPU": float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu),
+            "Memory": parse_size(ci_get(res, "Memory") or "0"), "Disk": parse_size(ci_get(res, "Disk") or "0"),
+            "GPU": int(ci_get(res, "GPU") or 0)}
+
+
 def validate(job: dict) -> list[str]:
-    """The submit-time checks of the real orchestrator (NOTES.md); every problem, one per line."""
+    """The submit-time checks of the real orchestrator (pkg/models/job.go); every problem, one per line."""
     errors = []
     jtype = ci_get(job, "Type", "")
     if jtype not in JOB_TYPES:
@@ -148,18 +206,105 @@ def validate(job: dict) -> list[str]:
     return errors
 
 
+def selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector, as the jobs listing reads `labels=` (k8s.io/apimachinery labels)."""
+    for part in re.split(r",(?![^()]*\))", selector):
+        part = part.strip()
+        if not part:
+            continue
+        if m := re.fullmatch(r"(\S+)\s+(in|notin)\s+\(([^)]*)\)", part):
+            values = {v.strip() for v in m.group(3).split(",")}
+            if (labels.get(m.group(1)) in values) != (m.group(2) == "in"):
+                return False
+        elif m := re.fullmatch(r"(\S+?)\s*(==|=|!=)\s*(\S*)", part):
+            if (labels.get(m.group(1)) == m.group(3)) != (m.group(2) != "!="):
+                return False
+        elif part.startswith("!"):
+            if part[1:] in labels:
+                return False
+        elif part not in labels:
+            return False
+    return True
+
+
+def constraint_matches(constraint: dict, labels: dict[str, str]) -> bool:
+    key, op = ci_get(constraint, "Key"), str(ci_get(constraint, "Operator")).lower()
+    values = [str(v) for v in ci_get(constraint, "Values") or []]
+    have = labels.get(key)
+    return {"=": have in values, "==": have in values, "in": have in values, "!=": have not in values,
+            "notin": have not in values, "exists": key in labels, "!": key not in labels,
+            "doesnotexist": key not in labels,
+            "gt": have is not None and values and have.isdigit() and int(have) > int(values[0]),
+            "lt": have is not None and values and have.isdigit() and int(have) < int(values[0])}.get(op, False)
+
+
+@dataclass
+class ComputeNode:
+    """One compute node: a machine's share offered to Bacalhau, its labels and what it runs."""
+
+    id: str
+    cpu: float
+    memory: int
+    disk: int
+    gpus: list[dict]
+    labels: dict[str, str]
+    connected: bool = True
+    images: dict[str, str | None] | None = None  # image → folder on PATH; None: holds any image
+    used: dict[str, float] = field(default_factory=lambda: {"CPU": 0.0, "Memory": 0, "Disk": 0, "GPU": 0})
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "ComputeNode":
+        gpus = [{"Index": i, "Name": g["name"], "Vendor": g.get("vendor", "NVIDIA"), "Memory": g["memory_mib"],
+                 "PCIAddress": f"0000:00:1{e}.0"} for i, (g, e) in enumerate(zip(spec.get("gpus", []), "efghijkl"))]
+        labels = dict(spec.get("labels") or {})
+        for g in gpus:  # automatic labels (pkg/compute/capacity/labels.go)
+            labels[f"GPU-{g['Index']}"] = g["Name"].replace(" ", "-")
+            labels[f"GPU-{g['Index']}-Memory"] = f"{g['Memory']}-MiB"
+        return cls(id=spec["id"], cpu=spec["cpu"] * ALLOCATED, memory=int(spec["memory_gib"] * 2**30 * ALLOCATED),
+                   disk=int(spec["disk_gb"] * 10**9 * ALLOCATED), gpus=gpus, labels=labels,
+                   connected=spec.get("connected", True), images=spec.get("images"))
+
+    def max(self) -> dict:
+        return {"CPU": self.cpu, "Memory": self.memory, "Disk": self.disk, "GPU": len(self.gpus)}
+
+    def fits(self, need: dict, free: bool) -> bool:
+        have = self.max()
+        return all(need[k] <= have[k] - (self.used[k] if free else 0) + 1e-9 for k in need)
+
+    def resources_json(self, values: dict, gpus: list[dict] | None) -> dict:
+        out = {"CPU": values["CPU"], "Memory": values["Memory"], "Disk": values["Disk"]}
+        if values["GPU"]:
+            out["GPU"] = values["GPU"]
+            out["GPUs"] = gpus or []
+        return out
+
+    def state_json(self, version: tuple[int, int], running: int) -> dict:
+        free = {k: self.max()[k] - self.used[k] for k in self.used}
+        status = "CONNECTED" if self.connected else "DISCONNECTED"
+        return {
+            "Info": {"NodeID": self.id, "NodeType": "Compute", "Labels": self.labels, "SupportedProtocols": ["ncl/v1"],
+                     "ComputeNodeInfo": {
+                         "ExecutionEngines": ["docker"], "Publishers": ["s3", "noop"], "StorageSources": ["s3", "urldownload"],
+                         "MaxCapacity": self.resources_json(self.max(), self.gpus),
+                         "QueueCapacity": {}, "AvailableCapacity": self.resources_json(free, self.gpus[: int(free["GPU"])]),
+                         "MaxJobRequirements": self.resources_json(self.max(), self.gpus),
+                         "RunningExecutions": running, "EnqueuedExecutions": 0, "address": "127.0.0.1"},
+                     "BacalhauVersion": {"Major": str(version[0]), "Minor": str(version[1])}},
+            "Membership": "APPROVED", "Connection": status,
+            "ConnectionState": {"Status": status, "LastHeartbeat": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        }
+
+
 @dataclass
 class Execution:
     id: str
     node_id: str
     state: str = "New"
     message: str = ""
-    exit_code: int | None = None
-    error_msg: str = ""
-    stdout: str = ""
-    stderr: str = ""
+    run_output: dict | None = None
     published: dict | None = None
     create_time: int = field(default_factory=time.time_ns)
+    modify_time: int = field(default_factory=time.time_ns)
 
 
 @dataclass
@@ -171,112 +316,145 @@ class StoredJob:
     executions: list[Execution] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     create_time: int = field(default_factory=time.time_ns)
+    modify_time: int = field(default_factory=time.time_ns)
     stop: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def task(self) -> dict:
+        return ci_get(self.spec, "Tasks")[0]
 
-class Node:
-    """The orchestrator, its one compute node, and the knobs tests turn."""
 
-    def __init__(self, version: str, gpus: int, gpu_model: str, token: str | None, s3_endpoint: str | None):
+class Orchestrator:
+    """The orchestrator, its compute nodes, and the knobs tests turn."""
+
+    def __init__(self, version: str, s3_endpoint: str | None, api_key: str | None, basic: str | None):
         self.version = tuple(int(x) for x in version.split(".")[:2])
         self.git_version = f"v{version}"
         self.states = STATES_15 if self.version < (1, 6) else STATES_16
-        self.token = token
+        self.api_key, self.basic = api_key, basic
         self.s3_endpoint = s3_endpoint
         self.jobs: dict[str, StoredJob] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # capacity, knobs or nodes changed: waiting work looks again
         self.seq = itertools.count(1)
-        self.knobs = {"gpu_nodes": 1 if gpus else 0, "gpus": gpus, "gpu_model": gpu_model, "fail_next": 0,
-                      "vanish_next": 0, "hold": False, "submit_delay_ms": 0, "running": 0, "peak_running": 0,
-                      "images": {}}
-        self.node_id = "n-" + uuid.uuid4().hex[:8]
-        self.changed = threading.Condition()  # knobs changed: queued jobs look again
+        self.nodes = [ComputeNode.from_spec(G5_XLARGE)]
+        self.knobs = {"crash_next": 0, "oom_next": 0, "hold": False, "submit_delay_ms": 0, "env": {}, "running": 0,
+                      "peak_running": 0}
 
-    def set_knobs(self, values: dict) -> None:
+    def set_knobs(self, values: dict) -> dict:
         with self.changed:
+            if "nodes" in values:
+                self.nodes = [ComputeNode.from_spec({**G5_XLARGE, **spec}) for spec in values.pop("nodes")]
             self.knobs.update(values)
             self.changed.notify_all()
+            return {**self.knobs, "nodes": [n.id for n in self.nodes]}
 
     # -------------------------------------------------------------- state changes
 
     def _event(self, job: StoredJob, message: str, execution: Execution | None = None, new_state: str | None = None,
-               new_exec_state: str | None = None, details: dict | None = None) -> None:
+               new_exec_state: str | None = None) -> None:
         event = {"Type": "ExecutionLevel" if execution else "JobLevel", "JobID": job.id, "SeqNum": next(self.seq),
                  "Time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "Event": {"Message": message, "Topic": "Exec" if execution else "Jobs", "Details": details or {}}}
-        if new_state:
-            event["JobState"] = {"Previous": job.state, "New": new_state}
-            job.state = new_state
-        if execution is not None:
-            event["ExecutionID"] = execution.id
-            if new_exec_state:
-                event["ExecutionState"] = {"Previous": self.states.get(execution.state, 0), "New": self.states[new_exec_state]}
-                execution.state = new_exec_state
-        job.history.append(event)
+                 "Event": {"Message": message, "Topic": "Exec" if execution else "Jobs", "Details": {}}}
+        with self.lock:
+            if new_state:
+                event["JobState"] = {"Previous": job.state, "New": new_state}
+                job.state = new_state
+                if new_state in ("Failed", "Stopped"):
+                    job.message = message
+            if execution is not None:
+                event["ExecutionID"] = execution.id
+                execution.modify_time = time.time_ns()
+                if new_exec_state:
+                    event["ExecutionState"] = {"Previous": self.states.get(execution.state, 0), "New": self.states[new_exec_state]}
+                    execution.state = new_exec_state
+            job.modify_time = time.time_ns()
+            job.history.append(event)
 
     def submit(self, spec: dict) -> StoredJob:
         job = StoredJob(spec=spec, id="j-" + str(uuid.uuid4()))
         with self.lock:
             self.jobs[job.id] = job
         self._event(job, "Job submitted", new_state="Pending")
-        threading.Thread(target=self._run, args=(job,), daemon=True).start()
+        threading.Thread(target=self._schedule, args=(job,), daemon=True).start()
         return job
 
-    def _matches(self, job: StoredJob) -> bool:
-        task = ci_get(job.spec, "Tasks")[0]
-        want = int(ci_get(ci_get(task, "Resources") or {}, "GPU", 0) or 0)
-        if want == 0:
-            return True
-        if self.knobs["gpu_nodes"] == 0 or self.knobs["gpus"] < want:
-            return False
-        labels = {"GPU-0": self.knobs["gpu_model"]}
-        for c in ci_get(job.spec, "Constraints") or []:
-            key, op, values = ci_get(c, "Key"), str(ci_get(c, "Operator")).lower(), ci_get(c, "Values") or []
-            if op in ("=", "==", "in") and labels.get(key) not in values:
-                return False
-            if op in ("!=", "notin") and labels.get(key) in values:
-                return False
-        return True
+    # -------------------------------------------------------------- scheduling (batch_service_job.go)
 
-    def _run(self, job: StoredJob) -> None:
-        task = ci_get(job.spec, "Tasks")[0]
-        timeouts = ci_get(task, "Timeouts") or {}
+    def _why_not(self, job: StoredJob, node: ComputeNode, need: dict) -> str | None:
+        if not node.connected:
+            return "node is not connected"
+        for c in ci_get(job.spec, "Constraints") or []:
+            if not constraint_matches(c, node.labels):
+                return f"does not match selector {ci_get(c, 'Key')} {ci_get(c, 'Operator')} {ci_get(c, 'Values')}"
+        if not node.fits(need, free=False):
+            return f"job requires more resources than the maximum available ({node.max()})"
+        runs = [e for e in job.executions if e.node_id == node.id]
+        if len(runs) > 1:
+            return "job already executed on this node more than once"
+        if any(e.state not in ("Failed", "Cancelled") for e in runs):
+            return "job rejected"
+        return None
+
+    def _schedule(self, job: StoredJob) -> None:
+        """Place the job's one partition on a node, again after each failed execution, until it
+        completes, fails, is stopped, or no node will take it within its queue timeout."""
+        timeouts = ci_get(job.task, "Timeouts") or {}
         queue_timeout = int(ci_get(timeouts, "QueueTimeout", 0) or 0)
-        started = time.monotonic()
-        if not self._matches(job) or self.knobs["hold"]:
-            if queue_timeout == 0:
-                self._event(job, "not enough nodes to run job: no node matches the job's GPU requirements "
-                                 "and constraints", new_state="Failed")
-                job.message = job.history[-1]["Event"]["Message"]
+        total_timeout = int(ci_get(timeouts, "TotalTimeout", 0) or 0)
+        need = task_resources(job.task)
+        while not job.stop.is_set():
+            with self.changed:
+                reasons = {n.id: self._why_not(job, n, need) for n in self.nodes}
+                node = next((n for n in self.nodes if reasons[n.id] is None), None)
+                if node is None:
+                    detail = "; ".join(f"node {k}: {v}" for k, v in reasons.items())
+                    message = f"not enough nodes to run job. requested: 1, available: 0. {detail}"
+                    if time.time_ns() - job.create_time >= queue_timeout * 10**9:
+                        self._event(job, message, new_state="Failed")
+                        return
+                    if job.state != "Queued":
+                        self._event(job, f"Job queued: {message}", new_state="Queued")
+                    self.changed.wait(timeout=0.2)
+                    continue
+                execution = Execution(id="e-" + str(uuid.uuid4()), node_id=node.id)
+                job.executions.append(execution)
+            for state in ("AskForBid", "AskForBidAccepted", "BidAccepted"):
+                self._event(job, f"execution {state}", execution, new_exec_state=state)
+            self._run_on(job, node, execution, need, total_timeout)
+            if job.state in TERMINAL:
                 return
-            self._event(job, "Job queued: waiting for a node that matches", new_state="Queued")
-            while not self._matches(job) or self.knobs["hold"]:
-                if job.stop.is_set():
-                    return
-                remaining = queue_timeout - (time.monotonic() - started)
-                if remaining <= 0:
-                    self._event(job, f"job queue timeout exceeded ({queue_timeout}s)", new_state="Failed")
-                    job.message = job.history[-1]["Event"]["Message"]
-                    return
-                with self.changed:
-                    self.changed.wait(timeout=min(remaining, 0.5))
-        execution = Execution(id="e-" + str(uuid.uuid4()), node_id=self.node_id)
-        job.executions.append(execution)
-        for state in ("AskForBid", "AskForBidAccepted", "BidAccepted"):
-            self._event(job, f"execution {state}", execution, new_exec_state=state)
-        self._event(job, "Running", execution, new_state="Running", new_exec_state="Running")
-        with self.lock:
+            # the execution failed: the orchestrator places it again (requester.go, FixedStrategy)
+
+    def _run_on(self, job: StoredJob, node: ComputeNode, execution: Execution, need: dict, total_timeout: int) -> None:
+        with self.changed:  # the node runs what fits its free capacity and holds the rest
+            while not job.stop.is_set() and (self.knobs["hold"] or not node.fits(need, free=True)):
+                self.changed.wait(timeout=0.2)
+            if job.stop.is_set():
+                return self._event(job, "execution cancelled", execution, new_exec_state="Cancelled")
+            for k in need:
+                node.used[k] += need[k]
             self.knobs["running"] += 1
             self.knobs["peak_running"] = max(self.knobs["peak_running"], self.knobs["running"])
+        self._event(job, "Running", execution, new_state="Running" if job.state != "Running" else None,
+                    new_exec_state="Running")
         try:
-            self._execute(job, task, execution)
-        except Exception as exc:  # the stand-in itself must report, not die
-            execution.error_msg = f"{exc.__class__.__name__}: {exc}"
-            self._event(job, execution.error_msg, execution, new_state="Failed", new_exec_state="Failed")
+            self._execute(job, node, execution)
+        except Exception as exc:  # a system error of the stand-in's own: the execution fails, as upstream's would
+            self._fail(job, execution, f"{exc.__class__.__name__}: {exc}")
         finally:
-            with self.lock:
+            with self.changed:
+                for k in need:
+                    node.used[k] -= need[k]
                 self.knobs["running"] -= 1
-        job.message = execution.error_msg if job.state == "Failed" else ""
+                self.changed.notify_all()
+
+    def _fail(self, job: StoredJob, execution: Execution, message: str) -> None:
+        """An ErrorMsg fails the execution, unpublished; the job goes on (it will be placed again)."""
+        execution.message = message
+        self._event(job, message, execution, new_exec_state="Failed")
+
+    # -------------------------------------------------------------- the compute node (docker executor)
 
     def _s3(self, params: dict):
         endpoint = ci_get(params, "Endpoint") or self.s3_endpoint
@@ -284,6 +462,7 @@ class Node:
                             config=Config(retries={"max_attempts": 2}))
 
     def _fetch(self, source: dict, into: Path) -> None:
+        """pkg/storage/s3/storage.go: a key to its base name; a prefix to paths relative to it."""
         params = ci_get(ci_get(source, "Source"), "Params") or {}
         bucket, key = ci_get(params, "Bucket"), ci_get(params, "Key", "")
         if not bucket or not key:
@@ -293,25 +472,22 @@ class Node:
         into.mkdir(parents=True, exist_ok=True)
         if key.endswith("/") or key.endswith("*"):
             prefix = key.rstrip("*")
-            found = False
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    if pattern and not pattern.search(obj["Key"]):
+                    relative = obj["Key"][len(prefix.rsplit("/", 1)[0]) + 1 if "/" in prefix else 0:]
+                    if pattern and not pattern.search(obj["Key"][len(prefix):]):
                         continue
-                    target = into / obj["Key"][len(prefix):]
+                    target = into / relative
                     target.parent.mkdir(parents=True, exist_ok=True)
                     s3.download_file(bucket, obj["Key"], str(target))
-                    found = True
-            if not found:
-                raise RuntimeError(f"no objects found at s3://{bucket}/{key}")
         else:
             s3.download_file(bucket, key, str(into / Path(key).name))
 
-    def _publish(self, job: StoredJob, execution: Execution, publisher: dict, results: dict[str, Path]) -> dict:
-        params = ci_get(publisher, "Params") or {}
-        bucket = ci_get(params, "Bucket")
-        key = ci_get(params, "Key", "")
-        for placeholder, value in (("{jobID}", job.id), ("{executionID}", execution.id), ("{nodeID}", self.node_id),
+    def _publish(self, job: StoredJob, execution: Execution, results: Path) -> dict:
+        """pkg/publisher/s3/publisher.go: the whole results folder under Key."""
+        params = ci_get(ci_get(job.task, "Publisher"), "Params") or {}
+        bucket, key = ci_get(params, "Bucket"), ci_get(params, "Key", "")
+        for placeholder, value in (("{jobID}", job.id), ("{executionID}", execution.id), ("{nodeID}", execution.node_id),
                                    ("{date}", time.strftime("%Y%m%d")), ("{time}", time.strftime("%H%M%S"))):
             key = key.replace(placeholder, value)
         encoding = ci_get(params, "Encoding", "gzip")
@@ -319,116 +495,122 @@ class Node:
             raise RuntimeError(f"unknown publisher encoding {encoding!r}")
         s3 = self._s3(params)
         if encoding == "plain":
-            for path in results.values():
-                for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                    s3.upload_file(str(file), bucket, key + str(file.relative_to(path)))
+            for file in sorted(p for p in results.rglob("*") if p.is_file()):
+                s3.upload_file(str(file), bucket, key + file.relative_to(results).as_posix())
         else:
             with tempfile.NamedTemporaryFile(suffix=".tar.gz") as tmp:
                 with tarfile.open(tmp.name, "w:gz") as tar:
-                    for name, path in results.items():
-                        tar.add(path, arcname=name)
+                    for path in sorted(results.iterdir()):
+                        tar.add(path, arcname=path.name)
                 key = key + ".tar.gz"
                 s3.upload_file(tmp.name, bucket, key)
         return {"Type": "s3", "Params": {"Bucket": bucket, "Key": key, "Region": ci_get(params, "Region", "")}}
 
-    def _execute(self, job: StoredJob, task: dict, execution: Execution) -> None:
+    def _image_path(self, node: ComputeNode, image: str) -> str:
+        """pkg/docker/docker.go: a held image runs; another is pulled, with credentials only from
+        DOCKER_USERNAME/PASSWORD and only for names with fewer than two slashes."""
+        if node.images is None:
+            return ""
+        if image in node.images:
+            return node.images[image] or ""
+        if image.count("/") >= 2 or "." in image.split("/")[0]:  # a private registry: no credentials reach it
+            raise RuntimeError(f"failed to pull image {image}: unauthorized: authentication required")
+        raise RuntimeError(f"failed to pull image {image}: not found")
+
+    def _execute(self, job: StoredJob, node: ComputeNode, execution: Execution) -> None:
+        task = job.task
         engine = ci_get(ci_get(task, "Engine"), "Params") or {}
-        if not ci_get(engine, "Image"):
+        image = ci_get(engine, "Image")
+        if not image:
             raise RuntimeError("docker engine: image is empty")
         timeout = int(ci_get(ci_get(task, "Timeouts") or {}, "ExecutionTimeout", 0) or 0) or None
         with tempfile.TemporaryDirectory(prefix="standin-") as scratch:
             root = Path(scratch)
-            mapping: dict[str, Path] = {}
+            image_bin = self._image_path(node, image)
+            # the container's filesystem: a folder where each mount is a link at its target path
+            # (no mount namespace here); the arguments' container paths are rewritten into it
+            fs = root / "fs"
+
+            def mount(target: str, host: Path) -> None:
+                at = fs / target.lstrip("/")
+                at.parent.mkdir(parents=True, exist_ok=True)
+                at.symlink_to(host, target_is_directory=True)
+
             for i, src in enumerate(ci_get(task, "InputSources") or []):
                 local = root / f"input{i}"
-                self._fetch(src, local)
-                mapping[ci_get(src, "Target")] = local
-            results = {}
-            for i, rp in enumerate(ci_get(task, "ResultPaths") or []):
-                local = root / f"result{i}"
-                local.mkdir()
-                mapping[ci_get(rp, "Path")] = local
-                results[ci_get(rp, "Name")] = local
+                try:
+                    self._fetch(src, local)
+                except Exception as exc:
+                    raise RuntimeError(f"failed to prepare input {ci_get(src, 'Alias')}: {exc}") from None
+                mount(ci_get(src, "Target"), local)
+            results = root / "results"
+            results.mkdir()
+            for rp in ci_get(task, "ResultPaths") or []:  # makeContainerMounts: <results>/<Name> at Path
+                (results / ci_get(rp, "Name")).mkdir()
+                mount(ci_get(rp, "Path"), results / ci_get(rp, "Name"))
 
-            def remap(arg: str) -> str:  # container paths → scratch paths, longest first
-                for container_path in sorted(mapping, key=len, reverse=True):
-                    if arg == container_path or arg.startswith(container_path.rstrip("/") + "/"):
-                        return str(mapping[container_path]) + arg[len(container_path.rstrip("/")):]
-                return arg
+            def remap(arg: str) -> str:
+                top = arg.lstrip("/").split("/", 1)[0]
+                return str(fs) + arg if arg.startswith("/") and top and (fs / top).exists() else arg
 
             argv = [remap(a) for a in (ci_get(engine, "Entrypoint") or []) + (ci_get(engine, "Parameters") or [])]
-            env = {**os.environ, **dict(e.split("=", 1) for e in ci_get(engine, "EnvironmentVariables") or []),
+            env = {**os.environ, **self.knobs["env"], **dict(e.split("=", 1) for e in ci_get(engine, "EnvironmentVariables") or []),
                    **(ci_get(task, "Env") or {})}
-            image_bin = self.knobs["images"].get(ci_get(engine, "Image"))
             env["PATH"] = os.pathsep.join(filter(None, [image_bin, os.path.dirname(sys.executable), env.get("PATH", "")]))
-            vanish = self.knobs["vanish_next"] > 0
-            fail = self.knobs["fail_next"] > 0
-            if vanish:
-                self.knobs["vanish_next"] -= 1
-            if fail:
-                self.knobs["fail_next"] -= 1
-                argv = [sys.executable, "-c", "import sys; print('boom: injected failure', file=sys.stderr); sys.exit(1)"]
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                    cwd=ci_get(engine, "WorkingDirectory") and remap(ci_get(engine, "WorkingDirectory")) or root,
+            with self.lock:
+                crash, oom = self.knobs["crash_next"] > 0, self.knobs["oom_next"] > 0
+                self.knobs["crash_next"] -= int(crash)
+                self.knobs["oom_next"] -= int(oom and not crash)
+            stdout, stderr = open(root / "stdout.tmp", "w+b"), open(root / "stderr.tmp", "w+b")
+            workdir = ci_get(engine, "WorkingDirectory")
+            proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, cwd=remap(workdir) if workdir else root,
                                     start_new_session=True)
-            try:
-                if vanish:
-                    time.sleep(0.2)
+            started = time.monotonic()
+            while proc.poll() is None:
+                if job.stop.is_set() or crash or oom or (timeout and time.monotonic() - started > timeout):
                     os.killpg(proc.pid, signal.SIGKILL)
-                    proc.communicate()
-                    execution.error_msg = f"node {self.node_id} disconnected: execution lost"
-                    self._event(job, execution.error_msg, execution, new_state="Failed", new_exec_state="Failed")
-                    return
-                out, err = self._wait(job, proc, timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, err = proc.communicate()
-                execution.stdout, execution.stderr = out, err
-                execution.error_msg = f"execution timed out after {timeout}s"
-                self._event(job, execution.error_msg, execution, new_state="Failed", new_exec_state="Failed")
-                return
+                    proc.wait()
+                    break
+                time.sleep(0.05)
             if job.stop.is_set():
-                self._event(job, "execution cancelled", execution, new_state="Stopped", new_exec_state="Cancelled")
-                return
-            execution.stdout, execution.stderr, execution.exit_code = out, err, proc.returncode
-            if proc.returncode != 0:
-                execution.error_msg = f"exit status {proc.returncode}"
-                self._event(job, execution.error_msg, execution, new_state="Failed", new_exec_state="Failed")
-                return
+                return self._event(job, "execution cancelled", execution, new_exec_state="Cancelled")
+            if crash:
+                return self._fail(job, execution, f"node {node.id} is unhealthy: execution lost")
+            if oom:  # docker's State.OOMKilled: an ErrorMsg (handler.go)
+                return self._fail(job, execution, "memory limit exceeded")
+            if timeout and proc.returncode < 0 and time.monotonic() - started > timeout:
+                return self._fail(job, execution, f"execution timed out after {timeout}s")
+            run_output = {}
+            for name, fh in (("stdout", stdout), ("stderr", stderr)):  # WriteJobResults
+                fh.seek(0)
+                data = fh.read()
+                fh.close()
+                (results / name).write_bytes(data)
+                run_output["Stdout" if name == "stdout" else "stderr"] = data[:RETURN_LIMIT].decode(errors="replace")
+                run_output["StdoutTruncated" if name == "stdout" else "StderrTruncated"] = len(data) > RETURN_LIMIT
+            (results / "exitCode").write_text(str(proc.returncode))
+            run_output.update(ExitCode=proc.returncode, ErrorMsg="")
+            execution.run_output = run_output
             self._event(job, "publishing results", execution, new_exec_state="Publishing")
-            publisher = ci_get(task, "Publisher")
-            if results:
-                execution.published = self._publish(job, execution, publisher, results)
+            if ci_get(ci_get(task, "Publisher"), "Type"):
+                execution.published = self._publish(job, execution, results)
             self._event(job, "execution completed", execution, new_state="Completed", new_exec_state="Completed")
-
-    def _wait(self, job, proc, timeout):
-        deadline = time.monotonic() + timeout if timeout else None
-        while True:
-            try:
-                return proc.communicate(timeout=0.1)
-            except subprocess.TimeoutExpired:
-                if job.stop.is_set():
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    return proc.communicate()
-                if deadline and time.monotonic() > deadline:
-                    raise
 
     # -------------------------------------------------------------- views
 
     def job_json(self, job: StoredJob) -> dict:
         spec = dict(job.spec)
         spec.update({"ID": job.id, "State": {"StateType": job.state, "Message": job.message},
-                     "CreateTime": job.create_time, "ModifyTime": time.time_ns(), "Version": 1, "Revision": len(job.history)})
+                     "CreateTime": job.create_time, "ModifyTime": job.modify_time, "Version": 1, "Revision": len(job.history)})
         spec.setdefault("Namespace", "default")
         return spec
 
     def execution_json(self, job: StoredJob, e: Execution) -> dict:
         return {"ID": e.id, "JobID": job.id, "NodeID": e.node_id, "Namespace": "default", "CreateTime": e.create_time,
-                "ComputeState": {"StateType": self.states.get(e.state, 0), "Message": e.error_msg or e.state, "Details": {}},
+                "ModifyTime": e.modify_time,
+                "ComputeState": {"StateType": self.states.get(e.state, 0), "Message": e.message, "Details": {}},
                 "DesiredState": {"StateType": 2 if e.state in ("Completed", "Failed", "Cancelled") else 1},
-                "RunOutput": {"Stdout": e.stdout[-4096:], "stderr": e.stderr[-4096:], "ExitCode": e.exit_code,
-                              "ErrorMsg": e.error_msg},
-                "PublishedResult": e.published or {}}
+                "RunOutput": e.run_output, "PublishedResult": e.published or {}}
 
 
 def error(status: int, message: str, code: str) -> JSONResponse:
@@ -436,29 +618,34 @@ def error(status: int, message: str, code: str) -> JSONResponse:
                          "Component": "APIServer"}, status_code=status)
 
 
-def build_app(node: Node) -> Starlette:
-    def authorized(request: Request) -> bool:
-        if not node.token:
-            return True
+def build_app(orch: Orchestrator) -> Starlette:
+    def authorize(request: Request, capability: str) -> JSONResponse | None:
+        """api_key_authorizer.go + capabilities.go: no/unknown key 401, a key without the capability 403."""
+        if not orch.api_key and not orch.basic:
+            return None
         given = request.headers.get("authorization", "")
-        if given.startswith("Basic "):  # --token user:password also accepts HTTP basic auth
-            import base64
+        if orch.basic and given.startswith("Basic "):
+            if base64.b64decode(given[6:]).decode(errors="replace") == orch.basic:
+                return None
+            return error(401, "Request Unauthorized", "UnauthorizedError")
+        key, _, caps = (orch.api_key or "").partition(":")
+        if not key or given != f"Bearer {key}":
+            return error(401, "Request Unauthorized", "UnauthorizedError")
+        allowed = caps.split(",") if caps else ["*"]
+        if not ({"*", capability} & set(allowed) or (capability.startswith("read:") and "read:*" in allowed)):
+            return error(403, "Request Forbidden", "Forbidden")
+        return None
 
-            return base64.b64decode(given[6:]).decode() == node.token
-        return given == f"Bearer {node.token}"
-
-    def guarded(handler):
+    def guarded(handler, capability: str):
         async def wrapper(request: Request):
-            if not authorized(request):
-                return error(401, "unauthorized: missing or invalid token", "Unauthorized")
-            return await handler(request)
+            return authorize(request, capability) or await handler(request)
         return wrapper
 
     def find(request: Request) -> StoredJob | None:
         job_id = request.path_params["id"]
-        job = node.jobs.get(job_id)
+        job = orch.jobs.get(job_id)
         if job is None:  # the real server also resolves a unique job name
-            job = next((j for j in node.jobs.values() if ci_get(j.spec, "Name") == job_id), None)
+            job = next((j for j in orch.jobs.values() if ci_get(j.spec, "Name") == job_id), None)
         return job
 
     async def put_job(request: Request):
@@ -472,9 +659,9 @@ def build_app(node: Node) -> Starlette:
         problems = validate(job)
         if problems:
             return error(400, "\n".join(problems), "InternalError")
-        if node.knobs["submit_delay_ms"]:
-            await asyncio.sleep(node.knobs["submit_delay_ms"] / 1000)
-        stored = node.submit(job)
+        if orch.knobs["submit_delay_ms"]:
+            await asyncio.sleep(orch.knobs["submit_delay_ms"] / 1000)
+        stored = orch.submit(job)
         return JSONResponse({"JobID": stored.id, "EvaluationID": "ev-" + uuid.uuid4().hex[:12], "Warnings": []})
 
     async def get_job(request: Request):
@@ -482,30 +669,36 @@ def build_app(node: Node) -> Starlette:
         if job is None:
             return error(404, f"job not found: {request.path_params['id']}", "NotFound")
         include = set(request.query_params.get("include", "").split(","))
-        body: dict[str, Any] = {"Job": node.job_json(job)}
+        body: dict[str, Any] = {"Job": orch.job_json(job)}
         if "executions" in include:
-            body["Executions"] = {"Items": [node.execution_json(job, e) for e in job.executions]}
+            body["Executions"] = {"Items": [orch.execution_json(job, e) for e in job.executions]}
         if "history" in include:
             body["History"] = {"Items": job.history}
         return JSONResponse(body)
 
     async def list_jobs(request: Request):
-        selector = request.query_params.get("labels", "")
-        wanted = dict(part.split("=", 1) for part in selector.split(",") if "=" in part)
-        jobs = [j for j in node.jobs.values()
-                if all((ci_get(j.spec, "Labels") or {}).get(k) == v for k, v in wanted.items())]
-        jobs.sort(key=lambda j: j.create_time, reverse=request.query_params.get("reverse") == "true")
-        limit = int(request.query_params.get("limit", 100))
-        offset = int(request.query_params.get("next_token") or 0)
+        q = request.query_params
+        order = q.get("order_by") or "created_at"
+        if order not in ("created_at", "modified_at", "create_time", "modify_time"):
+            return error(400, f"OrderBy {order} not supported for listJobs", "BadRequest")
+        selector = ",".join(request.query_params.getlist("labels"))
+        namespace = q.get("namespace") or "default"
+        with orch.lock:
+            jobs = [j for j in orch.jobs.values() if selector_matches(selector, ci_get(j.spec, "Labels") or {})
+                    and (namespace == "*" or (ci_get(j.spec, "Namespace") or "default") == namespace)]
+        key = (lambda j: j.modify_time) if order.startswith("modif") else (lambda j: j.create_time)
+        jobs.sort(key=key, reverse=q.get("reverse") == "true")
+        limit = int(q.get("limit") or 100)
+        offset = int(base64.b64decode(q["next_token"]).decode()) if q.get("next_token") else 0
         page = jobs[offset: offset + limit]
-        token = str(offset + limit) if offset + limit < len(jobs) else ""
-        return JSONResponse({"Items": [node.job_json(j) for j in page], "NextToken": token})
+        token = base64.b64encode(str(offset + limit).encode()).decode() if offset + limit < len(jobs) else ""
+        return JSONResponse({"Items": [orch.job_json(j) for j in page], "NextToken": token})
 
     async def executions(request: Request):
         job = find(request)
         if job is None:
             return error(404, "job not found", "NotFound")
-        return JSONResponse({"Items": [node.execution_json(job, e) for e in job.executions], "NextToken": ""})
+        return JSONResponse({"Items": [orch.execution_json(job, e) for e in job.executions], "NextToken": ""})
 
     async def history(request: Request):
         job = find(request)
@@ -521,7 +714,7 @@ def build_app(node: Node) -> Starlette:
         for e in job.executions:
             if e.published:
                 p = e.published["Params"]
-                url = f"{node.s3_endpoint or 'https://s3.amazonaws.com'}/{p['Bucket']}/{p['Key']}"
+                url = f"{orch.s3_endpoint or 'https://s3.amazonaws.com'}/{p['Bucket']}/{p['Key']}"
                 items.append({"Type": "s3PreSigned", "Params": {**p, "PreSignedURL": url}})
         return JSONResponse({"Items": items})
 
@@ -529,63 +722,55 @@ def build_app(node: Node) -> Starlette:
         job = find(request)
         if job is None:
             return error(404, "job not found", "NotFound")
-        if job.state not in ("Completed", "Failed", "Stopped"):
+        if job.state not in TERMINAL:
             job.stop.set()
-            node._event(job, "job stopped by user", new_state="Stopped")
+            orch._event(job, "job stopped by user", new_state="Stopped")
+            with orch.changed:
+                orch.changed.notify_all()
         return JSONResponse({"EvaluationID": "ev-" + uuid.uuid4().hex[:12]})
 
     async def nodes(request: Request):
-        k = node.knobs
-        gpus = [{"index": i, "name": k["gpu_model"], "memory": 24576, "vendor": "NVIDIA"} for i in range(k["gpus"])]
-        items = [{
-            "Info": {"NodeID": node.node_id, "NodeType": "Compute",
-                     "Labels": {"GPU-0": k["gpu_model"], "GPU-0-Memory": "24576-MiB"} if k["gpu_nodes"] and k["gpus"] else {},
-                     "ComputeNodeInfo": {
-                         "MaxCapacity": {"CPU": 8, "Memory": 34359738368, "Disk": 107374182400,
-                                         "GPU": k["gpus"] if k["gpu_nodes"] else 0, "GPUs": gpus if k["gpu_nodes"] else []},
-                         "AvailableCapacity": {"CPU": 8, "GPU": max(0, k["gpus"] - k["running"]) if k["gpu_nodes"] else 0},
-                         "RunningExecutions": k["running"]},
-                     "BacalhauVersion": {"Major": str(node.version[0]), "Minor": str(node.version[1])}},
-            "Membership": "APPROVED", "ConnectionState": {"Status": "CONNECTED"},
-        }]
+        with orch.lock:
+            running = {n.id: sum(1 for j in orch.jobs.values() for e in j.executions
+                                 if e.node_id == n.id and e.state == "Running") for n in orch.nodes}
+            items = [n.state_json(orch.version, running[n.id]) for n in orch.nodes]
         return JSONResponse({"Nodes": items, "NextToken": ""})
 
     async def alive(request: Request):
         return JSONResponse({"Status": "OK"})
 
     async def version(request: Request):
-        return JSONResponse({"Major": str(node.version[0]), "Minor": str(node.version[1]), "GitVersion": node.git_version,
+        return JSONResponse({"Major": str(orch.version[0]), "Minor": str(orch.version[1]), "GitVersion": orch.git_version,
                              "GitCommit": "standin", "BuildDate": "2026-01-01T00:00:00Z", "GOOS": "linux", "GOARCH": "amd64"})
 
     async def knobs(request: Request):
-        node.set_knobs(await request.json())
-        return JSONResponse(node.knobs)
+        return JSONResponse(orch.set_knobs(await request.json()))
 
     async def logs(ws: WebSocket):
         await ws.accept()
-        job = node.jobs.get(ws.path_params["id"])
+        job = orch.jobs.get(ws.path_params["id"])
         if job is None:
             await ws.send_json({"error": "job not found"})
             await ws.close()
             return
         follow = ws.query_params.get("follow") == "true"
-        while follow and job.state not in ("Completed", "Failed", "Stopped"):
+        while follow and job.state not in TERMINAL:
             await asyncio.sleep(0.1)
         for e in job.executions:
-            for stream, text in ((1, e.stdout), (2, e.stderr)):
-                for line in text.splitlines():
+            for stream, key in ((1, "Stdout"), (2, "stderr")):
+                for line in ((e.run_output or {}).get(key) or "").splitlines():
                     await ws.send_json({"value": {"Type": stream, "Line": line + "\n", "ExecutionID": e.id}})
         await ws.close()
 
     routes = [
-        Route("/api/v1/orchestrator/jobs", guarded(put_job), methods=["PUT"]),
-        Route("/api/v1/orchestrator/jobs", guarded(list_jobs), methods=["GET"]),
-        Route("/api/v1/orchestrator/jobs/{id}", guarded(get_job), methods=["GET"]),
-        Route("/api/v1/orchestrator/jobs/{id}", guarded(stop_job), methods=["DELETE"]),
-        Route("/api/v1/orchestrator/jobs/{id}/executions", guarded(executions), methods=["GET"]),
-        Route("/api/v1/orchestrator/jobs/{id}/history", guarded(history), methods=["GET"]),
-        Route("/api/v1/orchestrator/jobs/{id}/results", guarded(results), methods=["GET"]),
-        Route("/api/v1/orchestrator/nodes", guarded(nodes), methods=["GET"]),
+        Route("/api/v1/orchestrator/jobs", guarded(put_job, "write:job"), methods=["PUT"]),
+        Route("/api/v1/orchestrator/jobs", guarded(list_jobs, "read:job"), methods=["GET"]),
+        Route("/api/v1/orchestrator/jobs/{id}", guarded(get_job, "read:job"), methods=["GET"]),
+        Route("/api/v1/orchestrator/jobs/{id}", guarded(stop_job, "write:job"), methods=["DELETE"]),
+        Route("/api/v1/orchestrator/jobs/{id}/executions", guarded(executions, "read:job"), methods=["GET"]),
+        Route("/api/v1/orchestrator/jobs/{id}/history", guarded(history, "read:job"), methods=["GET"]),
+        Route("/api/v1/orchestrator/jobs/{id}/results", guarded(results, "read:job"), methods=["GET"]),
+        Route("/api/v1/orchestrator/nodes", guarded(nodes, "read:node"), methods=["GET"]),
         Route("/api/v1/agent/alive", alive, methods=["GET"]),
         Route("/api/v1/agent/version", version, methods=["GET"]),
         Route("/standin/knobs", knobs, methods=["POST"]),
@@ -598,13 +783,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--version", default="1.7.0")
-    ap.add_argument("--gpus", type=int, default=1)
-    ap.add_argument("--gpu-model", default="NVIDIA-A10G")
-    ap.add_argument("--token")
+    ap.add_argument("--api-key", help="KEY or KEY:capability,capability (an API key user, pkg/authz)")
+    ap.add_argument("--basic", help="USER:PASSWORD (a basic-auth user)")
     ap.add_argument("--s3-endpoint")
     args = ap.parse_args()
-    node = Node(args.version, args.gpus, args.gpu_model, args.token, args.s3_endpoint)
-    uvicorn.run(build_app(node), host="127.0.0.1", port=args.port, log_level="warning")
+    orch = Orchestrator(args.version, args.s3_endpoint, args.api_key, args.basic)
+    uvicorn.run(build_app(orch), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

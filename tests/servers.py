@@ -70,9 +70,10 @@ def start_moto() -> Server:
     return server
 
 
-def start_standin(s3_endpoint: str, *args: str, token: str | None = None) -> Server:
+def start_standin(s3_endpoint: str, *args: str, api_key: str | None = None, basic: str | None = None) -> Server:
+    """The Bacalhau stand-in; `api_key` is KEY or KEY:capability,... and `basic` USER:PASSWORD."""
     port = free_port()
     argv = [sys.executable, str(HERE / "bacalhau_standin.py"), "--port", str(port), "--s3-endpoint", s3_endpoint, *args]
-    if token:
-        argv += ["--token", token]
+    argv += ["--api-key", api_key] if api_key else []
+    argv += ["--basic", basic] if basic else []
     return start("bacalhau", argv, f"http://127.0.0.1:{port}", "/api/v1/agent/alive")

@@ -10,8 +10,11 @@ import pytest
 
 from codsplat.orchestrator.bacalhau import (BacalhauClient, BadRequest, ExecutionState, JobState, NotFound,
                                             Unauthorized, Unavailable, execution_state)
+from codsplat.orchestrator.executors.bacalhau import result_of
 from codsplat.orchestrator.job import parse_job
-from codsplat.orchestrator.translate import Deployment, translate_all
+from codsplat.orchestrator.settings import Settings, load_settings
+from codsplat.orchestrator.translate import translate_all
+from codsplat.pipeline.errors import InputError
 from servers import free_port, start_standin
 
 SWAGGER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bacalhau" / "swagger.json"
@@ -38,7 +41,10 @@ def test_agent_and_nodes(standin):
         assert client.alive()
         assert client.version().tuple == (1, 7)
         [node] = client.nodes()
-        assert node.connected and node.gpus_total == 1 and node.gpu_models == ["NVIDIA-A10G"]
+        assert node.connected and node.approved and node.max.gpu == 1
+        assert [(g.name, g.memory_mib) for g in node.gpus] == [("NVIDIA A10G", 23028)]  # the wire's own spelling
+        assert node.gpu_models == ["NVIDIA-A10G"] and node.labels["GPU-0"] == "NVIDIA-A10G"  # one normal form
+        assert node.max.cpu == pytest.approx(3.2) and node.max.memory == int(16 * 2**30 * 0.8)
 
 
 def test_submit_describe_history_and_logs(standin):
@@ -73,27 +79,25 @@ def test_not_found_unauthorized_and_unreachable(moto_server, standin):
     with BacalhauClient(standin.url) as client:
         with pytest.raises(NotFound):
             client.describe("j-does-not-exist")
-    secured = start_standin(moto_server.url, token="s3cret")
+    secured = start_standin(moto_server.url, api_key="s3cret")
     try:
         with BacalhauClient(secured.url) as client:
             with pytest.raises(Unauthorized):
                 client.nodes()
-        with BacalhauClient(secured.url, token="s3cret") as client:
-            assert client.nodes()
+        env = {"BACALHAU_API_HOST": "127.0.0.1", "BACALHAU_API_PORT": secured.url.rsplit(":", 1)[1], "BACALHAU_API_KEY": "s3cret"}
+        with BacalhauClient.from_settings(load_settings(env=env)) as client:
+            assert client.base_url == secured.url and client.nodes()
     finally:
         secured.stop()
-    basic = start_standin(moto_server.url, token="ops:pa55")
+    basic = start_standin(moto_server.url, basic="ops:pa55")
     try:
         with BacalhauClient(basic.url, basic=("ops", "wrong")) as client:
             with pytest.raises(Unauthorized):
                 client.nodes()
         env = {"BACALHAU_API_HOST": "127.0.0.1", "BACALHAU_API_PORT": basic.url.rsplit(":", 1)[1],
                "BACALHAU_API_USERNAME": "ops", "BACALHAU_API_PASSWORD": "pa55"}
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
-            with BacalhauClient.from_env() as client:
-                assert client.base_url == basic.url and client.nodes()
+        with BacalhauClient.from_settings(load_settings(env=env)) as client:
+            assert client.base_url == basic.url and client.nodes()
     finally:
         basic.stop()
     with BacalhauClient(f"http://127.0.0.1:{free_port()}", timeout=1) as client:
@@ -130,11 +134,37 @@ def test_execution_numbering_follows_the_server_version(moto_server):
         old.stop()
 
 
-def test_failed_execution_surfaces_exit_code_and_stderr(standin):
+def test_a_non_zero_exit_is_a_completed_job_whose_exit_code_decides(standin):
     with BacalhauClient(standin.url) as client:
         info = wait(client, client.submit(python_job("import sys; sys.stderr.write('bad thing\\n'); sys.exit(7)", "f")).job_id)
-        assert info.state == JobState.FAILED
-        assert info.executions[0].exit_code == 7 and "bad thing" in info.executions[0].failure
+        assert info.state == JobState.COMPLETED  # upstream: the container ran, so the job completed
+        assert info.executions[0].exit_code == 7 and "bad thing" in info.executions[0].stderr
+        result = result_of(info)
+        assert result.ending.value == "crashed" and result.exit_code == 7 and "bad thing" in result.message
+        ok = wait(client, client.submit(python_job('print(\'{"ok": false, "exit_code": 3, "stage": "sfm", "message": "no overlap"}\'); import sys; sys.exit(3)', "u")).job_id)
+        result = result_of(ok)
+        assert (result.ending.value, result.exit_code, result.stage, result.message) == ("user-error", 3, "sfm", "no overlap")
+
+
+def test_tls_and_credentials_come_from_the_environment_with_one_boolean_reading():
+    """BACALHAU_API_TLS_INSECURE=false used to turn certificate checks off (any text counted as true)."""
+    for text, insecure in (("false", False), ("0", False), ("no", False), ("true", True), ("1", True), ("yes", True)):
+        conf = load_settings(env={"BACALHAU_API_TLS_USETLS": "true", "BACALHAU_API_TLS_INSECURE": text,
+                                  "BACALHAU_API_HOST": "bacalhau.internal", "BACALHAU_API_PORT": "443"})
+        assert conf.bacalhau_insecure is insecure and conf.bacalhau_url == "https://bacalhau.internal:443"
+        client = BacalhauClient.from_settings(conf)
+        assert client._verify is (not insecure)
+    import ssl
+
+    import certifi
+
+    conf = load_settings(env={"BACALHAU_API_TLS_CACERT": certifi.where(), "BACALHAU_API_KEY": "k"})
+    client = BacalhauClient.from_settings(conf)
+    assert isinstance(client._verify, ssl.SSLContext) and client._http.headers["authorization"] == "Bearer k"
+    with pytest.raises(InputError, match="BACALHAU_API_TLS_CACERT.*/nowhere/ca.pem is not a readable CA bundle"):
+        BacalhauClient.from_settings(load_settings(env={"BACALHAU_API_TLS_CACERT": "/nowhere/ca.pem"}))
+    with pytest.raises(InputError, match='bacalhau_tls: must be true or false, got "maybe"'):
+        load_settings(env={"BACALHAU_API_TLS_USETLS": "maybe"})
 
 
 def _swagger_keys():
@@ -150,7 +180,7 @@ def test_translated_specs_are_valid_and_use_only_api_keys(standin):
                      "compute": {"split_stages": True, "gpu_model": "NVIDIA-A10G"}}, default_id="scan")
     from bacalhau_standin import validate
 
-    for spec in translate_all(job, Deployment()):
+    for spec in translate_all(job, Settings()):
         assert validate(spec) == []
         assert set(spec) <= defs["models.Job"]
         task = spec["Tasks"][0]
@@ -161,4 +191,4 @@ def test_translated_specs_are_valid_and_use_only_api_keys(standin):
             assert set(source) <= defs["models.InputSource"]
     with BacalhauClient(standin.url) as client:
         httpx.post(f"{standin.url}/standin/knobs", json={"hold": True})  # accept, but do not run
-        assert client.submit(translate_all(job, Deployment())[0]).job_id.startswith("j-")
+        assert client.submit(translate_all(job, Settings())[0]).job_id.startswith("j-")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -240,11 +241,22 @@ class BacalhauExecutor:
     def __post_init__(self):
         if self.watcher is None:
             self.watcher = Watcher(self.client, self.settings.bacalhau_poll_seconds, self.settings.bacalhau_namespace)
+        self._nodes: tuple[float, list[Node]] = (float("-inf"), [])
+        self._nodes_lock = threading.Lock()
+
+    def nodes(self) -> list[Node]:
+        """The network's nodes, read at most once a poll interval (a burst of jobs shares one call)."""
+        with self._nodes_lock:
+            read_at, nodes = self._nodes
+            if time.monotonic() - read_at >= self.settings.bacalhau_poll_seconds:
+                nodes = self.client.nodes()
+                self._nodes = (time.monotonic(), nodes)
+            return nodes
 
     def preflight(self, job: JobDocument) -> None:
         """Refuse before submission a job that no connected node could ever hold."""
         try:
-            nodes = self.client.nodes()
+            nodes = self.nodes()
         except BacalhauError as exc:
             raise CannotRun(f"Bacalhau is unreachable: {exc.message}") from None
         _, problems = placement(job, self.settings, nodes)
