@@ -16,7 +16,6 @@ import heapq
 import itertools
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -195,24 +194,22 @@ class Daemon:
         self._shutdown(grace_seconds, health)
 
     def _shutdown(self, grace_seconds: float | None, health) -> None:
+        """Steps in progress and local runs get `grace_seconds` to finish (a job on Bacalhau or
+        SageMaker runs on without us); whatever is still running stays RUNNING in its record and is
+        resumed by the next start."""
         self._intake.shutdown(wait=True)
         for hook in self.on_stop:
             hook()
         deadline = time.monotonic() + (grace_seconds if grace_seconds is not None else float("inf"))
-        while (self.scheduler.busy or self.lifecycle.flights) and time.monotonic() < deadline:
+        while (self.scheduler.busy or self.lifecycle.local_runs()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        running = len(self.lifecycle.flights)
         self.scheduler.shutdown(wait=False)
         if health:
             health.shutdown()
         if self.folder_lock is not None:
             self.folder_lock.close()
-        if running:
-            log.info("daemon stopped; %d running jobs resume on restart", running)
-            for handler in logging.getLogger("codsplat").handlers:
-                handler.flush()
-            os._exit(0)  # threads waiting on runs cannot be interrupted; every record is consistent as it is
-        log.info("daemon stopped")
+        running = len(self.lifecycle.flights)
+        log.info("daemon stopped" + (f"; {running} running jobs resume on restart" if running else ""))
 
     def _sweep_loop(self) -> None:
         while not self._stopping.wait(self.sweep_seconds):

@@ -481,6 +481,10 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ helpers
 
+    def local_runs(self) -> int:
+        """Runs in processes of this machine, which end when they end (not resumed remotely)."""
+        return sum(getattr(e, "active", lambda: 0)() for e in self.executors.values())
+
     def _flight(self, job: JobDocument, record: JobRecord) -> Flight:
         with self._lock:
             flight = self.flights.get(record.job_id)

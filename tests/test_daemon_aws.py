@@ -308,3 +308,123 @@ def test_the_same_job_ends_the_same_way_through_run_submit_and_the_daemon(aws, s
             assert record.state == "FAILED", record.to_json()
             assert (record.error["exit_code"], record.error["kind"]) == (code, kind) and words in record.error["message"]
             assert len(record.attempts) == 1  # the job's own fault: never retried, never handed over
+
+
+def fast(aws, standin, **knobs):
+    import httpx
+
+    httpx.post(f"{standin.url}/standin/knobs",
+               json={"nodes": [{"images": {"codsplat-fast:test": str(ROOT / "benchmarks" / "fast_image")}}], **knobs})
+    aws["s3"].put_object(Bucket=aws["bucket"], Key="uploads/u/clip.mp4", Body=b"\0")
+    return aws["settings"].model_copy(update={"image": "codsplat-fast:test", "bacalhau_poll_seconds": 0.1})
+
+
+def serve(settings):
+    daemon = build_daemon(settings)
+    thread = threading.Thread(target=daemon.serve, kwargs={"install_signals": False, "grace_seconds": 0}, daemon=True)
+    thread.start()
+    return daemon, thread
+
+
+def until(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def bacalhau_jobs(standin, job_id):
+    import httpx
+
+    return httpx.get(f"{standin.url}/api/v1/orchestrator/jobs", params={"labels": f"codsplat-job={job_id}"}).json()["Items"]
+
+
+def test_a_cancel_stops_the_running_bacalhau_job_and_ends_the_record_cancelled(aws, standin):
+    from codsplat.orchestrator.records import request_cancel
+
+    settings = fast(aws, standin, hold=True)  # placed on the node, never started: running until stopped
+    daemon, thread = serve(settings)
+    try:
+        aws["s3"].put_object(Bucket=aws["bucket"], Key="jobs/u/stopme.json",
+                             Body=json.dumps({"version": 1, "input": "uploads/u/clip.mp4", "notify": {"email": ["u@example.com"]}}))
+        until(lambda: (r := daemon.store.get("stopme")) and r.state == "RUNNING")
+        request_cancel(daemon.store, "stopme")
+        until(lambda: daemon.store.get("stopme").notified_at)
+    finally:
+        daemon.stop()
+        thread.join(timeout=60)
+    record = daemon.store.get("stopme")
+    assert record.state == "CANCELLED" and record.attempts[-1]["state"] == "Cancelled"
+    [job] = bacalhau_jobs(standin, "stopme")
+    assert job["State"]["StateType"] == "Stopped"
+    [message] = mail(aws)
+    assert message["MessageAttributes"]["status"]["Value"] == "CANCELLED"
+
+
+def test_a_restarted_daemon_follows_the_bacalhau_job_it_had_sent_and_sends_nothing_again(aws, standin):
+    import httpx
+
+    settings = fast(aws, standin, hold=True)
+    daemon, thread = serve(settings)
+    aws["s3"].put_object(Bucket=aws["bucket"], Key="jobs/u/across.json", Body=json.dumps({"version": 1, "input": "uploads/u/clip.mp4"}))
+    until(lambda: (r := daemon.store.get("across")) and r.state == "RUNNING")
+    daemon.stop()  # stopped while its job runs on Bacalhau
+    thread.join(timeout=60)
+    assert daemon.store.get("across").state == "RUNNING"
+    httpx.post(f"{standin.url}/standin/knobs", json={"hold": False})
+    until(lambda: bacalhau_jobs(standin, "across")[0]["State"]["StateType"] == "Completed")  # it ended while no daemon ran
+    daemon, thread = serve(settings)
+    try:
+        until(lambda: daemon.store.get("across").notified_at)
+    finally:
+        daemon.stop()
+        thread.join(timeout=60)
+    assert daemon.store.get("across").state == "SUCCEEDED" and len(bacalhau_jobs(standin, "across")) == 1
+
+
+def test_an_attempt_sent_just_before_a_crash_is_found_and_followed_not_sent_again(aws, standin):
+    """The daemon died after Bacalhau accepted the attempt and before its record said so: the record
+    is VALIDATED, the job runs. The next daemon looks the attempt up by its labels before it sends."""
+    from codsplat.orchestrator.bacalhau import BacalhauClient
+    from codsplat.orchestrator.job import parse_job
+    from codsplat.orchestrator.records import VALIDATED, JobRecord
+    from codsplat.orchestrator.translate import translate
+
+    settings = fast(aws, standin)
+    doc = {"version": 1, "input": "uploads/u/clip.mp4"}
+    aws["s3"].put_object(Bucket=aws["bucket"], Key="tmp/lost.json", Body=json.dumps(doc))  # not under jobs/: no event
+    job = parse_job(doc, settings.policy, default_id="lost")
+    with BacalhauClient.from_settings(settings) as client:
+        client.submit(translate(job, settings, "all", 1))  # ...and then the daemon died
+    store = DynamoStore(aws["table"], boto3.client("dynamodb", endpoint_url=settings.aws_endpoint, region_name="us-east-1"))
+    store.create(JobRecord(job_id="lost", job_key="tmp/lost.json", state=VALIDATED))
+    daemon, thread = serve(settings)
+    try:
+        until(lambda: (r := daemon.store.get("lost")) and r.notified_at)
+    finally:
+        daemon.stop()
+        thread.join(timeout=60)
+    record = daemon.store.get("lost")
+    assert record.state == "SUCCEEDED" and [a["name"] for a in record.attempts] == ["codsplat-lost-all-a1"]
+    assert len(bacalhau_jobs(standin, "lost")) == 1
+    assert any(h["note"] == "found again after a restart" for h in record.history)
+
+
+def test_a_job_that_crashes_on_every_node_is_handed_to_sagemaker(aws, standin):
+    settings = fast(aws, standin, env={"FAST_EXIT": "1"})
+    settings = settings.model_copy(update={"state_machine_arn": aws["state_machine_arn"], "fallback_poll_seconds": 1})
+    daemon, thread = serve(settings)
+    try:
+        aws["s3"].put_object(Bucket=aws["bucket"], Key="jobs/u/crashy.json",
+                             Body=json.dumps({"version": 1, "input": "uploads/u/clip.mp4", "compute": {"retries": 1}}))
+        until(lambda: (r := daemon.store.get("crashy")) and r.terminal, timeout=120)
+    finally:
+        daemon.stop()
+        thread.join(timeout=60)
+    record = daemon.store.get("crashy")
+    assert [(a["backend"], a["state"]) for a in record.attempts] == [("bacalhau", "Failed"), ("bacalhau", "Failed"),
+                                                                    ("sagemaker", "Running")]
+    assert record.attempts[-1]["reason"].startswith("bacalhau cannot run it: all failed 2 times; last error: fast job failed with 1")
+    assert record.state == "SUCCEEDED" and record.backend == "sagemaker"

@@ -222,3 +222,25 @@ def test_killed_inside_compute_the_run_resumes_and_each_stage_runs_once(home, po
     assert at_crash is not None and at_crash["stage"] == stage, at_crash  # the crash fell inside the stage
     assert record.state == "SUCCEEDED" and [m["attributes"]["job_id"] for m in sent(home)] == ["crash"]
     assert sorted(stage_runs(home, "crash")) == sorted(STAGES)
+
+
+def test_sigterm_while_a_job_runs_gives_it_the_grace_then_leaves_it_to_the_next_start(home):
+    """shutdown_grace_seconds: on SIGTERM the daemon stops taking jobs, gives a running local job the
+    grace, and exits; the job stays RUNNING and the next start finishes it, with one message."""
+    write_job(home, "graceful", QUICK_JOB)
+    env = {"CODSPLAT_SHUTDOWN_GRACE_SECONDS": "1", "CODSPLAT_LOCAL_WORKER": f"{sys.executable},{Path(__file__).with_name('slow_worker.py')}"}
+    first = daemon_process(home, env)
+    store = SQLiteStore(home / "codsplat.db")
+    wait_for(lambda: (r := store.get("graceful")) is not None and r.state == "RUNNING", timeout=60)
+    started = time.monotonic()
+    os.killpg(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    assert 0.9 <= time.monotonic() - started < 15, "it waited for the grace, then went"  # the env variable is read
+    assert store.get("graceful").state == "RUNNING" and not sent(home)
+    second = daemon_process(home, {"CODSPLAT_LOCAL_WORKER": STUB})
+    try:
+        wait_for(lambda: store.get("graceful").notified_at, timeout=60)
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(timeout=60)
+    assert store.get("graceful").state == "SUCCEEDED" and len(sent(home)) == 1

@@ -61,6 +61,10 @@ class LocalExecutor:
         self._stopping: set[str] = set()
         self._lock = threading.Lock()
 
+    def active(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
     def _work(self, job: JobDocument) -> Path:
         return self.blobs.local_path(job.output_uri(self.policy).key) or self.cache / job.id
 
