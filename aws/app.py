@@ -1,10 +1,13 @@
-"""The CDK app: the base stack, the orchestrator host, and (with `-c gpu_nodes=N`) Bacalhau GPU nodes.
+"""The CDK app: the base stack, the orchestrator host (the daemon and the Bacalhau orchestrator),
+and (with `-c gpu_nodes=N`) Bacalhau GPU nodes that join it.
 
-    cd aws && cdk deploy --all -c emails=ops@example.com -c image_tag=1.2.0 -c package=<pip spec>
+    cd aws && cdk deploy --all -c bacalhau_sha256=<sha256 of the release tarball> -c emails=ops@example.com \
+        -c image_tag=1.2.0 -c package=<pip spec>
 
-Context: `emails` (comma-separated, each gets only its own jobs' messages), `image_tag` (the worker
-image the fallback runs), `package` (what the host pip-installs), `gpu_nodes` (0 = no GPU stack),
-`gpu_instance_type`, `requester` (the Bacalhau orchestrator the GPU nodes join).
+Context: `bacalhau_sha256` (required: the SHA-256 of `bacalhau_<version>_linux_amd64.tar.gz`, from
+the release page; every instance checks its download against it), `bacalhau_version`, `emails`
+(comma-separated, each gets only its own jobs' messages), `image_tag` (the worker image), `package`
+(what the host pip-installs), `gpu_nodes` (0 = no GPU stack), `gpu_instance_type`.
 Synthesis needs no network and no AWS account; `synth()` is what the tests and CI call.
 """
 
@@ -15,6 +18,7 @@ from pathlib import Path
 from aws_cdk import App, Validations
 from cdk_nag import AwsSolutionsChecks
 
+from . import bacalhau
 from .base import BaseStack
 from .gpu import GpuNodesStack
 from .host import HostStack
@@ -29,17 +33,29 @@ def build(app: App) -> list:
     origins = tuple(o.strip() for o in str(ctx("console_origins", "")).split(",") if o.strip())
     base = BaseStack(app, "CodsplatBase", emails=emails, image_tag=str(ctx("image_tag", "latest")), console_origins=origins,
                      description="codsplat: data bucket, job events, records, notifications, image, SageMaker fallback")
+    version, sha256 = str(ctx("bacalhau_version", bacalhau.BACALHAU_VERSION)), str(ctx("bacalhau_sha256", ""))
+    if not bacalhau.SHA256.match(sha256):
+        raise SystemExit(f"Set -c bacalhau_sha256=<64 hex digits>: the SHA-256 of bacalhau_{version}_linux_amd64.tar.gz "
+                         f"as published with the release ({bacalhau.release_url(version)}); every instance checks its "
+                         "download against it (docs/deploy.md).")
     host = HostStack(app, "CodsplatOrchestrator", base=base, package=str(ctx("package", "codsplat")),
-                     description="codsplat: the orchestrator daemon on EC2 (private subnets, SSM only)")
+                     bacalhau_version=version, bacalhau_sha256=sha256,
+                     description="codsplat: the orchestrator daemon and the Bacalhau orchestrator on EC2 (private subnets, SSM only)")
     stacks = [base, host]
     gpu_nodes = int(ctx("gpu_nodes", 0))
     if gpu_nodes:
-        stacks.append(GpuNodesStack(app, "CodsplatGpuNodes", base=base, vpc=host.vpc, count=gpu_nodes,
+        stacks.append(GpuNodesStack(app, "CodsplatGpuNodes", base=base, host=host, count=gpu_nodes,
+                                    bacalhau_version=version, bacalhau_sha256=sha256,
                                     instance_type=str(ctx("gpu_instance_type", "g5.xlarge")),
-                                    requester=str(ctx("requester", "nats://orchestrator.codsplat.internal:4222")),
                                     description="codsplat: Bacalhau compute nodes on GPU instances"))
-    Validations.of(app).add_plugins(AwsSolutionsChecks(app))
+    validate(app)
     return stacks
+
+
+def validate(app: App) -> None:
+    """cdk-nag's AWS Solutions rules as a validation plugin: synthesis fails on any finding that is not
+    acknowledged with a reason (aws/checks.py), and writes validation-report.json either way."""
+    Validations.of(app).add_plugins(AwsSolutionsChecks(app))
 
 
 def synth(outdir: Path, context: dict | None = None):

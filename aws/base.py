@@ -31,7 +31,7 @@ from codsplat.orchestrator.settings import Settings
 from .checks import acknowledge, nag_form, skip_checkov
 
 TEMPORARY_PREFIXES = ("uploads/", "jobs/", "tmp/")  # lifecycle rules touch only these; never results/
-TRAINING_JOB_PREFIX = "codsplat-"  # fallback.py names training jobs codsplat-<job id>-sm<n>
+TRAINING_JOB_PREFIX = "codsplat-"  # attempts name training jobs codsplat-<job id>-sm-a<n> (orchestrator/compute.py)
 
 
 def data_bucket_name(stack: Stack) -> str:
@@ -178,7 +178,8 @@ class BaseStack(Stack):
             logs=sfn.LogOptions(destination=machine_logs, level=sfn.LogLevel.ALL, include_execution_data=True),
             tracing_enabled=True, comment="codsplat SageMaker fallback (orchestrator/fallback.asl.json)")
         role = self.state_machine.role
-        training_jobs = self.format_arn(service="sagemaker", resource="training-job", resource_name=f"{TRAINING_JOB_PREFIX}*")
+        self.training_jobs = training_jobs = self.format_arn(service="sagemaker", resource="training-job",
+                                                             resource_name=f"{TRAINING_JOB_PREFIX}*")
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:AddTags"],
             resources=[training_jobs]))

@@ -1,7 +1,9 @@
 """Optional Bacalhau compute nodes on GPU instances, so an operator can stand up a private GPU
-network with nothing but this app. User data installs the NVIDIA driver's container toolkit, Docker
-and Bacalhau, then joins the requester (orchestrator) given in the context. The nodes' role reads the
-job inputs and writes results in the data bucket, and pulls the worker image; nothing else."""
+network with nothing but this app. User data installs Docker, the NVIDIA container toolkit and a
+pinned, checksummed Bacalhau, then joins the host's orchestrator with the token from Secrets Manager
+(aws/bacalhau.py), and keeps the worker image the daemon names pulled. The nodes' role reads the job
+inputs, writes results in the data bucket, pulls the worker image, reads the join token and the
+image parameter; nothing else."""
 
 from __future__ import annotations
 
@@ -10,18 +12,21 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
+from codsplat.orchestrator.provision import SSM_PATH
+
+from . import bacalhau
 from .base import BaseStack
 from .checks import acknowledge
-from .host import group_of, session_manager
+from .host import HostStack, grant_secrets, group_of, session_manager
 
 # AWS's Deep Learning base AMI (NVIDIA driver installed), resolved at deploy time from its public SSM parameter
 GPU_AMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
-BACALHAU_VERSION = "v1.7.0"
 
 
 class GpuNodesStack(Stack):
-    def __init__(self, scope: Construct, construct_id: str, *, base: BaseStack, vpc: ec2.IVpc, count: int = 1,
-                 instance_type: str = "g5.xlarge", requester: str, **kwargs) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, base: BaseStack, host: HostStack, bacalhau_sha256: str,
+                 bacalhau_version: str = bacalhau.BACALHAU_VERSION, count: int = 1, instance_type: str = "g5.xlarge",
+                 **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
         role = iam.Role(self, "NodeRole", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
                         description="codsplat GPU node: job inputs and results in the data bucket, the worker image")
@@ -32,6 +37,10 @@ class GpuNodesStack(Stack):
             resources=[base.repository.repository_arn]))
         role.add_to_policy(iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]))
         role.add_to_policy(iam.PolicyStatement(actions=["kms:Decrypt"], resources=[base.key.key_arn]))
+        image_parameter = f"{SSM_PATH}/image"
+        role.add_to_policy(iam.PolicyStatement(actions=["ssm:GetParameter"], resources=[
+            self.format_arn(service="ssm", resource="parameter", resource_name=image_parameter.strip("/"))]))
+        grant_secrets(role, host.node_token)
         acknowledge(role, "AwsSolutions-IAM5[Resource::*]", "ecr:GetAuthorizationToken and Session Manager's agent "
                     "actions support no resource-level permission.", all_policies=True)
 
@@ -44,18 +53,9 @@ class GpuNodesStack(Stack):
             " > /etc/apt/sources.list.d/nvidia-container-toolkit.list",
             "apt-get update && apt-get install -y docker.io nvidia-container-toolkit amazon-ecr-credential-helper",
             "nvidia-ctk runtime configure --runtime=docker && systemctl restart docker",
-            f"curl -fsSL https://get.bacalhau.org/install.sh | BACALHAU_VERSION={BACALHAU_VERSION} bash",
-            "mkdir -p /root/.docker && echo '{\"credsStore\": \"ecr-login\"}' > /root/.docker/config.json",
-            "cat > /etc/systemd/system/bacalhau-compute.service <<'UNIT'",
-            "[Unit]", "Description=Bacalhau compute node (codsplat GPU)", "After=docker.service", "Requires=docker.service",
-            "[Service]",
-            f"ExecStart=/usr/local/bin/bacalhau serve --compute --orchestrators={requester} "
-            "--labels codsplat=gpu --config Compute.AllowListedLocalPaths=[]",
-            "Restart=always", "RestartSec=5",
-            "[Install]", "WantedBy=multi-user.target",
-            "UNIT",
-            "systemctl daemon-reload",
-            "systemctl enable --now bacalhau-compute",
+            *bacalhau.install(bacalhau_version, bacalhau_sha256),
+            *bacalhau.image_sync(image_parameter, self.region),
+            *bacalhau.compute(host.node_token.secret_arn, self.region, {"codsplat": "gpu"}),
         )
-        self.group = group_of(self, vpc, role, instance_type, ec2.MachineImage.from_ssm_parameter(GPU_AMI_PARAMETER),
-                              user_data, count=count, disk_gb=200)
+        self.group = group_of(self, host.vpc, role, instance_type, ec2.MachineImage.from_ssm_parameter(GPU_AMI_PARAMETER),
+                              user_data, count=count, disk_gb=200, group_sg=host.node_security_group)

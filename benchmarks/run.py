@@ -128,19 +128,18 @@ def bench_submit(jobs: int) -> None:
     The stand-in holds jobs in its queue (knob `hold`) so that only the orchestration path is timed:
     job document → Bacalhau spec → HTTP PUT → JobID.
     """
-    import httpx
-
     sys.path.insert(0, str(ROOT / "tests"))
     from servers import start_standin
 
     from codsplat.orchestrator.bacalhau import BacalhauClient
     from codsplat.orchestrator.job import parse_job
-    from codsplat.orchestrator.translate import Deployment, translate
+    from codsplat.orchestrator.settings import Settings
+    from codsplat.orchestrator.translate import translate
 
     server = start_standin("http://127.0.0.1:9")
     try:
-        httpx.post(f"{server.url}/standin/knobs", json={"hold": True})
-        deployment = Deployment()
+        server.knobs(hold=True)
+        settings = Settings()
         out = {}
         with BacalhauClient(server.url) as client:
             client.version()
@@ -150,7 +149,7 @@ def bench_submit(jobs: int) -> None:
                     t0 = time.perf_counter()
                     job = parse_job({"version": 1, "id": f"bench-{int(split)}-{i}", "input": "s3://codsplat-data/uploads/b/x.mp4",
                                      "preset": "fast", "compute": {"split_stages": split}})
-                    spec = translate(job, deployment, "preprocess" if split else "all", 1)
+                    spec = translate(job, settings, "preprocess" if split else "all", 1)
                     t1 = time.perf_counter()
                     client.submit(spec)
                     t2 = time.perf_counter()
@@ -205,7 +204,10 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
         mailbox_arn = sqs.get_queue_attributes(QueueUrl=mailbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         sns.subscribe(TopicArn=names["topic_arn"], Protocol="sqs", Endpoint=mailbox_arn)
         image = "codsplat-fast:bench"
-        httpx.post(f"{standin.url}/standin/knobs", json={"images": {image: str(ROOT / "benchmarks" / "fast_image")}})
+        # one node that holds the fast image and room for `concurrency` tasks of the default resources
+        standin.knobs(nodes=[{"id": "n-load", "cpu": 4 * concurrency, "memory_gib": 16 * concurrency,
+                              "disk_gb": 100 * concurrency, "images": {image: str(ROOT / "benchmarks" / "fast_image")},
+                              "gpus": [{"name": "NVIDIA A10G", "memory_mib": 23028}] * concurrency}])
         s3.put_object(Bucket=names["bucket"], Key="uploads/load/clip.mp4", Body=b"\0" * 1024)
         with ThreadPoolExecutor(8) as pool:  # the rig's ceiling: moto's requests/s with nothing else running
             probe = time.monotonic()
@@ -253,7 +255,8 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
         finished = time.monotonic() - started
         tenth = next((kb for t, kb in rss if t - started > finished / 10), rss[0][1])
         end_rss = rss[-1][1]
-        calls = httpx.get(f"http://127.0.0.1:{health}/health").json()["calls"]
+        health_now = httpx.get(f"http://127.0.0.1:{health}/health").json()
+        calls, operations = health_now["calls"], health_now["operations"]
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
         sampling.set()
@@ -270,7 +273,7 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
                 sqs.delete_message(QueueUrl=mailbox, ReceiptHandle=m["ReceiptHandle"])
         with BacalhauClient(standin.url) as bacalhau:
             submitted = bacalhau.list_jobs(limit=1000)
-        knobs = httpx.post(f"{standin.url}/standin/knobs", json={}).json()
+        knobs = standin.knobs()
 
         at = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()  # noqa: E731
         by_job = {r.job_id: r for r in records}
@@ -301,6 +304,7 @@ def bench_load(jobs: int, concurrency: int, poll: float = 0.2) -> None:
             "jobs_submitted_more_than_once": sum(1 for v in submits.values() if len(v) > 1),
             "jobs_without_exactly_one_message": sum(1 for j in by_job if messages.get(j) != 1),
             "requests_per_job": {k: round(v / jobs, 2) for k, v in sorted(calls.items())},
+            "requests_per_job_by_operation": {k: round(v / jobs, 3) for k, v in sorted(operations.items())},
             "aws_requests_per_job": round(sum(v for k, v in calls.items() if k != "bacalhau") / jobs, 1),
             "rig_moto_requests_per_s": round(moto_per_s),
             "daemon_rss_mb": {"after_first_tenth": round(tenth / 1024, 1), "end": round(end_rss / 1024, 1),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -251,6 +252,7 @@ class BacalhauClient:
                                   timeout=timeout, transport=transport,
                                   event_hooks={"request": [on_request]} if on_request else None)
         self._version: Version | None = None
+        self._version_lock = threading.Lock()  # threads share a client: read the version once
         self._token, self._basic, self._verify = token, basic, verify
 
     @classmethod
@@ -305,12 +307,13 @@ class BacalhauClient:
             return False
 
     def version(self) -> Version:
-        if self._version is None:
-            raw = self._request("GET", "/api/v1/agent/version")
-            body = raw.get("BuildVersionInfo", raw)
-            self._version = Version(int(body.get("Major") or 0), int(str(body.get("Minor") or 0).rstrip("+")),
-                                    body.get("GitVersion", ""))
-        return self._version
+        with self._version_lock:
+            if self._version is None:
+                raw = self._request("GET", "/api/v1/agent/version")
+                body = raw.get("BuildVersionInfo", raw)
+                self._version = Version(int(body.get("Major") or 0), int(str(body.get("Minor") or 0).rstrip("+")),
+                                        body.get("GitVersion", ""))
+            return self._version
 
     # ------------------------------------------------------------------ jobs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import re
 import sys
 import threading
 from collections import Counter
@@ -39,19 +40,31 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 class CallCounter:
-    """Requests sent, by service (AWS retries included): what a job costs in calls. /health shows them."""
+    """Requests sent, by service and by operation (AWS retries included): what a job costs in calls.
+    /health shows both."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.by_operation: Counter[str] = Counter()
 
-    def __call__(self, service: str) -> None:
+    def __call__(self, service: str, operation: str = "") -> None:
         with self._lock:
             self.counts[service] += 1
+            self.by_operation[f"{service} {operation}".strip()] += 1
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
+
+    def operations(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.by_operation)
+
+
+def bacalhau_route(request) -> str:
+    """`GET /api/v1/orchestrator/jobs/{id}/executions`: the route, without ids, for counting."""
+    return request.method + " " + re.sub(r"/(jobs|nodes)/[^/]+", r"/\1/{id}", request.url.path)
 
 
 def aws_client(settings: Settings, service: str, calls: CallCounter | None = None):
@@ -62,7 +75,8 @@ def aws_client(settings: Settings, service: str, calls: CallCounter | None = Non
     config = Config(signature_version="s3v4") if service == "s3" else None
     client = boto3.client(service, endpoint_url=settings.aws_endpoint, region_name=settings.region or "us-east-1", config=config)
     if calls is not None:
-        client.meta.events.register("before-send", lambda **_: calls(service))  # per client: counts its own requests
+        client.meta.events.register(  # per client: counts its own requests
+            "before-send", lambda event_name, **_: calls(service, event_name.rsplit(".", 1)[-1]))
     return client
 
 
@@ -112,7 +126,11 @@ class Backends:
         from .executors.bacalhau import BacalhauExecutor
         from .executors.sagemaker import SageMakerExecutor
 
-        client = BacalhauClient.from_settings(self.settings, on_request=lambda _: self.calls("bacalhau"))
+        settings = self.settings
+        if settings.bacalhau_api_key_secret and not settings.bacalhau_api_key:
+            key = self.client("secretsmanager").get_secret_value(SecretId=settings.bacalhau_api_key_secret)["SecretString"]
+            settings = settings.model_copy(update={"bacalhau_api_key": key})
+        client = BacalhauClient.from_settings(settings, on_request=lambda request: self.calls("bacalhau", bacalhau_route(request)))
         executors = {"bacalhau": BacalhauExecutor(client, self.settings)}
         if self.settings.state_machine_arn:
             executors["sagemaker"] = SageMakerExecutor(self.client("stepfunctions"), self.client("sagemaker"), self.settings)
@@ -146,4 +164,5 @@ def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
     watchers = [e.watcher.stop for e in executors.values() if hasattr(e, "watcher")]
     return Daemon(lifecycle, backends.source(), scheduler, intake_workers=settings.intake_workers,
                   sweep_seconds=settings.cancel_check_seconds, recover_days=settings.recover_days, folder_lock=lock,
-                  calls=backends.calls.snapshot, on_stop=watchers)
+                  calls=backends.calls.snapshot,
+                  operations=backends.calls.operations, on_stop=watchers)

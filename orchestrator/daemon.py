@@ -112,6 +112,7 @@ class Daemon:
     recover_days: int = 14
     folder_lock: Any = None  # embedded mode: the open lock file that keeps a second daemon off the folder
     calls: Callable[[], dict[str, int]] = dict  # requests sent so far, by service (backends.CallCounter)
+    operations: Callable[[], dict[str, int]] = dict  # the same by operation ("s3 GetObject", "bacalhau PUT /api/v1/...")
     on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self):
@@ -234,7 +235,8 @@ class Daemon:
             def do_GET(self):  # noqa: N802
                 body = json.dumps({"status": "stopping" if daemon._stopping.is_set() else "ok",
                                    "inflight": len(daemon.lifecycle.flights), "queued": len(daemon.lifecycle.slots.waiting),
-                                   **daemon.stats, "calls": daemon.calls()}).encode()
+                                   **daemon.stats, "calls": daemon.calls(),
+                                   "operations": daemon.operations()}).encode()
                 self.send_response(200 if self.path == "/health" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()

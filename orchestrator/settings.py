@@ -91,6 +91,8 @@ class Settings(StrictModel):
     bacalhau_ca_cert: str | None = Field(None, description="A CA bundle for the API's certificate.")
     bacalhau_insecure: bool = Field(False, description="Skip the certificate check (never in production).")
     bacalhau_api_key: str | None = Field(None, repr=False, description="Bearer token (an API key user).")
+    bacalhau_api_key_secret: str | None = Field(None, description="A Secrets Manager secret holding the API key "
+                                                "(what the CDK host stack sets); read at start.")
     bacalhau_username: str | None = None
     bacalhau_password: str | None = Field(None, repr=False)
     # ---------------------------------------------------------------- the daemon

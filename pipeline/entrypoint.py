@@ -23,6 +23,8 @@ stages), else `/opt/ml/model`; the exports are copied to `/opt/ml/model`. On fai
 to `/opt/ml/output/failure`, which SageMaker shows as the job's FailureReason.
 
 Every failure also leaves `error.json` in the output folder with the stage, message and exit code.
+In the image the work runs as the unprivileged `codsplat` user (pipeline/privileges.py says why the
+image starts as root and how it stops being root).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .config import build_config, load_pipeline_config
 from .contract import (ARCHIVE_SUFFIXES, ERROR_FILE, IMAGE_SUFFIXES, METRICS, STAGES, VIDEO_SUFFIXES, decode_settings,
                        outcome_line, run_summary)
 from .errors import EXIT_INTERNAL, InputError, PipelineError
+from .privileges import drop_privileges
 from .run import STAGE_CHOICES, run_pipeline, stages_for
 
 SM_ROOT_ENV = "CODSPLAT_SAGEMAKER_ROOT"  # lets tests point SageMaker mode at a folder of their own
@@ -100,6 +103,7 @@ def _write_error(out: Path, exc: PipelineError) -> None:
 def bacalhau(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
+        drop_privileges([out])
         stages = stages_for(args.stage)
         if args.settings is not None:
             config = build_config(decode_settings(args.settings, "--settings"), args.preset)
@@ -128,6 +132,7 @@ def sagemaker(root: Path) -> int:
     failure = root / "output" / "failure"
     model = root / "model"
     try:
+        drop_privileges([model, failure.parent, root / "checkpoints"])
         hp_path = root / "input" / "config" / "hyperparameters.json"
         hp = json.loads(hp_path.read_text()) if hp_path.is_file() else {}
         unknown = set(hp) - {"preset", "stage", "settings"}

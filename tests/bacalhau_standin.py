@@ -56,7 +56,6 @@ import base64
 import itertools
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -342,6 +341,9 @@ class Orchestrator:
                       "peak_running": 0}
 
     def set_knobs(self, values: dict) -> dict:
+        unknown = set(values) - set(self.knobs) - {"nodes"}
+        if unknown:  # a misspelt knob would otherwise leave a test running something it did not mean to
+            raise ValueError(f"unknown knobs {sorted(unknown)}; known: {sorted(self.knobs)} and nodes")
         with self.changed:
             if "nodes" in values:
                 self.nodes = [ComputeNode.from_spec({**G5_XLARGE, **spec}) for spec in values.pop("nodes")]
@@ -744,7 +746,10 @@ def build_app(orch: Orchestrator) -> Starlette:
                              "GitCommit": "standin", "BuildDate": "2026-01-01T00:00:00Z", "GOOS": "linux", "GOARCH": "amd64"})
 
     async def knobs(request: Request):
-        return JSONResponse(orch.set_knobs(await request.json()))
+        try:
+            return JSONResponse(orch.set_knobs(await request.json()))
+        except ValueError as exc:
+            return error(400, str(exc), "BadRequest")
 
     async def logs(ws: WebSocket):
         await ws.accept()

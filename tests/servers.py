@@ -34,6 +34,12 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
+    def knobs(self, headers: dict | None = None, **values) -> dict:
+        """Turn the stand-in's test knobs (an unknown knob is refused); returns them with its counters."""
+        response = httpx.post(f"{self.url}/standin/knobs", json=values, headers=headers)
+        response.raise_for_status()
+        return response.json()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)

@@ -10,10 +10,14 @@ import time
 from pathlib import Path
 
 import boto3
-import httpx
 import pytest
 
-from codsplat.aws.app import synth
+import yaml
+from aws_cdk import App, Stack
+from aws_cdk import aws_s3 as s3
+
+from codsplat.aws import bacalhau
+from codsplat.aws.app import synth, validate
 from codsplat.aws.base import TEMPORARY_PREFIXES
 from codsplat.orchestrator.backends import build_daemon
 from codsplat.orchestrator.executors.sagemaker import ASL_PATH
@@ -23,12 +27,14 @@ from codsplat.orchestrator.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS_VENV = ROOT / ".venv-checks" / "bin"
+SHA256 = "3" * 64  # a release checksum; user data must carry it to sha256sum -c
 
 
 @pytest.fixture(scope="module")
 def assembly(tmp_path_factory):
     out = tmp_path_factory.mktemp("cdk.out")
-    synth(out, {"emails": "ops@example.com,artist@example.com", "gpu_nodes": 1, "console_origins": "https://console.example.com"})  # raises on any unacknowledged finding
+    synth(out, {"emails": "ops@example.com,artist@example.com", "gpu_nodes": 1, "bacalhau_sha256": SHA256,
+                "console_origins": "https://console.example.com"})  # raises on any unacknowledged finding
     templates = {p.name.split(".")[0]: json.loads(p.read_text()) for p in out.glob("*.template.json")}
     return out, templates
 
@@ -40,8 +46,24 @@ def resources(template, kind):
 def test_every_stack_synthesizes_offline_with_every_nag_finding_acknowledged(assembly):
     out, templates = assembly
     assert set(templates) == {"CodsplatBase", "CodsplatOrchestrator", "CodsplatGpuNodes"}
-    report = out / "validation-report.json"
-    assert not report.exists() or not any(r["violations"] for r in json.loads(report.read_text())["pluginReports"])
+    report = json.loads((out / "validation-report.json").read_text())  # written whenever the plugin ran
+    assert not any(r["violations"] for r in report["pluginReports"])
+
+
+def test_an_unacknowledged_finding_fails_synthesis(tmp_path):
+    """The same plugin the app adds, on a bucket with none of the data bucket's protections."""
+    app = App(outdir=str(tmp_path))
+    s3.Bucket(Stack(app, "Careless"), "Open")
+    validate(app)
+    with pytest.raises(RuntimeError, match="ValidationFailed"):
+        app.synth()
+    findings = json.loads((tmp_path / "validation-report.json").read_text())["pluginReports"]
+    assert {v["ruleName"] for r in findings for v in r["violations"]} >= {"AwsSolutions-S1", "AwsSolutions-S10"}
+
+
+def test_deploying_without_the_bacalhau_checksum_is_refused_with_guidance(tmp_path):
+    with pytest.raises(SystemExit, match=r"bacalhau_sha256=<64 hex digits>.*releases/download/v\d"):
+        synth(tmp_path, {"bacalhau_sha256": "latest"})
 
 
 def test_cfn_lint_reports_no_errors(assembly):
@@ -146,29 +168,100 @@ def test_the_state_machine_is_the_asl_file_the_daemon_tests_execute(assembly):
     assert props["LoggingConfiguration"]["Level"] == "ALL"
 
 
+def user_data(template) -> str:
+    [launch] = resources(template, "AWS::EC2::LaunchTemplate").values()
+    data = launch["Properties"]["LaunchTemplateData"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required" and "KeyName" not in data
+    return json.dumps(data["UserData"])
+
+
 def test_the_repository_and_the_host(assembly):
     _, templates = assembly
     [repo] = resources(templates["CodsplatBase"], "AWS::ECR::Repository").values()
     assert repo["Properties"]["ImageTagMutability"] == "IMMUTABLE"
     assert repo["Properties"]["ImageScanningConfiguration"] == {"ScanOnPush": True}
     host = templates["CodsplatOrchestrator"]
-    for group in resources(host, "AWS::EC2::SecurityGroup").values():
-        assert "SecurityGroupIngress" not in group["Properties"], "reached through SSM Session Manager only"
-    [template] = resources(host, "AWS::EC2::LaunchTemplate").values()
-    data = template["Properties"]["LaunchTemplateData"]
-    assert data["MetadataOptions"]["HttpTokens"] == "required" and "KeyName" not in data
-    user_data = json.dumps(data["UserData"])
+    text = user_data(host)
     unit = (ROOT / "orchestrator" / "codsplat-daemon.service").read_text()
     assert f"CODSPLAT_SSM_PATH={SSM_PATH}" in unit
-    assert all(json.dumps(line)[1:-1] in user_data for line in unit.splitlines() if line)  # the repo's unit, as is
+    assert all(json.dumps(line)[1:-1] in text for line in unit.splitlines() if line)  # the repo's unit, as is
 
 
-def test_the_daemon_reads_its_settings_from_the_parameters_the_stack_writes(assembly, moto_server, standin, monkeypatch):
-    """Deploy the base stack's wiring into moto (boto3 provisioning, the same names the docs use for
-    local runs), write the stack's SSM parameters with those values, then run a job through a daemon
-    whose settings come only from SSM, as on the EC2 host."""
+def test_the_network_reaches_the_orchestrator_only_from_gpu_nodes(assembly):
+    """Both groups have no inline ingress; the one ingress rule in the app opens Bacalhau's node port
+    on the host to the node security group, nothing to an address range."""
     _, templates = assembly
-    base = templates["CodsplatBase"]
+    host = templates["CodsplatOrchestrator"]
+    groups = resources(host, "AWS::EC2::SecurityGroup")
+    assert all("SecurityGroupIngress" not in g["Properties"] for t in templates.values()
+               for g in resources(t, "AWS::EC2::SecurityGroup").values())
+    [rule] = [r["Properties"] for t in templates.values() for r in resources(t, "AWS::EC2::SecurityGroupIngress").values()]
+    node_sg = next(k for k, g in groups.items() if g["Properties"]["GroupDescription"].startswith("codsplat GPU nodes"))
+    host_sg = next(k for k in groups if k != node_sg)
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", bacalhau.ORCHESTRATOR_PORT, bacalhau.ORCHESTRATOR_PORT)
+    assert rule["SourceSecurityGroupId"] == {"Fn::GetAtt": [node_sg, "GroupId"]}
+    assert rule["GroupId"] == {"Fn::GetAtt": [host_sg, "GroupId"]} and "CidrIp" not in rule
+    [launch] = resources(templates["CodsplatGpuNodes"], "AWS::EC2::LaunchTemplate").values()
+    assert "CodsplatOrchestrator:ExportsOutputFnGetAttNodeSecurityGroup" in json.dumps(
+        launch["Properties"]["LaunchTemplateData"]["SecurityGroupIds"])
+
+
+def test_instances_install_a_checksummed_bacalhau_and_hold_secrets_by_reference(assembly):
+    _, templates = assembly
+    secrets = resources(templates["CodsplatOrchestrator"], "AWS::SecretsManager::Secret")
+    assert len(secrets) == 2 and all(s["Properties"]["GenerateSecretString"]["PasswordLength"] >= 32
+                                     and s["Properties"]["KmsKeyId"] for s in secrets.values())
+    for name in ("CodsplatOrchestrator", "CodsplatGpuNodes"):
+        text = user_data(templates[name])
+        assert f"echo '{SHA256}  /tmp/bacalhau.tgz' | sha256sum -c -" in text
+        assert bacalhau.release_url(bacalhau.BACALHAU_VERSION) in text
+        assert not re.search(r"\|\s*(sudo\s+)?(ba)?sh\b", text), "nothing piped into a shell"
+        assert "secretsmanager get-secret-value" in text and "GenerateSecretString" not in text
+        readers = [s for t in templates.values() for p in resources(t, "AWS::IAM::Policy").values()
+                   for s in p["Properties"]["PolicyDocument"]["Statement"] if "secretsmanager:GetSecretValue" in s["Action"]]
+        assert readers and all("*" not in json.dumps(s["Resource"]) for s in readers)
+    host, gpu = user_data(templates["CodsplatOrchestrator"]), user_data(templates["CodsplatGpuNodes"])
+    assert "bacalhau-orchestrator" in host and "route53 change-resource-record-sets" in host
+    assert "codsplat-image-sync.timer" in gpu and f"{SSM_PATH}/image" in gpu and "bacalhau-compute" in gpu
+    parameters = {p["Properties"]["Name"]: p["Properties"]["Value"]
+                  for p in resources(templates["CodsplatOrchestrator"], "AWS::SSM::Parameter").values()}
+    assert parameters[f"{SSM_PATH}/bacalhau_host"] == "127.0.0.1"
+    assert parameters[f"{SSM_PATH}/bacalhau_api_key_secret"]["Ref"] in secrets
+
+
+def config(lines: list[str], **values: str) -> dict:
+    """The YAML a user-data config heredoc writes, with the shell variables it expands."""
+    start = next(i for i, line in enumerate(lines) if line.endswith("<<CONFIG"))
+    body = "\n".join(lines[start + 1:lines.index("CONFIG", start)])
+    for name, value in values.items():
+        body = body.replace(f"${name}", value)
+    assert "$" not in body
+    return yaml.safe_load(body)
+
+
+def test_the_bacalhau_configs_use_upstream_keys():
+    """Keys as pkg/config/types/{api,auth,orchestrator,compute}.go spell them (v1.7.0+ for API users);
+    capabilities as pkg/authz/capabilities.go names them."""
+    orchestrator = config(bacalhau.orchestrator("arn:token", "arn:key", "us-east-1"), NODE_TOKEN="t0k", API_KEY="k3y")
+    assert orchestrator["API"]["Host"] == "127.0.0.1" and orchestrator["API"]["Port"] == bacalhau.API_PORT
+    [user] = orchestrator["API"]["Auth"]["Users"]
+    assert user["APIKey"] == "k3y" and user["Capabilities"] == [{"Actions": ["read:job", "write:job", "read:node"]}]
+    assert orchestrator["Orchestrator"] == {"Enabled": True, "Port": bacalhau.ORCHESTRATOR_PORT, "Auth": {"Token": "t0k"}}
+    compute = config(bacalhau.compute("arn:token", "us-east-1", {"codsplat": "gpu"}), NODE_TOKEN="t0k")
+    assert compute["Compute"]["Orchestrators"] == [f"nats://{bacalhau.ORCHESTRATOR_NAME}:{bacalhau.ORCHESTRATOR_PORT}"]
+    assert compute["Compute"]["Auth"] == {"Token": "t0k"} and compute["Compute"]["AllowListedLocalPaths"] == []
+    assert compute["Labels"] == {"codsplat": "gpu"}
+
+
+def test_the_daemon_reads_its_settings_from_the_parameters_the_stack_writes(assembly, moto_server, monkeypatch):
+    """Deploy the base stack's wiring into moto (boto3 provisioning, the same names the docs use for
+    local runs), write the stacks' SSM parameters with those values, then run a job through a daemon
+    whose settings come only from SSM, as on the EC2 host: its Bacalhau API key is read from the
+    Secrets Manager secret the host stack's parameter names, and a stand-in that requires it runs the job."""
+    from servers import start_standin
+
+    _, templates = assembly
+    base, host = templates["CodsplatBase"], templates["CodsplatOrchestrator"]
     prefix = f"stk{int(time.time() * 1000) % 10**8}"
     names = provision(boto3.Session(), prefix, endpoint=moto_server.url)
     by_type = {"AWS::S3::Bucket": names["bucket"], "AWS::SQS::Queue": names["queue_url"], "AWS::DynamoDB::Table": names["table"],
@@ -176,34 +269,41 @@ def test_the_daemon_reads_its_settings_from_the_parameters_the_stack_writes(asse
                "AWS::ECR::Repository": "codsplat"}
     pseudo = {"AWS::Region": "us-east-1", "AWS::AccountId": "123456789012", "AWS::URLSuffix": "amazonaws.com"}
 
-    def value(node):  # what CloudFormation would put in the parameter, with the provisioned resources
+    api_key = "k" * 48
+    secrets = boto3.client("secretsmanager", endpoint_url=moto_server.url, region_name="us-east-1")
+    by_type["AWS::SecretsManager::Secret"] = secrets.create_secret(Name=f"{prefix}-api-key", SecretString=api_key)["ARN"]
+
+    def value(node, template):  # what CloudFormation would put in the parameter, with the provisioned resources
         if isinstance(node, str):
             return node
         if "Ref" in node:
-            return pseudo.get(node["Ref"]) or by_type[base["Resources"][node["Ref"]]["Type"]]
+            return pseudo.get(node["Ref"]) or by_type[template["Resources"][node["Ref"]]["Type"]]
         if "Fn::Join" in node:
-            return node["Fn::Join"][0].join(value(p) for p in node["Fn::Join"][1])
+            return node["Fn::Join"][0].join(value(p, template) for p in node["Fn::Join"][1])
         if "Fn::Select" in node or "Fn::Split" in node or "Fn::GetAtt" in node:
             return "123456789012.dkr.ecr.us-east-1.amazonaws.com/codsplat"
         raise AssertionError(node)
 
     ssm = boto3.client("ssm", endpoint_url=moto_server.url, region_name="us-east-1")
     path = f"/{prefix}{SSM_PATH}"
-    for param in resources(base, "AWS::SSM::Parameter").values():
-        key = param["Properties"]["Name"].removeprefix(SSM_PATH + "/")
-        assert key in Settings.model_fields, f"{key} is not a daemon setting"
-        ssm.put_parameter(Name=f"{path}/{key}", Value=value(param["Properties"]["Value"]), Type="String")
+    for template in (base, host):
+        for param in resources(template, "AWS::SSM::Parameter").values():
+            key = param["Properties"]["Name"].removeprefix(SSM_PATH + "/")
+            assert key in Settings.model_fields, f"{key} is not a daemon setting"
+            ssm.put_parameter(Name=f"{path}/{key}", Value=value(param["Properties"]["Value"], template), Type="String")
     monkeypatch.setenv("CODSPLAT_AWS_ENDPOINT", moto_server.url)
     settings = load_settings(env={"CODSPLAT_SSM_PATH": path}, ssm_client=ssm)
     assert (settings.bucket, settings.queue_url, settings.table, settings.topic_arn) == (
         names["bucket"], names["queue_url"], names["table"], names["topic_arn"])
     assert settings.state_machine_arn == names["state_machine_arn"] and settings.image.endswith(":latest")
+    assert settings.bacalhau_host == "127.0.0.1" and settings.bacalhau_api_key is None
+    assert settings.bacalhau_api_key_secret == by_type["AWS::SecretsManager::Secret"]
 
+    standin = start_standin(moto_server.url, api_key=api_key)
     fast = "codsplat-fast:stack"
-    httpx.post(f"{standin.url}/standin/knobs", json={"images": {fast: str(ROOT / "benchmarks" / "fast_image")}})
-    monkeypatch.setenv("BACALHAU_API_HOST", "127.0.0.1")
-    monkeypatch.setenv("BACALHAU_API_PORT", standin.url.rsplit(":", 1)[1])
+    standin.knobs(headers={"Authorization": f"Bearer {api_key}"}, nodes=[{"images": {fast: str(ROOT / "benchmarks" / "fast_image")}}])
     settings = settings.model_copy(update={"image": fast, "aws_endpoint": moto_server.url, "s3_endpoint": moto_server.url,
+                                           "bacalhau_port": int(standin.url.rsplit(":", 1)[1]),
                                            "queue_wait_seconds": 1, "bacalhau_poll_seconds": 0.1})
     s3 = boto3.client("s3", endpoint_url=moto_server.url, region_name="us-east-1")
     s3.put_object(Bucket=names["bucket"], Key="uploads/stack/clip.mp4", Body=b"\0" * 64)
@@ -219,6 +319,7 @@ def test_the_daemon_reads_its_settings_from_the_parameters_the_stack_writes(asse
     finally:
         daemon.stop()
         thread.join(timeout=60)
+        standin.stop()
     record = daemon.store.get("first")
     assert record.state == "SUCCEEDED" and record.backend == "bacalhau"
     assert s3.head_object(Bucket=names["bucket"], Key="results/first/export/splat.ply")

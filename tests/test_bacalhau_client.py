@@ -190,5 +190,5 @@ def test_translated_specs_are_valid_and_use_only_api_keys(standin):
         for source in task["InputSources"]:
             assert set(source) <= defs["models.InputSource"]
     with BacalhauClient(standin.url) as client:
-        httpx.post(f"{standin.url}/standin/knobs", json={"hold": True})  # accept, but do not run
+        standin.knobs(hold=True)  # accept, but do not run
         assert client.submit(translate_all(job, Settings())[0]).job_id.startswith("j-")

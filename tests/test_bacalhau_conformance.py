@@ -95,7 +95,7 @@ def test_a_system_error_fails_the_execution_and_the_orchestrator_places_it_again
     pkg/node/requester.go (FixedStrategy ShouldRetry) + ranking/previous_executions.go: the
     orchestrator places it again; a node that ran the job twice is unsuitable, so with one node the
     second failure fails the job (QueueTimeout 0)."""
-    httpx.post(f"{standin.url}/standin/knobs", json={"oom_next": 1})
+    standin.knobs(oom_next=1)
     body = finished(standin.url, submit(standin.url, job("print('ok')", "oom-once")))
     first, second = body["Executions"]["Items"]
     assert first["ComputeState"]["StateType"] == 10 and first["ComputeState"]["Message"] == "memory limit exceeded"
@@ -103,7 +103,7 @@ def test_a_system_error_fails_the_execution_and_the_orchestrator_places_it_again
     assert second["NodeID"] == first["NodeID"] and second["RunOutput"]["ExitCode"] == 0
     assert body["Job"]["State"]["StateType"] == "Completed"
 
-    httpx.post(f"{standin.url}/standin/knobs", json={"crash_next": 2})
+    standin.knobs(crash_next=2)
     body = finished(standin.url, submit(standin.url, job("print('ok')", "crash-twice")))
     assert [e["ComputeState"]["StateType"] for e in body["Executions"]["Items"]] == [10, 10]
     assert body["Job"]["State"]["StateType"] == "Failed"
@@ -114,7 +114,7 @@ def test_an_image_the_node_does_not_hold_is_pulled_only_without_a_private_regist
     """pkg/docker/docker.go PullImage (a held image is never pulled) and getAuthToken (credentials
     only from DOCKER_USERNAME/PASSWORD, only for names with fewer than two slashes): a private
     registry image the node does not hold fails to pull, a system error."""
-    httpx.post(f"{standin.url}/standin/knobs", json={"nodes": [{"images": {"codsplat:held": None}}]})
+    standin.knobs(nodes=[{"images": {"codsplat:held": None}}])
     ok = finished(standin.url, submit(standin.url, job("print('hi')", "held", image="codsplat:held")))
     assert ok["Job"]["State"]["StateType"] == "Completed"
     body = finished(standin.url, submit(standin.url, job("print('hi')", "private",
@@ -152,7 +152,7 @@ def test_a_task_that_fits_no_node_waits_until_its_queue_timeout(standin):
     # a node that can hold it joins before the timeout: the job is placed there and runs
     job_id = submit(standin.url, job("print(1)", "big-join", resources=big, queue_timeout=30))
     time.sleep(0.5)
-    httpx.post(f"{standin.url}/standin/knobs", json={"nodes": [{}, {"id": "n-big", "cpu": 16, "memory_gib": 64, "gpus": []}]})
+    standin.knobs(nodes=[{}, {"id": "n-big", "cpu": 16, "memory_gib": 64, "gpus": []}])
     body = finished(standin.url, job_id)
     assert body["Job"]["State"]["StateType"] == "Completed" and body["Executions"]["Items"][0]["NodeID"] == "n-big"
 

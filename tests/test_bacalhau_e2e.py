@@ -38,8 +38,7 @@ def labelled(standin, job_id):
 
 
 def fast_node(standin, **env):
-    httpx.post(f"{standin.url}/standin/knobs",
-               json={"nodes": [{"images": {FAST: str(ROOT / "benchmarks" / "fast_image")}}], "env": env})
+    standin.knobs(nodes=[{"images": {FAST: str(ROOT / "benchmarks" / "fast_image")}}], env=env)
 
 
 def test_split_job_stages_read_what_bacalhau_published_and_the_splat_lands_at_the_output(tmp_path, s3, moto_server,
@@ -64,7 +63,7 @@ def test_split_job_stages_read_what_bacalhau_published_and_the_splat_lands_at_th
 
 def test_a_crash_that_bacalhau_retries_itself_counts_as_an_execution(tmp_path, s3, moto_server, standin):
     fast_node(standin)
-    httpx.post(f"{standin.url}/standin/knobs", json={"crash_next": 1})
+    standin.knobs(crash_next=1)
     s3.put_object(Bucket="codsplat-data", Key="uploads/e2e/scan.mp4", Body=b"\0")
     proc = codsplat("submit", job_file(tmp_path, "e2e-recrash"), "--poll", "0.1",
                     env=env_for(moto_server, standin, CODSPLAT_IMAGE=FAST))

@@ -142,9 +142,8 @@ def run_until_mail(aws, settings, job, key, timeout=120):
 
 
 def test_no_gpu_node_hands_the_job_to_sagemaker(aws, standin, sample_video):
-    import httpx
 
-    httpx.post(f"{standin.url}/standin/knobs", json={"nodes": [{"gpus": []}]})  # a node with no GPU
+    standin.knobs(nodes=[{"gpus": []}])  # a node with no GPU
     aws["s3"].upload_file(str(sample_video), aws["bucket"], "uploads/u/fallback.mp4")
     job = {"version": 1, "input": "uploads/u/fallback.mp4", "notify": {"email": ["u@example.com"]}}
     daemon, received = run_until_mail(aws, fallback_settings(aws), job, "jobs/u/fallback.json")
@@ -193,12 +192,11 @@ def test_many_jobs_at_once_each_run_once_within_the_bound(aws, standin):
     """A burst of uploads (each event delivered twice) against fast jobs: every job ends SUCCEEDED with one
     Bacalhau submission and one message, and the node never runs more than `concurrency` at once.
     The 1,000-job figures (jobs/s, latency, RSS) are in benchmarks/results/daemon_load.json."""
-    import httpx
 
     from codsplat.orchestrator.bacalhau import BacalhauClient
 
     fast = "codsplat-fast:test"
-    httpx.post(f"{standin.url}/standin/knobs", json={"nodes": [{"images": {fast: str(ROOT / "benchmarks" / "fast_image")}}]})
+    standin.knobs(nodes=[{"images": {fast: str(ROOT / "benchmarks" / "fast_image")}}])
     s3, bucket, jobs = aws["s3"], aws["bucket"], 60
     s3.put_object(Bucket=bucket, Key="uploads/burst/clip.mp4", Body=b"\0" * 1024)
     settings = aws["settings"].model_copy(update={"image": fast, "concurrency": 3, "bacalhau_poll_seconds": 0.1,
@@ -233,7 +231,7 @@ def test_many_jobs_at_once_each_run_once_within_the_bound(aws, standin):
         submitted = [j.labels["codsplat-job"] for j in client.list_jobs(limit=500)]
     assert sorted(submitted) == sorted(r.job_id for r in records), "each job submitted exactly once"
     assert sorted(m["MessageAttributes"]["job_id"]["Value"] for m in messages) == sorted(r.job_id for r in records)
-    peak = httpx.post(f"{standin.url}/standin/knobs", json={}).json()["peak_running"]
+    peak = standin.knobs()["peak_running"]
     assert 1 <= peak <= 3
     assert daemon.stats["created"] == jobs and daemon.stats["duplicates"] >= jobs
     # what the daemon sent, counted at its clients, against the figures docs/daemon.md gives per job
@@ -245,7 +243,14 @@ def test_many_jobs_at_once_each_run_once_within_the_bound(aws, standin):
     # queries of the start's recovery and two per cancel sweep
     assert calls["dynamodb"] - 2 * sweeps - 7 <= 5 * jobs
     assert calls["sqs"] <= jobs  # receives and deletes, ten messages a call
-    assert calls["bacalhau"] - polls <= 3 * jobs  # the node list (shared within a poll), submit, executions
+    ops = {k.removeprefix("bacalhau "): v for k, v in daemon.operations().items() if k.startswith("bacalhau ")}
+    assert ops.pop("PUT /api/v1/orchestrator/jobs") == jobs, ops  # each submitted once
+    assert ops.pop("GET /api/v1/orchestrator/jobs/{id}/executions") <= jobs, ops  # read once, when it ends
+    assert ops.pop("GET /api/v1/orchestrator/nodes") <= jobs, ops  # before a submit; shared within a poll
+    assert ops.pop("GET /api/v1/orchestrator/jobs") <= polls + polls // 60 + 1, ops  # the shared poll, its reconciles
+    assert ops.pop("GET /api/v1/agent/version") == 1, ops  # read once: it maps execution state numbers
+    assert ops.pop("GET /api/v1/orchestrator/jobs/{id}", 0) <= 1 + polls // 60 * 3, ops  # the watcher's start mark
+    assert ops == {}, ops  # nothing else, per job or at all
 
 
 OUTCOMES = {  # name: (media, extra settings, exit code, kind, words of the worker's own sentence)
@@ -311,10 +316,8 @@ def test_the_same_job_ends_the_same_way_through_run_submit_and_the_daemon(aws, s
 
 
 def fast(aws, standin, **knobs):
-    import httpx
 
-    httpx.post(f"{standin.url}/standin/knobs",
-               json={"nodes": [{"images": {"codsplat-fast:test": str(ROOT / "benchmarks" / "fast_image")}}], **knobs})
+    standin.knobs(nodes=[{"images": {"codsplat-fast:test": str(ROOT / "benchmarks" / "fast_image")}}], **knobs)
     aws["s3"].put_object(Bucket=aws["bucket"], Key="uploads/u/clip.mp4", Body=b"\0")
     return aws["settings"].model_copy(update={"image": "codsplat-fast:test", "bacalhau_poll_seconds": 0.1})
 
@@ -364,7 +367,6 @@ def test_a_cancel_stops_the_running_bacalhau_job_and_ends_the_record_cancelled(a
 
 
 def test_a_restarted_daemon_follows_the_bacalhau_job_it_had_sent_and_sends_nothing_again(aws, standin):
-    import httpx
 
     settings = fast(aws, standin, hold=True)
     daemon, thread = serve(settings)
@@ -373,7 +375,7 @@ def test_a_restarted_daemon_follows_the_bacalhau_job_it_had_sent_and_sends_nothi
     daemon.stop()  # stopped while its job runs on Bacalhau
     thread.join(timeout=60)
     assert daemon.store.get("across").state == "RUNNING"
-    httpx.post(f"{standin.url}/standin/knobs", json={"hold": False})
+    standin.knobs(hold=False)
     until(lambda: bacalhau_jobs(standin, "across")[0]["State"]["StateType"] == "Completed")  # it ended while no daemon ran
     daemon, thread = serve(settings)
     try:

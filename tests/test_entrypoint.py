@@ -72,3 +72,79 @@ def test_sagemaker_failure_reason_file(tmp_path):
     proc = entrypoint("train", env=env)
     assert proc.returncode == 2
     assert "train.steps: must be ≥ 100, got 5" in (root / "output" / "failure").read_text()
+
+
+def test_the_worker_hands_its_output_folders_to_the_image_user_and_drops_root(monkeypatch):
+    """As the image starts (root, CODSPLAT_RUN_AS set), in a forked child: the platform's root-owned
+    result folder and a checkpoint synced in as root become the user's, a planted link is not
+    followed, and afterwards the process holds no root: not its uid, gid or groups, and a root-owned
+    file cannot be written. Not root (a developer's machine): nothing changes."""
+    import os
+    import pwd
+    import tempfile
+    from pathlib import Path
+
+    from codsplat.pipeline.privileges import RUN_AS_ENV, drop_privileges
+
+    user = pwd.getpwnam("nobody")
+    tmp_path = Path(tempfile.mkdtemp(prefix="codsplat-drop-"))  # pytest's own is 0700: the user could not reach it
+    monkeypatch.chdir(tmp_path)
+    out, checkpoints, outside = tmp_path / "outputs", tmp_path / "checkpoints", tmp_path / "outside"
+    for folder in (out, checkpoints / "sfm", outside):
+        folder.mkdir(parents=True)
+    (checkpoints / "sfm" / "manifest.json").write_text("{}")
+    (outside / "secret").write_text("root's")
+    (checkpoints / "link").symlink_to(outside / "secret")
+    monkeypatch.setenv(RUN_AS_ENV, "nobody")
+    if os.geteuid() != 0:
+        drop_privileges([out])
+        assert os.getuid() != user.pw_uid and out.stat().st_uid == os.getuid()
+        return
+    os.chmod(tmp_path, 0o755)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reports what it saw through the pipe
+        try:
+            os.setgroups([0, 4])  # a container's root holds groups besides its own
+            drop_privileges([out, checkpoints, tmp_path / "absent"])
+            (out / "result").write_text("ok")
+            try:
+                (outside / "secret").write_text("changed")
+                seen = "wrote a root-owned file"
+            except PermissionError:
+                seen = repr((os.getuid(), os.getgid(), os.getgroups()))
+        except BaseException as exc:  # noqa: BLE001
+            seen = repr(exc)
+        finally:
+            os.write(write, seen.encode())
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 4096).decode() == repr((user.pw_uid, user.pw_gid, []))
+    assert (out / "result").stat().st_uid == user.pw_uid and out.stat().st_uid == user.pw_uid
+    assert (checkpoints / "sfm" / "manifest.json").stat().st_uid == user.pw_uid
+    assert (checkpoints / "link").lstat().st_uid == user.pw_uid and (outside / "secret").stat().st_uid == 0
+    assert (outside / "secret").read_text() == "root's"
+    shutil.rmtree(tmp_path)
+
+
+def test_both_modes_drop_root_before_reading_anything(tmp_path, monkeypatch):
+    """The entrypoint names the folders it writes, and does so first: a failure to drop ends the run."""
+    from codsplat.pipeline import entrypoint as ep
+    from codsplat.pipeline.errors import CannotRun
+
+    asked = []
+
+    def refuse(folders):
+        asked.append(list(folders))
+        raise CannotRun("no such user")
+
+    monkeypatch.setattr(ep, "drop_privileges", refuse)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    args = type("Args", (), {"out": str(out), "stage": "all", "settings": None, "config": None, "preset": None,
+                             "input": str(tmp_path / "nothing-here"), "upstream": []})()
+    assert ep.bacalhau(args) == 6 and json.loads((out / "error.json").read_text())["message"] == "no such user"
+    root = tmp_path / "opt_ml"
+    assert ep.sagemaker(root) == 6 and (root / "output" / "failure").read_text() == "no such user"
+    assert asked == [[out], [root / "model", root / "output", root / "checkpoints"]]

@@ -151,6 +151,7 @@ class Watcher:
         self.client, self.poll_seconds, self.namespace = client, poll_seconds, namespace
         self._tracked: dict[str, Tracked] = {}
         self._lock = threading.Lock()
+        self._first = threading.Lock()  # the first tracks wait for one describe to set the mark
         self._mark: int | None = None  # Bacalhau's own clock: the newest ModifyTime read so far
         self._stop = threading.Event()
         self._endings = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bacalhau-end")
@@ -160,10 +161,16 @@ class Watcher:
     def track(self, bacalhau_id: str, on_end: Callable[[Job], None], check_now: bool = False) -> None:
         """Call `on_end(job)` once the job is terminal. `check_now`: it may have ended already (a
         job found again after a restart, or the first one this watcher follows): describe it once."""
-        if check_now or self._mark is None:
+        if self._mark is None:
+            with self._first:
+                if self._mark is None:
+                    job = self.client.describe(bacalhau_id, executions=False)
+                    self._mark, check_now = job.modify_time - SLACK_NS, False
+                    if job.state.terminal:
+                        self._endings.submit(on_end, job)
+                        return
+        if check_now:
             job = self.client.describe(bacalhau_id, executions=False)
-            if self._mark is None:
-                self._mark = job.modify_time - SLACK_NS
             if job.state.terminal:
                 self._endings.submit(on_end, job)
                 return
