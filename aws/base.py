@@ -27,6 +27,7 @@ from codsplat.orchestrator.executors.sagemaker import ASL_PATH
 from codsplat.orchestrator.provision import DLQ_RETENTION_SECONDS, MAX_RECEIVE_COUNT, QUEUE_VISIBILITY_SECONDS, SSM_PATH
 from codsplat.orchestrator.records import DynamoStore
 from codsplat.orchestrator.settings import Settings
+from codsplat.pipeline.contract import OUTCOME_FILE
 
 from .checks import acknowledge, nag_form, skip_checkov
 
@@ -180,16 +181,32 @@ class BaseStack(Stack):
         role = self.state_machine.role
         self.training_jobs = training_jobs = self.format_arn(service="sagemaker", resource="training-job",
                                                              resource_name=f"{TRAINING_JOB_PREFIX}*")
+        policy = defaults.policy
+        # Only the instance types the deployment's policy lets a job ask for (job.py checks the same list),
+        # network-isolated, and no longer than the policy allows.
         role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:AddTags"],
+            actions=["sagemaker:CreateTrainingJob"], resources=[training_jobs], conditions={
+                "ForAllValues:StringEquals": {"sagemaker:InstanceTypes": list(policy.sagemaker_instance_types)},
+                "Null": {"sagemaker:InstanceTypes": "false"},
+                "Bool": {"sagemaker:NetworkIsolation": "true"},
+                "NumericLessThanEquals": {"sagemaker:MaxRuntimeInSeconds": policy.sagemaker_max_runtime_seconds}}))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob", "sagemaker:AddTags"],
             resources=[training_jobs]))
+        # the worker's outcome line, which the fallback records (results/<id>/outcome.json)
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(f"{defaults.output_prefix}*/{OUTCOME_FILE}")]))
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["iam:PassRole"], resources=[self.sagemaker_role.role_arn],
             conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}))
-        role.add_to_principal_policy(iam.PolicyStatement(actions=["dynamodb:UpdateItem"], resources=[self.table_arn]))
+        role.add_to_principal_policy(iam.PolicyStatement(actions=["dynamodb:UpdateItem", "dynamodb:GetItem"],
+                                                         resources=[self.table_arn]))
         self.notify_topic.grant_publish(role)
         acknowledge(role, f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:training-job/{TRAINING_JOB_PREFIX}*]",
-                    "Training jobs are named per attempt (codsplat-<job id>-sm<n>); the prefix scopes them.", all_policies=True)
+                    "Training jobs are named per attempt (codsplat-<job id>-sm-a<n>); the prefix scopes them.", all_policies=True)
+        outcomes = self.bucket.arn_for_objects(f"{defaults.output_prefix}*/{OUTCOME_FILE}")
+        acknowledge(role, f"AwsSolutions-IAM5[Resource::{nag_form(self, outcomes)}]", "Reads only each job's outcome.json, which the "
+                    "worker writes; job ids are made at run time.", all_policies=True)
         acknowledge(role, "AwsSolutions-IAM5[Resource::*]", "CloudWatch Logs delivery and X-Ray actions of a "
                     "logged, traced state machine support no resource-level permission.", all_policies=True)
         acknowledge(role, "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]", "CDK's grant for publishing to the "

@@ -96,7 +96,7 @@ class Backends:
         else:
             if not self.settings.table:
                 raise InputError("Set the DynamoDB table (table: in the settings, or CODSPLAT_TABLE), or use --embedded DIR.")
-            self.store = DynamoStore(self.settings.table, self.client("dynamodb"))
+            self.store = DynamoStore(self.settings.table, self.client("dynamodb"), self.settings)
             self.blobs = S3Blobs(self.client("s3"), self.settings.bucket)
             self.policy = self.settings.policy
 

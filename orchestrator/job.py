@@ -27,12 +27,11 @@ from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.validation import StrictModel, explain
 
 from .bacalhau import gpu_label
-from .settings import Policy, Settings
+from .settings import SAGEMAKER_GPU_INSTANCES, Policy, Settings
 
 SCHEMA_PATH = JOBSPECS / "job.schema.json"
 JOB_ID = r"^[a-z0-9][a-z0-9-]{2,62}$"
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$")
-SAGEMAKER_GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5")
 # Keys people try that a job may not set: say so plainly instead of "unknown key".
 FORBIDDEN = {
     "image": "the deployment chooses the container image",
@@ -132,10 +131,15 @@ class Compute(StrictModel):
 
     @field_validator("sagemaker_instance_type")
     @classmethod
-    def _instance(cls, value: str) -> str:
-        family = value.split(".")[1]
-        if family not in SAGEMAKER_GPU_FAMILIES:
-            raise ValueError(f"must be a GPU instance ({', '.join(f'ml.{f}.*' for f in SAGEMAKER_GPU_FAMILIES)}), got {json.dumps(value)}")
+    def _instance(cls, value: str, info: ValidationInfo) -> str:
+        policy = _policy(info)
+        allowed = policy.sagemaker_instance_types
+        if value not in allowed:
+            gpus = SAGEMAKER_GPU_INSTANCES.get(value)
+            why = (f"it has {gpus} GPUs and this deployment allows {policy.max_gpus}" if gpus
+                   else "not a SageMaker GPU training instance")
+            raise ValueError(f"must be one of this deployment's SageMaker instances ({', '.join(allowed)}); "
+                             f"got {json.dumps(value)}: {why}")
         return value
 
 

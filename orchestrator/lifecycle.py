@@ -40,14 +40,12 @@ from .events import JobEvent
 from .faults import crashpoint
 from .job import JobDocument, job_id_from_key, parse_job
 from .notify import Notifier, compose
-from .pricing import estimate
 from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, Conflict, InvalidTransition,
-                      JobRecord, Store, change, now)
+                      JobRecord, Store, change, now, success_result)
 from .settings import Policy, Settings
 
 log = logging.getLogger("codsplat.daemon")
 MAX_ERROR_CHARS = 2000
-EXPORT_FILES = ("metrics.json", "report.html", "cameras.json")  # beside the splats in export/
 
 
 @dataclass
@@ -299,14 +297,8 @@ class Lifecycle:
         if not summary or not summary.get("files"):
             return self.fail(flight, "export", "The job ended but its outputs are missing (no export/metrics.json).",
                              "internal", mutate, EXIT_INTERNAL)
-        export = job.output_uri(self.policy).key + "export/"
-        result = {
-            "outputs": [export + f for f in [*summary["files"], *EXPORT_FILES]],
-            "metrics": {k: summary.get(k) for k in ("psnr", "ssim", "gaussians")},
-            "stage_seconds": summary.get("stages") or {}, "device": summary.get("device"),
-            "wall_seconds": round(max(0.0, time.time() - _epoch(flight.record.created_at)), 1),
-            **estimate(summary.get("stages") or {}, summary.get("device"), job.compute.gpus, self.settings),
-        }
+        result = success_result(summary, job.output_uri(self.policy).key + "export/", flight.record.created_at, now(),
+                                job.compute.gpus, self.settings)
         crashpoint("before-succeed")
         claimed = self._end(flight, SUCCEEDED, None, "", lambda r: (mutate(r), setattr(r, "result", result)))
         crashpoint("after-succeed")

@@ -21,6 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
+from codsplat.pipeline.contract import ADVICE, exit_code, parse_failure, parse_outcome
+
+from .pricing import estimate
+from .settings import Settings
+
 RECEIVED, VALIDATED, QUEUED, RUNNING = "RECEIVED", "VALIDATED", "QUEUED", "RUNNING"
 SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -188,20 +193,22 @@ class DynamoStore:
     version and time are top-level attributes for conditions and the index.
     """
 
-    def __init__(self, table: str, client=None, ttl_days: int = 365):
+    def __init__(self, table: str, client=None, settings: Settings | None = None):
         import boto3
 
         self.table = table
         self.client = client or boto3.client("dynamodb")
-        self.ttl_days = ttl_days
+        self.settings = settings or Settings()  # record_days, and the prices of a fallback run's estimate
 
     def _item(self, record: JobRecord) -> dict[str, Any]:
         item = {"job_id": {"S": record.job_id}, "version": {"N": str(record.version)},
                 "state": {"S": record.state}, "updated_at": {"S": record.updated_at}, "body": {"S": record.to_json()}}
         if record.notified_at:
             item["notified_at"] = {"S": record.notified_at}
+        if record.cancel_requested:  # the fallback state machine reads it when its training job stops
+            item["cancel_requested"] = {"BOOL": True}
         if record.terminal:  # old finished records expire by TTL
-            item["expires_at"] = {"N": str(int(time.time()) + self.ttl_days * 86400)}
+            item["expires_at"] = {"N": str(int(time.time()) + self.settings.record_days * 86400)}
         return item
 
     def create(self, record: JobRecord) -> bool:
@@ -220,26 +227,33 @@ class DynamoStore:
         item = self.client.get_item(TableName=self.table, Key={"job_id": {"S": job_id}}, ConsistentRead=True).get("Item")
         return self._record(item) if item else None
 
-    @staticmethod
-    def _record(item: dict[str, Any]) -> JobRecord:
+    def _record(self, item: dict[str, Any]) -> JobRecord:
         """The body, brought up to date with what the fallback state machine writes at the top level
-        (it cannot edit the JSON body): state, version, time, its result, and when it notified."""
+        (it cannot edit the JSON body): state, version, time, its end (the worker's outcome line, or
+        the reason with its advice), its claim on the message, and when it sent it. The result and
+        error come out as the daemon would have written them for a Bacalhau run."""
         record = JobRecord.from_json(item["body"]["S"])
         record.version = int(item["version"]["N"])
         record.updated_at = item["updated_at"]["S"]
         if item["state"]["S"] != record.state:
-            fb = {k: v["S"] for k, v in item.get("fallback", {}).get("M", {}).items()}
+            fb = {k: v.get("S", "") for k, v in item.get("fallback", {}).get("M", {}).items()}
             record.history.append({"at": record.updated_at, "state": item["state"]["S"], "stage": "sagemaker",
                                    "note": f"by the fallback state machine ({fb.get('training_job', '')})"})
-            record.state = item["state"]["S"]
+            record.state, record.stage = item["state"]["S"], "sagemaker"
             if record.state == FAILED:
-                record.error = {"stage": "sagemaker", "message": fb.get("reason", "the SageMaker job failed"),
-                                "advice": "Check the capture and the job document, then upload the job again.",
-                                "kind": "sagemaker"}
+                message, advice, code = parse_failure(fb.get("reason") or "The SageMaker training job failed.")
+                kind = exit_code(code).kind if code is not None else "internal"
+                record.error = {"stage": "sagemaker", "message": message, "kind": kind, "exit_code": code,
+                                "advice": fb.get("advice") or advice or ADVICE.get(kind, ADVICE["internal"])}
             elif record.state == SUCCEEDED:
-                record.result = {**(record.result or {}), "output": fb.get("output"), "backend": "sagemaker"}
-        if "notified_at" in item and not record.notified_at:
-            record.notified_at = item["notified_at"]["S"]
+                summary = parse_outcome(fb.get("summary") or "") or {}
+                output = fb.get("output") or record.output or ""
+                export = output.partition("://")[2].partition("/")[2] + "export/"  # s3://bucket/<key>
+                record.result = {**success_result(summary, export, record.created_at, record.updated_at, 1, self.settings),
+                                 "output": fb.get("output"), "backend": "sagemaker"}
+        for name in ("notify_claimed_at", "notify_claimed_by", "notified_at"):
+            if name in item and not getattr(record, name):
+                setattr(record, name, item[name]["S"])
         return record
 
     def put(self, record: JobRecord, expected_version: int) -> None:
@@ -281,6 +295,26 @@ class DynamoStore:
                                         "KeySchema": [{"AttributeName": "state", "KeyType": "HASH"},
                                                       {"AttributeName": "updated_at", "KeyType": "RANGE"}]}],
         }
+
+
+EXPORT_FILES = ("metrics.json", "report.html", "cameras.json")  # beside the splats in export/
+
+
+def success_result(summary: dict[str, Any], export: str, created_at: str, ended_at: str, gpus: int,
+                   settings: Settings) -> dict[str, Any]:
+    """A succeeded record's result from the worker's outcome line (`contract.run_summary`): its
+    files under `export`, quality, stage times and cost; the same whichever backend ran it."""
+    return {
+        "outputs": [export + f for f in [*(summary.get("files") or []), *EXPORT_FILES]] if summary.get("files") else [],
+        "metrics": {k: summary.get(k) for k in ("psnr", "ssim", "gaussians")},
+        "stage_seconds": summary.get("stages") or {}, "device": summary.get("device"),
+        "wall_seconds": round(max(0.0, _epoch(ended_at) - _epoch(created_at)), 1),
+        **estimate(summary.get("stages") or {}, summary.get("device"), gpus, settings),
+    }
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def request_cancel(store: Store, job_id: str) -> JobRecord:

@@ -35,6 +35,18 @@ SIZE = r"^\d+(\.\d+)?(b|kb|mb|gb|tb|kib|mib|gib|tib)$"
 StageName = Literal["all", "preprocess", "train", "export"]
 
 
+# SageMaker GPU training instances and their GPUs (AWS's instance type pages; A10G g5, L4 g6, L40S g6e,
+# T4 g4dn, V100 p3, A100 p4d/p4de, H100 p5). The pipeline trains on one GPU.
+SAGEMAKER_GPU_INSTANCES = {
+    **{f"ml.g4dn.{size}": 4 if size == "12xlarge" else 1 for size in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge")},
+    **{f"ml.{family}.{size}": {"12xlarge": 4, "24xlarge": 4, "48xlarge": 8}.get(size, 1)
+       for family in ("g5", "g6", "g6e")
+       for size in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge", "24xlarge", "48xlarge")},
+    "ml.p3.2xlarge": 1, "ml.p3.8xlarge": 4, "ml.p3.16xlarge": 8,
+    "ml.p4d.24xlarge": 8, "ml.p4de.24xlarge": 8, "ml.p5.48xlarge": 8,
+}
+
+
 @dataclass(frozen=True)
 class Policy:
     """What a deployment lets jobs touch and ask for; derived from `Settings`, never from a job."""
@@ -44,6 +56,17 @@ class Policy:
     output_prefix: str
     max_gpus: int
     max_runtime_minutes: int
+
+    @property
+    def sagemaker_instance_types(self) -> tuple[str, ...]:
+        """The SageMaker GPU instances a job may ask for: those with at most `max_gpus` GPUs. The CDK
+        stack grants CreateTrainingJob for exactly these (IAM condition sagemaker:InstanceTypes)."""
+        return tuple(name for name, gpus in SAGEMAKER_GPU_INSTANCES.items() if 0 < gpus <= self.max_gpus)
+
+    @property
+    def sagemaker_max_runtime_seconds(self) -> int:
+        """The longest SageMaker training job: the whole job (three stages) in one."""
+        return self.max_runtime_minutes * 60 * 3
 
 
 class StageResources(StrictModel):
@@ -79,7 +102,8 @@ class Settings(StrictModel):
     state_machine_arn: str | None = Field(None, description="The SageMaker fallback state machine.")
     # ---------------------------------------------------------------- compute
     image: str = "codsplat:latest"
-    max_gpus: int = Field(8, ge=0, le=64)
+    max_gpus: int = Field(1, ge=0, le=8, description="GPUs a job may ask for; training uses one, so more only "
+                          "widens the SageMaker instances allowed (each a multiple of the price).")
     max_runtime_minutes: int = Field(24 * 60, ge=5)
     bacalhau_namespace: str = "default"
     resources: dict[StageName, StageResources] = Field(default_factory=_resources,
@@ -108,7 +132,15 @@ class Settings(StrictModel):
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long running jobs may finish.")
     queue_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait.")
     bacalhau_poll_seconds: float = Field(5.0, gt=0, description="Seconds between Bacalhau state checks.")
-    fallback_poll_seconds: int = Field(60, ge=1, le=3600)
+    fallback_poll_seconds: int = Field(60, ge=1, le=3600, description="The fallback's first interval between looks at "
+                                       "a training job; it grows by this much up to five times it (fallback.asl.json).")
+    fallback_quota_wait_seconds: int = Field(60, ge=1, le=3600, description="Without GPU quota, the first wait before "
+                                             "asking SageMaker again; each wait doubles.")
+    fallback_quota_tries: int = Field(6, ge=0, le=10, description="Waits for quota before the job fails, naming it "
+                                      "(6 from 60 s: about an hour).")
+    fallback_follow_misses: int = Field(10, ge=0, le=100, description="Looks at a training job that may fail (each "
+                                        "after three tries) before the fallback stops it rather than leave it unwatched.")
+    record_days: int = Field(365, ge=1, description="Finished records expire (DynamoDB TTL) this long after they end.")
     cache_dir: str = Field(str(Path.home() / ".cache" / "codsplat"), description="Work folders of local runs.")
     local_worker: list[str] = Field(default_factory=list, description="The command a local job runs in place of this "
                                     "Python's `codsplat run` (say `nice,-n,10,codsplat`, or a memory-capped `systemd-run` scope); "

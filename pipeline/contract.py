@@ -11,6 +11,7 @@ This module imports nothing heavy: the control plane reads it without loading to
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,7 @@ MANIFEST = "manifest.json"  # in each stage folder: fingerprint, statistics, tim
 PROGRESS = "progress.json"  # where a run is now (the console shows it)
 RUN_LOG = "runs.jsonl"  # one line per stage execution that completed
 ERROR_FILE = "error.json"  # a failed run's stage, message and exit code
+OUTCOME_FILE = "outcome.json"  # SageMaker mode: the outcome line, beside the stage folders (the fallback reads it)
 METRICS = "export/metrics.json"
 
 # ------------------------------------------------------------------ settings hand-off
@@ -133,3 +135,26 @@ def parse_outcome(stdout: str) -> dict[str, Any] | None:
             if isinstance(value, dict) and "ok" in value:
                 return value
     return None
+
+
+# ------------------------------------------------------------------ SageMaker's failure reason
+
+MAX_FAILURE_CHARS = 1024  # SageMaker keeps the first 1 KiB of /opt/ml/output/failure as FailureReason
+_NEXT = " What to try next: "
+_FAILURE = re.compile(r"^(?:AlgorithmError:\s*)?(?P<message>.*?)(?:" + _NEXT.strip() + r" (?P<advice>.*?))?\s*\[exit (?P<code>\d+)\]\s*$", re.S)
+
+
+def failure_text(message: str, code: int) -> str:
+    """What the worker writes to /opt/ml/output/failure: its sentence, the advice its exit code
+    carries, and the code, within 1 KiB (the message is what gets cut)."""
+    tail = (_NEXT + exit_code(code).advice if exit_code(code).advice else "") + f" [exit {code}]"
+    return message[:MAX_FAILURE_CHARS - len(tail)] + tail
+
+
+def parse_failure(reason: str) -> tuple[str, str | None, int | None]:
+    """A FailureReason back into the worker's sentence, advice and exit code; SageMaker's own
+    reasons (no `[exit N]`) come back whole, with no advice or code."""
+    found = _FAILURE.match(reason or "")
+    if not found:
+        return reason, None, None
+    return found["message"].strip(), found["advice"], int(found["code"])

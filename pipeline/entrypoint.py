@@ -19,8 +19,10 @@ SageMaker (`codsplat-entrypoint train`, which is how SageMaker starts an image):
 `/opt/ml/input/data/media`, settings come from `/opt/ml/input/config/hyperparameters.json` (string
 values: `preset`, `stage`, and `settings`: the same JSON text as Bacalhau's `--settings`). The work
 directory is `/opt/ml/checkpoints` when SageMaker syncs one (so a restarted job resumes finished
-stages), else `/opt/ml/model`; the exports are copied to `/opt/ml/model`. On failure the reason goes
-to `/opt/ml/output/failure`, which SageMaker shows as the job's FailureReason.
+stages, and the job's output prefix gets a local run's layout), else `/opt/ml/model`; the exports are
+copied to `/opt/ml/model`, and the outcome line is written to `outcome.json` beside the stage folders
+for the fallback state machine to record. On failure the reason, with `[exit N]`, goes to
+`/opt/ml/output/failure`, which SageMaker shows as the job's FailureReason.
 
 Every failure also leaves `error.json` in the output folder with the stage, message and exit code.
 In the image the work runs as the unprivileged `codsplat` user (pipeline/privileges.py says why the
@@ -38,8 +40,8 @@ import tempfile
 from pathlib import Path
 
 from .config import build_config, load_pipeline_config
-from .contract import (ARCHIVE_SUFFIXES, ERROR_FILE, IMAGE_SUFFIXES, METRICS, STAGES, VIDEO_SUFFIXES, decode_settings,
-                       outcome_line, run_summary)
+from .contract import (ARCHIVE_SUFFIXES, ERROR_FILE, IMAGE_SUFFIXES, METRICS, OUTCOME_FILE, STAGES, VIDEO_SUFFIXES,
+                       decode_settings, failure_text, outcome_line, run_summary)
 from .errors import EXIT_INTERNAL, InputError, PipelineError
 from .privileges import drop_privileges
 from .run import STAGE_CHOICES, run_pipeline, stages_for
@@ -147,7 +149,10 @@ def sagemaker(root: Path) -> int:
         media = resolve_media(media_dir) if "frames" in stages_for(stage) else None
         checkpoints = root / "checkpoints"
         work = checkpoints if checkpoints.is_dir() else model
-        run_pipeline(media, work, config, stage=stage)
+        summary = run_pipeline(media, work, config, stage=stage)
+        if (work / METRICS).is_file():  # what the fallback records, as the daemon does from Bacalhau's stdout
+            device = (summary.manifest("train") or {}).get("stats", {}).get("device")
+            (work / OUTCOME_FILE).write_text(outcome_line(run_summary(json.loads((work / METRICS).read_text()), device)))
         if work != model and (work / "export").is_dir():
             shutil.copytree(work / "export", model / "export", dirs_exist_ok=True)
         return 0
@@ -158,7 +163,7 @@ def sagemaker(root: Path) -> int:
         code = EXIT_INTERNAL
         message = f"Internal error: {exc.__class__.__name__}: {exc}"
     failure.parent.mkdir(parents=True, exist_ok=True)
-    failure.write_text(message[:1024])
+    failure.write_text(failure_text(message, code))
     print(f"error: {message}", file=sys.stderr)
     return code
 

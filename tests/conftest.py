@@ -92,3 +92,16 @@ def standin(moto_server):
     server = start_standin(moto_server.url)
     yield server
     server.stop()
+
+
+def sagemaker_did_its_work(s3, bucket: str, job_id: str) -> dict:
+    """What a SageMaker run of the worker leaves in the job's output prefix (its checkpoint folder
+    synced): moto runs no container, so this writes the outcome line the entrypoint writes, from a
+    run's metrics. Returns those metrics."""
+    from codsplat.pipeline.contract import OUTCOME_FILE, outcome_line, run_summary
+
+    metrics = {"psnr": 27.5, "ssim": 0.91, "gaussians": 48_000, "stages": {"frames": {"seconds": 4.0},
+               "sfm": {"seconds": 30.0}, "train": {"seconds": 600.0}, "export": {"seconds": 12.0}},
+               "files": {"ply": {"file": "splat.ply"}, "spz": {"file": "splat.spz"}}}
+    s3.put_object(Bucket=bucket, Key=f"results/{job_id}/{OUTCOME_FILE}", Body=outcome_line(run_summary(metrics, "cuda")))
+    return metrics

@@ -1,6 +1,18 @@
 """The moto server on 127.0.0.1 with Step Functions state execution on, plus a control port the
 tests use to steer SageMaker training jobs inside that same process (moto marks them Completed at
-once; a test can make new ones start InProgress, then finish them as Completed or Failed).
+once; a test can make new ones start InProgress, then move them to any status).
+
+Where moto's SageMaker falls short of the API reference, this fills in what the fallback relies on:
+- CreateTrainingJob with a name in use answers ResourceInUse (moto overwrites the job);
+- `create_errors` (steered: name → count) makes the next creates of that name answer
+  ResourceLimitExceeded, as an account without GPU quota does;
+- errors of AWS SDK tasks are named as Step Functions names them, `SageMaker.<Error>Exception` and
+  `S3.<Error>Exception` (moto knows the Pascal-case names of DynamoDB and Sfn only);
+- an AWS SDK task's streamed reply (S3 GetObject's Body) is its text, as Step Functions hands it on
+  (moto passes the stream along and fails copying it);
+- StopTrainingJob (moto has none): an InProgress job goes Stopped (SecondaryStatus Stopped), or
+  stays Stopping where `stop_to` (name → status) says so; a job that has ended answers
+  ValidationException.
 
     python tests/moto_launcher.py --port 5000 --control-port 5001
 """
@@ -12,7 +24,61 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STEER = {"initial_status": "Completed"}
+STEER = {"initial_status": "Completed", "create_errors": {}, "stop_to": {}}  # the last two by training job name
+
+
+def fill_in_sagemaker(sagemaker) -> None:
+    from moto.sagemaker import responses
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_aws_sdk as sdk
+
+    from botocore.response import StreamingBody
+
+    sdk._SERVICE_ERROR_NAMES.update({"sagemaker": "SageMaker", "s3": "S3"})
+    evaluate = sdk.StateTaskServiceAwsSdk._eval_service_task
+
+    def eval_service_task(self, env, *args, **kwargs):
+        evaluate(self, env, *args, **kwargs)
+        reply = env.stack[-1]
+        if isinstance(reply, dict):
+            for key, value in reply.items():
+                if isinstance(value, StreamingBody):
+                    reply[key] = value.read().decode()
+
+    sdk.StateTaskServiceAwsSdk._eval_service_task = eval_service_task
+    from moto.sagemaker.exceptions import ResourceInUseException, ResourceNotFound, SagemakerClientError, ValidationError
+
+    class ResourceLimitExceeded(SagemakerClientError):
+        code = "ResourceLimitExceeded"
+
+    backend = sagemaker.SageMakerModelBackend
+    create = backend.create_training_job
+
+    def create_training_job(self, training_job_name, *args, **kwargs):
+        if training_job_name in self.training_jobs:
+            raise ResourceInUseException(f"Training job names must be unique within an AWS account and region, and "
+                                         f"a training job with this name already exists ({training_job_name})")
+        if STEER["create_errors"].get(training_job_name, 0) > 0:
+            STEER["create_errors"][training_job_name] -= 1
+            raise ResourceLimitExceeded("The account-level service limit 'ml.g5.2xlarge for training job usage' is 0 "
+                                        "Instances, with current utilization of 0 Instances and a request delta of 1 "
+                                        "Instances. Please use AWS Service Quotas to request an increase for this quota.")
+        return create(self, training_job_name, *args, **kwargs)
+
+    def stop_training_job(self, training_job_name):
+        job = self.training_jobs.get(training_job_name)
+        if job is None:
+            raise ResourceNotFound(f"Requested resource not found: training job {training_job_name}")
+        if job.training_job_status != "InProgress":
+            raise ValidationError(f"The request was rejected because the training job is in status {job.training_job_status}.")
+        job.training_job_status = job.secondary_status = STEER["stop_to"].get(training_job_name, "Stopped")
+
+    def stop_response(self):
+        self.sagemaker_backend.stop_training_job(self._get_param("TrainingJobName"))
+        return responses.ActionResult({})
+
+    backend.create_training_job = create_training_job
+    backend.stop_training_job = stop_training_job
+    responses.SageMakerResponse.stop_training_job = stop_response
 
 
 def main() -> None:
@@ -36,6 +102,7 @@ def main() -> None:
         self.training_job_status = self.secondary_status = STEER["initial_status"]
 
     sagemaker.FakeTrainingJob.__init__ = init
+    fill_in_sagemaker(sagemaker)
 
     def training_job(name):
         for account in sagemaker.sagemaker_backends.values():
@@ -47,18 +114,26 @@ def main() -> None:
     class Control(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-            if self.path == "/steer":
-                STEER.update(body)
+            if self.path == "/steer":  # by-name steering merges into what is there
+                for key, value in body.items():
+                    STEER[key] = {**STEER[key], **value} if isinstance(STEER.get(key), dict) else value
                 reply = STEER
             elif self.path == "/training-job":
                 job = training_job(body["name"])
-                if job is None:
+                if job is not None and body["status"] == "gone":  # as if SageMaker no longer knew it
+                    for account in sagemaker.sagemaker_backends.values():
+                        for backend in account.values():
+                            backend.training_jobs.pop(body["name"], None)
+                    reply = {"name": body["name"], "status": "gone"}
+                elif job is None:
                     self.send_response(404)
                     self.end_headers()
                     return
-                job.training_job_status = job.secondary_status = body["status"]
-                job.failure_reason = body.get("reason", "")
-                reply = {"name": body["name"], "status": job.training_job_status}
+                else:
+                    job.training_job_status = body["status"]
+                    job.secondary_status = body.get("secondary", body["status"])
+                    job.failure_reason = body.get("reason", "")
+                    reply = {"name": body["name"], "status": job.training_job_status}
             else:
                 self.send_response(404)
                 self.end_headers()

@@ -323,3 +323,26 @@ def test_the_daemon_reads_its_settings_from_the_parameters_the_stack_writes(asse
     record = daemon.store.get("first")
     assert record.state == "SUCCEEDED" and record.backend == "bacalhau"
     assert s3.head_object(Bucket=names["bucket"], Key="results/first/export/splat.ply")
+
+
+def test_the_fallback_may_start_only_the_training_jobs_the_policy_allows(assembly):
+    """The state machine's role: CreateTrainingJob for the instance types job validation accepts
+    (Policy.sagemaker_instance_types), network-isolated, no longer than the policy allows; it may
+    stop them (a cancel) and read their outcome, and nothing else of SageMaker."""
+    _, templates = assembly
+    policy = Settings().policy
+    statements = [s for p in resources(templates["CodsplatBase"], "AWS::IAM::Policy").values()
+                  for s in p["Properties"]["PolicyDocument"]["Statement"]
+                  if any(str(a).startswith("sagemaker:") for a in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]]))]
+    [create] = [s for s in statements if s["Action"] == "sagemaker:CreateTrainingJob"]
+    assert create["Condition"] == {
+        "ForAllValues:StringEquals": {"sagemaker:InstanceTypes": list(policy.sagemaker_instance_types)},
+        "Null": {"sagemaker:InstanceTypes": "false"}, "Bool": {"sagemaker:NetworkIsolation": "true"},
+        "NumericLessThanEquals": {"sagemaker:MaxRuntimeInSeconds": policy.sagemaker_max_runtime_seconds}}
+    assert "ml.p5.48xlarge" not in policy.sagemaker_instance_types and "ml.g5.2xlarge" in policy.sagemaker_instance_types
+    actions = {a for s in statements for a in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])}
+    assert actions == {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
+                       "sagemaker:AddTags"}
+    daemon = [s for p in resources(templates["CodsplatOrchestrator"], "AWS::IAM::Policy").values()
+              for s in p["Properties"]["PolicyDocument"]["Statement"] if "sagemaker:StopTrainingJob" in json.dumps(s["Action"])]
+    assert len(daemon) == 1 and "training-job/codsplat-*" in json.dumps(daemon[0]["Resource"])

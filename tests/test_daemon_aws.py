@@ -15,7 +15,7 @@ from codsplat.orchestrator.events import Delivery, SqsSource
 from codsplat.orchestrator.provision import provision
 from codsplat.orchestrator.records import DynamoStore
 from codsplat.orchestrator.settings import Settings
-from conftest import QUICK
+from conftest import QUICK, sagemaker_did_its_work
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,12 +145,14 @@ def test_no_gpu_node_hands_the_job_to_sagemaker(aws, standin, sample_video):
 
     standin.knobs(nodes=[{"gpus": []}])  # a node with no GPU
     aws["s3"].upload_file(str(sample_video), aws["bucket"], "uploads/u/fallback.mp4")
+    sagemaker_did_its_work(aws["s3"], aws["bucket"], "fallback")
     job = {"version": 1, "input": "uploads/u/fallback.mp4", "notify": {"email": ["u@example.com"]}}
     daemon, received = run_until_mail(aws, fallback_settings(aws), job, "jobs/u/fallback.json")
     [message] = received
     assert message["MessageAttributes"]["status"]["Value"] == "SUCCEEDED" and "ran on SageMaker" in message["Message"], message["Message"]
     record = daemon.store.get("fallback")
     assert record.state == "SUCCEEDED" and record.backend == "sagemaker" and record.notified_at
+    assert record.result["metrics"]["psnr"] == 27.5 and record.result["outputs"]  # as a Bacalhau run's record
     [attempt] = [a for a in record.attempts if a["backend"] == "sagemaker"]
     assert attempt["name"] == "codsplat-fallback-sm-a1"
     assert "bacalhau cannot run it: no Bacalhau node can hold the all stage (node n-g5-xlarge: 1 GPU asked, 0 offered)" == attempt["reason"]
@@ -418,6 +420,7 @@ def test_a_job_that_crashes_on_every_node_is_handed_to_sagemaker(aws, standin):
     settings = fast(aws, standin, env={"FAST_EXIT": "1"})
     settings = settings.model_copy(update={"state_machine_arn": aws["state_machine_arn"], "fallback_poll_seconds": 1})
     daemon, thread = serve(settings)
+    sagemaker_did_its_work(aws["s3"], aws["bucket"], "crashy")
     try:
         aws["s3"].put_object(Bucket=aws["bucket"], Key="jobs/u/crashy.json",
                              Body=json.dumps({"version": 1, "input": "uploads/u/clip.mp4", "compute": {"retries": 1}}))

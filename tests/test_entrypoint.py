@@ -64,6 +64,18 @@ def test_sagemaker_training_job_writes_model_and_checkpoints(tmp_path, sample_vi
     assert (root / "model" / "export" / "splat.spz").is_file()
     assert (root / "checkpoints" / "sfm" / "manifest.json").is_file()  # synced by SageMaker: a restart resumes
     assert not (root / "output" / "failure").exists()
+    # what the fallback records: the outcome line, read back into the same result a Bacalhau run gets
+    from codsplat.orchestrator.records import success_result
+    from codsplat.orchestrator.settings import Settings
+    from codsplat.pipeline.contract import parse_outcome
+
+    metrics = json.loads((root / "checkpoints" / "export" / "metrics.json").read_text())
+    summary = parse_outcome((root / "checkpoints" / "outcome.json").read_text())
+    result = success_result(summary, "results/x/export/", "2026-01-01T00:00:00+00:00", "2026-01-01T00:10:00+00:00", 1, Settings())
+    assert summary["ok"] and result["metrics"] == {k: metrics[k] for k in ("psnr", "ssim", "gaussians")}
+    for key in result["outputs"]:  # every output the record will link exists in the export the job synced
+        assert (root / "checkpoints" / "export" / key.removeprefix("results/x/export/")).is_file(), key
+    assert (root / "model" / "export" / "splat.spz").read_bytes() == (root / "checkpoints" / "export" / "splat.spz").read_bytes()
 
 
 def test_sagemaker_failure_reason_file(tmp_path):
@@ -71,7 +83,10 @@ def test_sagemaker_failure_reason_file(tmp_path):
     env = sagemaker_layout(root, None, {"preset": "tiny", "settings": json.dumps({"train": {"steps": 5}})})
     proc = entrypoint("train", env=env)
     assert proc.returncode == 2
-    assert "train.steps: must be ≥ 100, got 5" in (root / "output" / "failure").read_text()
+    from codsplat.pipeline.contract import ADVICE, parse_failure
+
+    message, advice, code = parse_failure("AlgorithmError: " + (root / "output" / "failure").read_text())
+    assert "train.steps: must be ≥ 100, got 5" in message and (advice, code) == (ADVICE["input"], 2)
 
 
 def test_the_worker_hands_its_output_folders_to_the_image_user_and_drops_root(monkeypatch):
@@ -146,5 +161,5 @@ def test_both_modes_drop_root_before_reading_anything(tmp_path, monkeypatch):
                              "input": str(tmp_path / "nothing-here"), "upstream": []})()
     assert ep.bacalhau(args) == 6 and json.loads((out / "error.json").read_text())["message"] == "no such user"
     root = tmp_path / "opt_ml"
-    assert ep.sagemaker(root) == 6 and (root / "output" / "failure").read_text() == "no such user"
+    assert ep.sagemaker(root) == 6 and (root / "output" / "failure").read_text().startswith("no such user What to try")
     assert asked == [[out], [root / "model", root / "output", root / "checkpoints"]]

@@ -10,13 +10,31 @@ after the attempt (`compute.attempt_name`): starting one twice starts it once.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from codsplat.pipeline.contract import OUTCOME_FILE
+
 from ..compute import Attempt, CannotRun, Result
 from ..job import JobDocument
 from ..settings import Settings
+
+POLL_GROWTH = 5  # the state machine's interval grows from fallback_poll_seconds to this many times it
+
+
+def advice(job: JobDocument, settings: Settings) -> dict[str, str]:
+    """What the state machine tells the user after each end that is not the worker's own."""
+    return {
+        "quota": f"Ask AWS for more '{job.compute.sagemaker_instance_type} for training job "
+                 "usage' in Service Quotas (Amazon SageMaker) for this region, or choose another "
+                 f"compute.sagemaker_instance_type ({', '.join(settings.policy.sagemaker_instance_types[:4])}, ...).",
+        "time_limit": f"Raise compute.max_runtime_minutes (this deployment allows up to {settings.max_runtime_minutes}), "
+                      "or ask for less: a smaller preset, fewer train.steps or frames.",
+        "stopped": "Someone stopped it from the AWS console or API; upload the job again to run it.",
+        "start": "This is the deployment's problem, not the job's: the operators have the state machine's history.",
+    }
 
 ASL_PATH = Path(__file__).resolve().parents[1] / "fallback.asl.json"
 
@@ -39,14 +57,22 @@ class SageMakerExecutor:
         pass
 
     def execution_input(self, job: JobDocument, attempt: Attempt) -> dict:
-        output = str(job.output_uri(self.settings.policy))
+        settings = self.settings
+        output = job.output_uri(settings.policy)
+        runtime = job.compute.max_runtime_minutes * 60 * 3  # all three stages in one job
+        poll = settings.fallback_poll_seconds
         return {
             "job_id": job.id, "training_job_name": attempt.name, "instance_type": job.compute.sagemaker_instance_type,
-            "max_runtime_seconds": job.compute.max_runtime_minutes * 60 * 3,  # all three stages in one job
-            "input_s3_uri": str(job.input_uri), "output_s3_uri": output, "model_s3_uri": output + "sagemaker/",
+            "max_runtime_seconds": runtime,
+            "input_s3_uri": str(job.input_uri), "output_s3_uri": str(output), "model_s3_uri": f"{output}sagemaker/",
+            "bucket": output.bucket, "outcome_key": output.key + OUTCOME_FILE,
             "hyperparameters": {"stage": "all", "settings": job.worker_settings()},
-            "table": self.settings.table, "topic_arn": self.settings.topic_arn,
-            "recipient": json.dumps(job.notify.email or ["-"]), "poll_seconds": self.settings.fallback_poll_seconds,
+            "table": settings.table, "topic_arn": settings.topic_arn, "recipient": json.dumps(job.notify.email or ["-"]),
+            "expires_at": str(int(time.time()) + runtime + settings.record_days * 86400),
+            "poll": {"wait": poll, "step": poll, "cap": poll * POLL_GROWTH},
+            "quota": {"left": settings.fallback_quota_tries, "wait": settings.fallback_quota_wait_seconds},
+            "follow": {"left": settings.fallback_follow_misses},
+            "advice": advice(job, settings),
         }
 
     def submit(self, job: JobDocument, attempt: Attempt, upstream: dict[str, str]) -> None:
@@ -78,7 +104,10 @@ class SageMakerExecutor:
 
     def stop(self, attempt: Attempt, reason: str) -> None:
         """Stop the training job; the state machine sees it Stopped, records CANCELLED and says so."""
+        from botocore.exceptions import ClientError
+
         try:
             self.sagemaker.stop_training_job(TrainingJobName=attempt.name)
-        except self.sagemaker.exceptions.ResourceNotFound:
-            pass
+        except ClientError as exc:  # not created yet, or ended already: the state machine records whichever end
+            if exc.response["Error"]["Code"] not in ("ResourceNotFound", "ValidationException"):
+                raise

@@ -1,0 +1,250 @@
+"""The SageMaker fallback: the state machine (orchestrator/fallback.asl.json, the file the CDK stack
+deploys) executed by moto, with SageMaker steered to every way a training job can end. Each
+scenario starts from a RUNNING record, as the daemon leaves it when it hands a job over, and is
+started by the daemon's own executor; all run at once, and each row of the table is its own test:
+the record's end, the messages sent, the training jobs created."""
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import boto3
+import httpx
+import pytest
+
+from codsplat.orchestrator.compute import Attempt, attempt_name
+from codsplat.orchestrator.executors.sagemaker import ASL_PATH, SageMakerExecutor
+from codsplat.orchestrator.job import parse_job
+from codsplat.orchestrator.provision import provision
+from codsplat.orchestrator.records import RUNNING, DynamoStore, JobRecord, request_cancel
+from codsplat.orchestrator.settings import Settings
+from codsplat.pipeline.contract import ADVICE, failure_text
+from conftest import sagemaker_did_its_work
+
+
+@dataclass
+class Scenario:
+    state: str  # the record's end
+    words: str  # in the message
+    training_jobs: int = 1  # created in SageMaker
+    drive: Callable | None = None  # what happens to the training job, given (rig, name)
+    before: Callable | None = None  # before the execution starts
+    checks: list[Callable] = field(default_factory=list)  # (record, message) -> None
+
+
+def status(rig, name, to, **extra):
+    """Move a training job once it exists (the control port of tests/moto_launcher.py)."""
+    for _ in range(300):
+        if httpx.post(f"{rig.control}/training-job", json={"name": name, "status": to, **extra}).status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} was never created")
+
+
+def worker_did_its_work(rig, job_id):
+    sagemaker_did_its_work(rig.s3, rig.bucket, job_id)
+
+
+def cancel(rig, name, job_id, stop_to=None):
+    """What `codsplat jobs cancel` and the daemon's sweep do: mark the record, stop the training job."""
+    if stop_to:
+        httpx.post(f"{rig.control}/steer", json={"stop_to": {name: stop_to}})
+    for _ in range(300):
+        if rig.sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"]:
+            break
+        time.sleep(0.1)
+    request_cancel(rig.store, job_id)
+    rig.executor.stop(Attempt.from_dict(rig.store.get(job_id).attempts[-1]), "cancelled by the user")
+    if stop_to:
+        time.sleep(2)  # a few polls see it Stopping
+        status(rig, name, "Stopped", secondary="Stopped")
+
+
+def succeeded_like_bacalhau(record, message):
+    result = record.result
+    assert result["metrics"] == {"psnr": 27.5, "ssim": 0.91, "gaussians": 48_000} and result["device"] == "cuda"
+    assert result["outputs"] == [f"results/{record.job_id}/export/{f}"
+                                 for f in ("splat.ply", "splat.spz", "metrics.json", "report.html", "cameras.json")]
+    assert result["gpu_seconds"] == 600.0 and result["estimated_cost_usd"] > 0 and result["backend"] == "sagemaker"
+
+
+def advice_of(kind):
+    return lambda record, message: (record.error["advice"] == ADVICE[kind] and ADVICE[kind] in message["Message"]) or \
+        pytest.fail(f"advice: {record.error}")
+
+
+SCENARIOS = {
+    "completed": Scenario("SUCCEEDED", "is ready", drive=lambda rig, n, j: status(rig, n, "Completed"),
+                          before=worker_did_its_work, checks=[succeeded_like_bacalhau]),
+    "completed-without-outputs": Scenario("FAILED", "outputs are missing", drive=lambda rig, n, j: status(rig, n, "Completed")),
+    "worker-refused-the-input": Scenario(
+        "FAILED", "is not a readable video", checks=[advice_of("input"),
+                                                      lambda r, m: r.error["exit_code"] == 2 or pytest.fail(r.error)],
+        drive=lambda rig, n, j: status(rig, n, "Failed", reason="AlgorithmError: " + failure_text(
+            "Input clip.mp4 is not a readable video (Invalid data found when processing input).", 2))),
+    "out-of-memory": Scenario("FAILED", "OutOfMemory", drive=lambda rig, n, j: status(
+        rig, n, "Failed", reason="OutOfMemoryError: Please use an instance type with more memory")),
+    "time-limit": Scenario("FAILED", "ran past its time limit", drive=lambda rig, n, j: status(
+        rig, n, "Stopped", secondary="MaxRuntimeExceeded"), checks=[lambda r, m: "max_runtime_minutes" in r.error["advice"]]),
+    "cancelled": Scenario("CANCELLED", "was cancelled", drive=lambda rig, n, j: cancel(rig, n, j)),
+    "cancelled-while-stopping": Scenario("CANCELLED", "was cancelled",
+                                         drive=lambda rig, n, j: cancel(rig, n, j, stop_to="Stopping")),
+    "stopped-elsewhere": Scenario("FAILED", "stopped outside codsplat", drive=lambda rig, n, j: (
+        time.sleep(1), rig.sm.stop_training_job(TrainingJobName=n))),
+    "quota-then-room": Scenario("SUCCEEDED", "is ready", before=lambda rig, j: (
+        worker_did_its_work(rig, j), httpx.post(f"{rig.control}/steer", json={"create_errors": {rig.name(j): 2}})),
+        drive=lambda rig, n, j: status(rig, n, "Completed")),
+    "no-quota": Scenario("FAILED", "no quota for ml.g5.2xlarge", training_jobs=0, before=lambda rig, j: httpx.post(
+        f"{rig.control}/steer", json={"create_errors": {rig.name(j): 9}}),
+        checks=[lambda r, m: "Service Quotas" in r.error["advice"] and "Service Quotas" in m["Message"]]),
+    "reply-lost-after-create": Scenario(  # created by an earlier try whose reply never came: ResourceInUse now
+        "SUCCEEDED", "is ready", before=lambda rig, j: (worker_did_its_work(rig, j), rig.create_training_job(j)),
+        drive=lambda rig, n, j: (time.sleep(2), status(rig, n, "Completed"))),
+    "lost-sight-of-it": Scenario("FAILED", "could not follow", training_jobs=0,  # SageMaker no longer knows it
+                                 drive=lambda rig, n, j: status(rig, n, "gone")),
+}
+
+
+class Rig:
+    def __init__(self, moto_server):
+        self.control = moto_server.control
+        prefix = f"fb{time.time_ns() % 10**9}"
+        names = provision(boto3.Session(), prefix, endpoint=moto_server.url)
+        client = lambda s: boto3.client(s, endpoint_url=moto_server.url, region_name="us-east-1")  # noqa: E731
+        self.s3, self.sm, self.sqs, self.sfn = client("s3"), client("sagemaker"), client("sqs"), client("stepfunctions")
+        self.bucket = names["bucket"]
+        self.mailbox = self.sqs.create_queue(QueueName=f"{prefix}-mail")["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(QueueUrl=self.mailbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        client("sns").subscribe(TopicArn=names["topic_arn"], Protocol="sqs", Endpoint=arn)
+        self.settings = Settings(bucket=names["bucket"], table=names["table"], topic_arn=names["topic_arn"],
+                                 state_machine_arn=names["state_machine_arn"], aws_endpoint=moto_server.url,
+                                 fallback_poll_seconds=1, fallback_quota_wait_seconds=1, fallback_quota_tries=3,
+                                 fallback_follow_misses=1)
+        self.store = DynamoStore(names["table"], client("dynamodb"), self.settings)
+        self.executor = SageMakerExecutor(self.sfn, self.sm, self.settings)
+        self.jobs = {}
+
+    def name(self, job_id):
+        return attempt_name(job_id, "sm", 1)
+
+    def create_training_job(self, job_id):
+        self.sm.create_training_job(
+            TrainingJobName=self.name(job_id), AlgorithmSpecification={"TrainingImage": "x", "TrainingInputMode": "File"},
+            RoleArn="arn:aws:iam::123456789012:role/x", OutputDataConfig={"S3OutputPath": f"s3://{self.bucket}/x/"},
+            ResourceConfig={"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 10},
+            StoppingCondition={"MaxRuntimeInSeconds": 60})
+
+    def start(self, job_id):
+        job = parse_job({"version": 1, "id": job_id, "input": f"s3://{self.bucket}/uploads/{job_id}.mp4",
+                         "notify": {"email": [f"{job_id}@example.com"]}}, self.settings.policy)
+        attempt = Attempt(backend="sagemaker", stage="all", number=1, name=self.name(job_id))
+        record = JobRecord(job_id, f"jobs/{job_id}.json", state=RUNNING, backend="sagemaker", attempts=[attempt.to_dict()],
+                           output=str(job.output_uri(self.settings.policy)), notify=job.notify.email)
+        assert self.store.create(record)
+        self.executor.submit(job, attempt, {})
+        self.jobs[job_id] = attempt.remote_id
+
+    def ended(self):
+        return all(self.sfn.describe_execution(executionArn=a)["status"] != "RUNNING" for a in self.jobs.values())
+
+    def mail(self):
+        out = {}
+        while got := self.sqs.receive_message(QueueUrl=self.mailbox, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages"):
+            for m in got:
+                body = json.loads(m["Body"])
+                out.setdefault(body["MessageAttributes"]["job_id"]["Value"], []).append(body)
+                self.sqs.delete_message(QueueUrl=self.mailbox, ReceiptHandle=m["ReceiptHandle"])
+        return out
+
+
+@pytest.fixture(scope="module")
+def ended(moto_server):
+    rig = Rig(moto_server)
+    httpx.post(f"{rig.control}/steer", json={"initial_status": "InProgress"})
+    try:
+        for job_id, scenario in SCENARIOS.items():
+            if scenario.before:
+                scenario.before(rig, job_id)
+        drivers = [threading.Thread(target=s.drive, args=(rig, rig.name(j), j), daemon=True)
+                   for j, s in SCENARIOS.items() if s.drive]
+        for job_id in SCENARIOS:
+            rig.start(job_id)
+        for driver in drivers:
+            driver.start()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not rig.ended():
+            time.sleep(1)
+    finally:
+        httpx.post(f"{rig.control}/steer", json={"initial_status": "Completed"})
+    mail = rig.mail()
+    created = {j: len(rig.sm.list_training_jobs(NameContains=rig.name(j))["TrainingJobSummaries"]) for j in SCENARIOS}
+    return rig, mail, created
+
+
+@pytest.mark.parametrize("job_id", list(SCENARIOS))
+def test_every_end_is_recorded_and_told_once(ended, job_id):
+    rig, mail, created = ended
+    scenario = SCENARIOS[job_id]
+    execution = rig.sfn.describe_execution(executionArn=rig.jobs[job_id])
+    assert execution["status"] == "SUCCEEDED", execution.get("error") or execution
+    record = rig.store.get(job_id)
+    assert record.state == scenario.state, record.error
+    [message] = mail.get(job_id, [])
+    assert (record.state, message["MessageAttributes"]["status"]["Value"]) == (scenario.state, scenario.state)
+    assert scenario.words in message["Message"], message["Message"]
+    assert record.notified_at and record.notify_claimed_by == "fallback" and record.stage == "sagemaker"
+    assert created[job_id] == scenario.training_jobs
+    item = rig.store.client.get_item(TableName=rig.store.table, Key={"job_id": {"S": job_id}})["Item"]
+    assert int(item["expires_at"]["N"]) > time.time() + 364 * 86400  # the record's TTL, as the daemon sets it
+    if scenario.state == "FAILED":
+        assert record.error["message"] and record.error["advice"] and scenario.words in record.error["message"] + message["Message"]
+    for check in scenario.checks:
+        check(record, message)
+
+
+def test_training_jobs_run_isolated_from_the_network_under_the_job_s_time_limit(ended):
+    rig, _, _ = ended
+    described = rig.sm.describe_training_job(TrainingJobName=rig.name("completed"))
+    assert described["EnableNetworkIsolation"] is True
+    assert described["StoppingCondition"]["MaxRuntimeInSeconds"] == 180 * 60 * 3
+    assert described["CheckpointConfig"]["S3Uri"] == f"s3://{rig.bucket}/results/completed/"
+
+
+def history_events(state: dict) -> int:
+    """Events a state adds to an execution's history each time it runs (Step Functions: a Task
+    entered, scheduled, started, succeeded, exited; any other state entered and exited)."""
+    return 5 if state["Type"] == "Task" else 2
+
+
+def test_the_longest_allowed_job_stays_inside_the_execution_history_limit():
+    """Computed from the ASL: the polling loop at its widest interval, plus the growth on the way and
+    the longest path around it, against 25,000 events; the job may run three times the per-stage
+    limit, and SageMaker's own start and upload come on top (an hour allowed here)."""
+    states = json.loads(ASL_PATH.read_text())["States"]
+    loop = ["Wait", "DescribeTrainingJob", "Ended?", "Slower?"]
+    assert states["Wait"]["Next"] == "DescribeTrainingJob" and states["DescribeTrainingJob"]["Next"] == "Ended?"
+    assert states["Ended?"]["Default"] == "Slower?" and states["Slower?"]["Default"] == "Wait"
+    per_poll = sum(history_events(states[s]) for s in loop)
+    settings = Settings()
+    first, cap = settings.fallback_poll_seconds, settings.fallback_poll_seconds * 5
+    growing = [first + k * first for k in range(cap // first)]  # the intervals before the cap
+    growth = len(growing) * (per_poll + history_events(states["Slower"]))
+    around = 200  # creating (with every quota wait), the end, recording, the message: far fewer than this
+    misses = settings.fallback_follow_misses * (history_events(states["KeepFollowing?"]) + history_events(states["MissedOne"]) + 2 * 3)
+    polls_left = (25_000 - around - growth - misses) // per_poll
+    longest = sum(growing) + polls_left * cap
+    allowed = settings.policy.sagemaker_max_runtime_seconds + 3600
+    print(f"per poll {per_poll} events; longest job inside the history: {longest / 3600:.0f} h "
+          f"(allowed {allowed / 3600:.0f} h)")
+    assert longest >= allowed
+
+
+def test_attempt_names_are_unique_and_valid_for_every_id():
+    import re
+
+    pattern = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's TrainingJobName
+    for job_id in ("abc", "a" * 63, "a-" * 31 + "b", "x" * 50 + "-" + "y" * 12):
+        names = {attempt_name(job_id, "sm", n) for n in range(1, 8)}
+        assert len(names) == 7 and all(pattern.match(n) for n in names), names
