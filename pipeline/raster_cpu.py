@@ -47,15 +47,6 @@ SH_C3 = (0.5900435899266435, 2.890611442640554, 1.445305721320277, 2.28522899732
 # ------------------------------------------------------------------ projection and colour
 
 @njit(cache=True, inline="always")
-def _rotation(w, x, y, z):
-    """Rotation matrix of a unit quaternion (w, x, y, z)."""
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
-
-
-@njit(cache=True, inline="always")
 def _sh_bases(degree, x, y, z, out):
     """SH bases at the unit direction (x, y, z), in gsplat's order (Sloan's fast evaluation)."""
     out[0] = SH_C0
@@ -105,19 +96,68 @@ def _sh_bases_grad(degree, x, y, z, out):
     out[15, 0], out[15, 1] = -a * 3 * (x * x - y * y), a * 6 * x * y
 
 
-@njit(cache=True, inline="always")
-def _jacobian(p, fx, fy, cx, cy, width, height):
-    """gsplat's perspective Jacobian, with the direction clamped to 1.3x the field of view; also
-    whether x and y were inside the clamp (outside it, J does not move with them)."""
-    z = p[2]
+# Small matrices are tuples of scalars (row-major): no array is made per Gaussian, and no BLAS call.
+
+@njit(cache=True)
+def _mm(a, b):
+    """3×3 @ 3×3."""
+    return (a[0] * b[0] + a[1] * b[3] + a[2] * b[6], a[0] * b[1] + a[1] * b[4] + a[2] * b[7],
+            a[0] * b[2] + a[1] * b[5] + a[2] * b[8],
+            a[3] * b[0] + a[4] * b[3] + a[5] * b[6], a[3] * b[1] + a[4] * b[4] + a[5] * b[7],
+            a[3] * b[2] + a[4] * b[5] + a[5] * b[8],
+            a[6] * b[0] + a[7] * b[3] + a[8] * b[6], a[6] * b[1] + a[7] * b[4] + a[8] * b[7],
+            a[6] * b[2] + a[7] * b[5] + a[8] * b[8])
+
+
+@njit(cache=True)
+def _t(a):
+    return (a[0], a[3], a[6], a[1], a[4], a[7], a[2], a[5], a[8])
+
+
+@njit(cache=True)
+def _rotation(w, x, y, z):
+    """Rotation matrix of a unit quaternion (w, x, y, z)."""
+    return (1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y))
+
+
+@njit(cache=True)
+def _covariance(q, s):
+    """The normalised quaternion (w, x, y, z), its norm, R, and M = R diag(s)."""
+    qn = max(math.sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]), 1e-12)
+    w, x, y, z = q[0] / qn, q[1] / qn, q[2] / qn, q[3] / qn
+    R = _rotation(w, x, y, z)
+    M = (R[0] * s[0], R[1] * s[1], R[2] * s[2], R[3] * s[0], R[4] * s[1], R[5] * s[2],
+         R[6] * s[0], R[7] * s[1], R[8] * s[2])
+    return (w, x, y, z), qn, R, M
+
+
+@njit(cache=True)
+def _jacobian(px, py, pz, fx, fy, cx, cy, width, height):
+    """gsplat's perspective Jacobian (its non-zero entries J00, J02, J11, J12), with the direction
+    clamped to 1.3x the field of view; also tx, ty and whether x and y were inside the clamp
+    (outside it, J does not move with them)."""
     lim_x_pos, lim_x_neg = (width - cx) / fx + 0.15 * width / fx, cx / fx + 0.15 * width / fx
     lim_y_pos, lim_y_neg = (height - cy) / fy + 0.15 * height / fy, cy / fy + 0.15 * height / fy
-    rx, ry = p[0] / z, p[1] / z
+    rx, ry = px / pz, py / pz
     free_x, free_y = -lim_x_neg <= rx <= lim_x_pos, -lim_y_neg <= ry <= lim_y_pos
-    tx = z * min(max(rx, -lim_x_neg), lim_x_pos)
-    ty = z * min(max(ry, -lim_y_neg), lim_y_pos)
-    J = np.array([[fx / z, 0.0, -fx * tx / (z * z)], [0.0, fy / z, -fy * ty / (z * z)]])
-    return J, tx, ty, free_x, free_y
+    tx = pz * min(max(rx, -lim_x_neg), lim_x_pos)
+    ty = pz * min(max(ry, -lim_y_neg), lim_y_pos)
+    return fx / pz, -fx * tx / (pz * pz), fy / pz, -fy * ty / (pz * pz), tx, ty, free_x, free_y
+
+
+@njit(cache=True)
+def _conic_parts(M, V, j00, j02, j11, j12, eps2d):
+    """Σc = V (M Mᵀ) Vᵀ and the projected 2D covariance entries a, b, c (eps2d added)."""
+    C = _mm(_mm(V, _mm(M, _t(M))), _t(V))
+    # Σ2 = J Σc Jᵀ, J = [[j00, 0, j02], [0, j11, j12]]
+    r0 = (j00 * C[0] + j02 * C[6], j00 * C[1] + j02 * C[7], j00 * C[2] + j02 * C[8])
+    r1 = (j11 * C[3] + j12 * C[6], j11 * C[4] + j12 * C[7], j11 * C[5] + j12 * C[8])
+    a = r0[0] * j00 + r0[2] * j02 + eps2d
+    b = 0.5 * ((r0[1] * j11 + r0[2] * j12) + (r1[0] * j00 + r1[2] * j02))
+    c = r1[1] * j11 + r1[2] * j12 + eps2d
+    return C, a, b, c
 
 
 @njit(cache=True, parallel=True)
@@ -125,46 +165,50 @@ def project_forward(means, quats, scales, coeffs, sh_degree, viewmat, K, width, 
     """Per Gaussian, for one camera: means2d [N,2], conics [N,3], depths [N], radii [N,2] and, with
     SH coefficients [N,K,3] and sh_degree >= 0, colours [N,3]."""
     n = means.shape[0]
-    Rv, tv = viewmat[:3, :3].astype(np.float64), viewmat[:3, 3].astype(np.float64)
+    V = (float(viewmat[0, 0]), float(viewmat[0, 1]), float(viewmat[0, 2]), float(viewmat[1, 0]), float(viewmat[1, 1]),
+         float(viewmat[1, 2]), float(viewmat[2, 0]), float(viewmat[2, 1]), float(viewmat[2, 2]))
+    tv = (float(viewmat[0, 3]), float(viewmat[1, 3]), float(viewmat[2, 3]))
     fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
-    campos = -Rv.T @ tv
+    cam = (-(V[0] * tv[0] + V[3] * tv[1] + V[6] * tv[2]), -(V[1] * tv[0] + V[4] * tv[1] + V[7] * tv[2]),
+           -(V[2] * tv[0] + V[5] * tv[1] + V[8] * tv[2]))
     means2d = np.zeros((n, 2), np.float32)
     conics = np.zeros((n, 3), np.float32)
     depths = np.zeros(n, np.float32)
     radii = np.zeros((n, 2), np.int32)
     colors = np.zeros((n, 3) if sh_degree >= 0 else (0, 3), np.float32)
+    bases = np.empty((n if sh_degree >= 0 else 0, 16))
+    nb = (sh_degree + 1) ** 2
     for g in prange(n):
-        p = Rv @ means[g].astype(np.float64) + tv
-        depths[g] = p[2]
+        mx, my, mz = float(means[g, 0]), float(means[g, 1]), float(means[g, 2])
+        px = V[0] * mx + V[1] * my + V[2] * mz + tv[0]
+        py = V[3] * mx + V[4] * my + V[5] * mz + tv[1]
+        pz = V[6] * mx + V[7] * my + V[8] * mz + tv[2]
+        depths[g] = pz
         if sh_degree >= 0:
-            bases = np.empty(16)
-            d = means[g].astype(np.float64) - campos
-            d /= max(math.sqrt(d @ d), 1e-12)
-            _sh_bases(sh_degree, d[0], d[1], d[2], bases)
+            dx, dy, dz = mx - cam[0], my - cam[1], mz - cam[2]
+            length = max(math.sqrt(dx * dx + dy * dy + dz * dz), 1e-12)
+            _sh_bases(sh_degree, dx / length, dy / length, dz / length, bases[g])
             for ch in range(3):
                 acc = 0.0
-                for k in range((sh_degree + 1) ** 2):
-                    acc += bases[k] * coeffs[g, k, ch]
+                for k in range(nb):
+                    acc += bases[g, k] * coeffs[g, k, ch]
                 colors[g, ch] = max(acc + 0.5, 0.0)
-        if not (near < p[2] < far):
+        if not (near < pz < far):
             continue
-        q = quats[g].astype(np.float64)
-        q /= max(math.sqrt(q @ q), 1e-12)
-        M = _rotation(q[0], q[1], q[2], q[3]) * scales[g].astype(np.float64)
-        cov_c = Rv @ (M @ M.T) @ Rv.T
-        J, _, _, _, _ = _jacobian(p, fx, fy, cx, cy, width, height)
-        cov2d = J @ cov_c @ J.T
-        a, b, c = cov2d[0, 0] + eps2d, 0.5 * (cov2d[0, 1] + cov2d[1, 0]), cov2d[1, 1] + eps2d
+        _, _, _, M = _covariance((float(quats[g, 0]), float(quats[g, 1]), float(quats[g, 2]), float(quats[g, 3])),
+                                 (float(scales[g, 0]), float(scales[g, 1]), float(scales[g, 2])))
+        j00, j02, j11, j12, _, _, _, _ = _jacobian(px, py, pz, fx, fy, cx, cy, width, height)
+        _, a, b, c = _conic_parts(M, V, j00, j02, j11, j12, eps2d)
         det = max(a * c - b * b, 1e-10)
-        mx, my = fx * p[0] / p[2] + cx, fy * p[1] / p[2] + cy
-        if not (math.isfinite(det) and math.isfinite(a) and math.isfinite(c) and math.isfinite(mx) and math.isfinite(my)):
+        ux, uy = fx * px / pz + cx, fy * py / pz + cy
+        if not (math.isfinite(det) and math.isfinite(a) and math.isfinite(c) and math.isfinite(ux) and math.isfinite(uy)):
             continue  # overflowed (a huge Gaussian right at the camera): culled, as gsplat's kernels do
         rx = math.ceil(np.float32(RADIUS_SIGMAS) * np.sqrt(np.float32(a)))  # in float32, as gsplat
         ry = math.ceil(np.float32(RADIUS_SIGMAS) * np.sqrt(np.float32(c)))
-        if mx + rx <= 0 or mx - rx >= width or my + ry <= 0 or my - ry >= height:
+        if ux + rx <= 0 or ux - rx >= width or uy + ry <= 0 or uy - ry >= height:
             continue
         radii[g, 0], radii[g, 1] = rx, ry
-        means2d[g, 0], means2d[g, 1] = mx, my
+        means2d[g, 0], means2d[g, 1] = ux, uy
         conics[g, 0], conics[g, 1], conics[g, 2] = c / det, -b / det, a / det
     return means2d, conics, depths, radii, colors
 
@@ -175,100 +219,115 @@ def project_backward(means, quats, scales, coeffs, sh_degree, viewmat, K, width,
     """Gradients of means, quats (unnormalised), scales and SH coefficients from those of means2d,
     conics and colours. Culled Gaussians (radius 0) get zeros."""
     n = means.shape[0]
-    Rv, tv = viewmat[:3, :3].astype(np.float64), viewmat[:3, 3].astype(np.float64)
+    V = (float(viewmat[0, 0]), float(viewmat[0, 1]), float(viewmat[0, 2]), float(viewmat[1, 0]), float(viewmat[1, 1]),
+         float(viewmat[1, 2]), float(viewmat[2, 0]), float(viewmat[2, 1]), float(viewmat[2, 2]))
+    tv = (float(viewmat[0, 3]), float(viewmat[1, 3]), float(viewmat[2, 3]))
     fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
-    campos = -Rv.T @ tv
+    cam = (-(V[0] * tv[0] + V[3] * tv[1] + V[6] * tv[2]), -(V[1] * tv[0] + V[4] * tv[1] + V[7] * tv[2]),
+           -(V[2] * tv[0] + V[5] * tv[1] + V[8] * tv[2]))
     v_means = np.zeros((n, 3), np.float32)
     v_quats = np.zeros((n, 4), np.float32)
     v_scales = np.zeros((n, 3), np.float32)
     v_coeffs = np.zeros_like(coeffs)
+    scratch = np.empty((n if sh_degree >= 0 else 0, 16, 4))  # per Gaussian: SH basis and its gradient
+    nb = (sh_degree + 1) ** 2
     for g in prange(n):
         if radii[g, 0] <= 0 or radii[g, 1] <= 0:
             continue
-        mean = means[g].astype(np.float64)
+        mx, my, mz = float(means[g, 0]), float(means[g, 1]), float(means[g, 2])
+        vmx = vmy = vmz = 0.0
         if sh_degree >= 0:  # colour = max(sum_k basis_k(dir) coeff_k + 0.5, 0), dir = normalise(mean - campos)
-            nb = (sh_degree + 1) ** 2
-            d = mean - campos
-            length = max(math.sqrt(d @ d), 1e-12)
-            u = d / length
-            bases, grads = np.empty(16), np.empty((16, 3))
-            _sh_bases(sh_degree, u[0], u[1], u[2], bases)
-            _sh_bases_grad(sh_degree, u[0], u[1], u[2], grads)
-            v_u = np.zeros(3)
+            dx, dy, dz = mx - cam[0], my - cam[1], mz - cam[2]
+            length = max(math.sqrt(dx * dx + dy * dy + dz * dz), 1e-12)
+            ux, uy, uz = dx / length, dy / length, dz / length
+            _sh_bases(sh_degree, ux, uy, uz, scratch[g, :, 0])
+            _sh_bases_grad(sh_degree, ux, uy, uz, scratch[g, :, 1:])
+            vux = vuy = vuz = 0.0
             for ch in range(3):
                 acc = 0.0
                 for k in range(nb):
-                    acc += bases[k] * coeffs[g, k, ch]
+                    acc += scratch[g, k, 0] * coeffs[g, k, ch]
                 if acc + 0.5 <= 0.0:
                     continue
                 vc = float(v_colors[g, ch])
                 for k in range(nb):
-                    v_coeffs[g, k, ch] = bases[k] * vc
-                    v_u += grads[k] * (coeffs[g, k, ch] * vc)
-            v_d = (v_u - u * (u @ v_u)) / length
-            for i in range(3):
-                v_means[g, i] += v_d[i]
-        # recompute the forward pass of this Gaussian
-        p = Rv @ mean + tv
-        z = p[2]
-        q = quats[g].astype(np.float64)
-        qn = math.sqrt(q @ q)
-        w, x, y, zq = q / qn
-        R = _rotation(w, x, y, zq)
-        s = scales[g].astype(np.float64)
-        M = R * s
-        cov_c = Rv @ (M @ M.T) @ Rv.T
-        J, tx, ty, free_x, free_y = _jacobian(p, fx, fy, cx, cy, width, height)
-        cov2d = J @ cov_c @ J.T
-        a, b, c = cov2d[0, 0] + eps2d, 0.5 * (cov2d[0, 1] + cov2d[1, 0]), cov2d[1, 1] + eps2d
+                    v_coeffs[g, k, ch] = scratch[g, k, 0] * vc
+                    f = coeffs[g, k, ch] * vc
+                    vux += scratch[g, k, 1] * f
+                    vuy += scratch[g, k, 2] * f
+                    vuz += scratch[g, k, 3] * f
+            dot = ux * vux + uy * vuy + uz * vuz
+            vmx, vmy, vmz = (vux - ux * dot) / length, (vuy - uy * dot) / length, (vuz - uz * dot) / length
+        # the forward pass of this Gaussian, again
+        px = V[0] * mx + V[1] * my + V[2] * mz + tv[0]
+        py = V[3] * mx + V[4] * my + V[5] * mz + tv[1]
+        z = V[6] * mx + V[7] * my + V[8] * mz + tv[2]
+        s = (float(scales[g, 0]), float(scales[g, 1]), float(scales[g, 2]))
+        qt, qn, R, M = _covariance((float(quats[g, 0]), float(quats[g, 1]), float(quats[g, 2]), float(quats[g, 3])), s)
+        w, x, y, zq = qt[0], qt[1], qt[2], qt[3]
+        j00, j02, j11, j12, tx, ty, free_x, free_y = _jacobian(px, py, z, fx, fy, cx, cy, width, height)
+        C, a, b, c = _conic_parts(M, V, j00, j02, j11, j12, eps2d)
         det = max(a * c - b * b, 1e-10)
-        # conic = inverse(A): dL/dA = -P V P, with P = A^-1 and V the conic gradient as a symmetric matrix
-        P = np.array([[c / det, -b / det], [-b / det, a / det]])
-        V = np.array([[v_conics[g, 0], 0.5 * v_conics[g, 1]], [0.5 * v_conics[g, 1], v_conics[g, 2]]])
-        v_cov2d = -P @ V @ P
-        # cov2d = J cov_c J^T
-        v_cov_c = J.T @ v_cov2d @ J
-        v_J = 2.0 * v_cov2d @ J @ cov_c
+        # conic = inverse(A): dL/dA = -P Vc P, with P = A^-1 and Vc the conic gradient as a symmetric matrix
+        p00, p01, p11 = c / det, -b / det, a / det
+        v00, v01, v11 = float(v_conics[g, 0]), 0.5 * float(v_conics[g, 1]), float(v_conics[g, 2])
+        pv00, pv01 = p00 * v00 + p01 * v01, p00 * v01 + p01 * v11
+        pv10, pv11 = p01 * v00 + p11 * v01, p01 * v01 + p11 * v11
+        g00 = -(pv00 * p00 + pv01 * p01)
+        g01 = -(pv00 * p01 + pv01 * p11)
+        g11 = -(pv10 * p01 + pv11 * p11)
+        # Σ2 = J Σc Jᵀ: dΣc = Jᵀ G J (symmetric), dJ = 2 G J Σc
+        jr0, jr1 = (j00, 0.0, j02), (0.0, j11, j12)
+        gj0 = (g00 * jr0[0] + g01 * jr1[0], g00 * jr0[1] + g01 * jr1[1], g00 * jr0[2] + g01 * jr1[2])
+        gj1 = (g01 * jr0[0] + g11 * jr1[0], g01 * jr0[1] + g11 * jr1[1], g01 * jr0[2] + g11 * jr1[2])
+        vC = (jr0[0] * gj0[0] + jr1[0] * gj1[0], jr0[0] * gj0[1] + jr1[0] * gj1[1], jr0[0] * gj0[2] + jr1[0] * gj1[2],
+              jr0[1] * gj0[0] + jr1[1] * gj1[0], jr0[1] * gj0[1] + jr1[1] * gj1[1], jr0[1] * gj0[2] + jr1[1] * gj1[2],
+              jr0[2] * gj0[0] + jr1[2] * gj1[0], jr0[2] * gj0[1] + jr1[2] * gj1[1], jr0[2] * gj0[2] + jr1[2] * gj1[2])
+        vj00 = 2.0 * (gj0[0] * C[0] + gj0[1] * C[3] + gj0[2] * C[6])
+        vj02 = 2.0 * (gj0[0] * C[2] + gj0[1] * C[5] + gj0[2] * C[8])
+        vj11 = 2.0 * (gj1[0] * C[1] + gj1[1] * C[4] + gj1[2] * C[7])
+        vj12 = 2.0 * (gj1[0] * C[2] + gj1[1] * C[5] + gj1[2] * C[8])
         # means2d = (fx x/z + cx, fy y/z + cy), and J's dependence on the camera-space mean p
-        v_p = np.zeros(3)
-        v_p[0] = v_means2d[g, 0] * fx / z
-        v_p[1] = v_means2d[g, 1] * fy / z
-        v_p[2] = -(v_means2d[g, 0] * fx * p[0] + v_means2d[g, 1] * fy * p[1]) / (z * z)
         z2, z3 = z * z, z * z * z
-        v_p[2] += -fx / z2 * v_J[0, 0] - fy / z2 * v_J[1, 1]
-        # J[0,2] = -fx tx / z^2 with tx = x inside the clamp, else z * limit
-        if free_x:
-            v_p[0] += -fx / z2 * v_J[0, 2]
-            v_p[2] += 2 * fx * tx / z3 * v_J[0, 2]
+        vpx = float(v_means2d[g, 0]) * fx / z
+        vpy = float(v_means2d[g, 1]) * fy / z
+        vpz = -(float(v_means2d[g, 0]) * fx * px + float(v_means2d[g, 1]) * fy * py) / z2
+        vpz += -fx / z2 * vj00 - fy / z2 * vj11
+        if free_x:  # J02 = -fx tx / z^2 with tx = x inside the clamp, else z * limit
+            vpx += -fx / z2 * vj02
+            vpz += 2 * fx * tx / z3 * vj02
         else:
-            v_p[2] += fx * tx / z3 * v_J[0, 2]
+            vpz += fx * tx / z3 * vj02
         if free_y:
-            v_p[1] += -fy / z2 * v_J[1, 2]
-            v_p[2] += 2 * fy * ty / z3 * v_J[1, 2]
+            vpy += -fy / z2 * vj12
+            vpz += 2 * fy * ty / z3 * vj12
         else:
-            v_p[2] += fy * ty / z3 * v_J[1, 2]
-        v_mean = Rv.T @ v_p
-        for i in range(3):
-            v_means[g, i] += v_mean[i]
-        # cov_c = Rv cov Rv^T, cov = M M^T, M = R diag(s)
-        v_cov = Rv.T @ v_cov_c @ Rv
-        v_M = (v_cov + v_cov.T) @ M
-        v_R = v_M * s
-        for j in range(3):
-            v_scales[g, j] = (v_M[:, j] * R[:, j]).sum()
+            vpz += fy * ty / z3 * vj12
+        v_means[g, 0] = vmx + V[0] * vpx + V[3] * vpy + V[6] * vpz
+        v_means[g, 1] = vmy + V[1] * vpx + V[4] * vpy + V[7] * vpz
+        v_means[g, 2] = vmz + V[2] * vpx + V[5] * vpy + V[8] * vpz
+        # Σc = V Σ Vᵀ, Σ = M Mᵀ, M = R diag(s): dΣ = Vᵀ dΣc V (symmetric), dM = 2 dΣ M
+        vS = _mm(_mm(_t(V), vC), V)
+        vM = _mm(vS, M)
+        vM = (2 * vM[0], 2 * vM[1], 2 * vM[2], 2 * vM[3], 2 * vM[4], 2 * vM[5], 2 * vM[6], 2 * vM[7], 2 * vM[8])
+        v_scales[g, 0] = vM[0] * R[0] + vM[3] * R[3] + vM[6] * R[6]
+        v_scales[g, 1] = vM[1] * R[1] + vM[4] * R[4] + vM[7] * R[7]
+        v_scales[g, 2] = vM[2] * R[2] + vM[5] * R[5] + vM[8] * R[8]
+        vR = (vM[0] * s[0], vM[1] * s[1], vM[2] * s[2], vM[3] * s[0], vM[4] * s[1], vM[5] * s[2],
+              vM[6] * s[0], vM[7] * s[1], vM[8] * s[2])
         # R from the unit quaternion, then the normalisation
-        v_w = 2 * (-zq * v_R[0, 1] + y * v_R[0, 2] + zq * v_R[1, 0] - x * v_R[1, 2] - y * v_R[2, 0] + x * v_R[2, 1])
-        v_x = 2 * (y * v_R[0, 1] + zq * v_R[0, 2] + y * v_R[1, 0] - 2 * x * v_R[1, 1] - w * v_R[1, 2]
-                   + zq * v_R[2, 0] + w * v_R[2, 1] - 2 * x * v_R[2, 2])
-        v_y = 2 * (-2 * y * v_R[0, 0] + x * v_R[0, 1] + w * v_R[0, 2] + x * v_R[1, 0] + zq * v_R[1, 2]
-                   - w * v_R[2, 0] + zq * v_R[2, 1] - 2 * y * v_R[2, 2])
-        v_z = 2 * (-2 * zq * v_R[0, 0] - w * v_R[0, 1] + x * v_R[0, 2] + w * v_R[1, 0] - 2 * zq * v_R[1, 1]
-                   + y * v_R[1, 2] + x * v_R[2, 0] + y * v_R[2, 1])
-        v_qn = np.array([v_w, v_x, v_y, v_z])
-        un = q / qn
-        v_q = (v_qn - un * (un @ v_qn)) / qn
-        for i in range(4):
-            v_quats[g, i] = v_q[i]
+        v_w = 2 * (-zq * vR[1] + y * vR[2] + zq * vR[3] - x * vR[5] - y * vR[6] + x * vR[7])
+        v_x = 2 * (y * vR[1] + zq * vR[2] + y * vR[3] - 2 * x * vR[4] - w * vR[5]
+                   + zq * vR[6] + w * vR[7] - 2 * x * vR[8])
+        v_y = 2 * (-2 * y * vR[0] + x * vR[1] + w * vR[2] + x * vR[3] + zq * vR[5]
+                   - w * vR[6] + zq * vR[7] - 2 * y * vR[8])
+        v_z = 2 * (-2 * zq * vR[0] - w * vR[1] + x * vR[2] + w * vR[3] - 2 * zq * vR[4]
+                   + y * vR[5] + x * vR[6] + y * vR[7])
+        dot = w * v_w + x * v_x + y * v_y + zq * v_z
+        v_quats[g, 0] = (v_w - w * dot) / qn
+        v_quats[g, 1] = (v_x - x * dot) / qn
+        v_quats[g, 2] = (v_y - y * dot) / qn
+        v_quats[g, 3] = (v_z - zq * dot) / qn
     return v_means, v_quats, v_scales, v_coeffs
 
 
@@ -305,21 +364,25 @@ def bin_tiles(means2d, radii, depths, tile_size, tiles_x, tiles_y):
 
 @njit(cache=True, parallel=True)
 def _gather(ids, means2d, conics, opacities, feats):
-    """The parameters of every (tile, Gaussian) pair, contiguous per tile: [pairs, 6 + D]."""
+    """The parameters of every (tile, Gaussian) pair, contiguous per tile: [pairs, 6 + D]; and each
+    pair's cut, the sigma past which its alpha is surely under ALPHA_MIN (so most pixels of a tile
+    skip a Gaussian without an exp; the exact test still decides at the edge)."""
     d = feats.shape[1]
     packed = np.empty((ids.shape[0], 6 + d), np.float32)
+    cuts = np.empty(ids.shape[0], np.float32)
     for i in prange(ids.shape[0]):
         g = ids[i]
         packed[i, 0], packed[i, 1] = means2d[g, 0], means2d[g, 1]
         packed[i, 2], packed[i, 3], packed[i, 4] = conics[g, 0], conics[g, 1], conics[g, 2]
         packed[i, 5] = opacities[g]
+        cuts[i] = math.log(max(opacities[g] / ALPHA_MIN, 1e-30)) + 1e-3 if opacities[g] > 0 else -1.0
         for k in range(d):
             packed[i, 6 + k] = feats[g, k]
-    return packed
+    return packed, cuts
 
 
 @njit(cache=True, parallel=True)
-def forward(packed, offsets, width, height, tile_size, tiles_x, background):
+def forward(packed, cuts, offsets, width, height, tile_size, tiles_x, background):
     """Colour [H, W, D], final transmittance [H, W] and Gaussians walked per pixel [H, W]."""
     d = packed.shape[1] - 6
     n_tiles = offsets.shape[0] - 1
@@ -338,8 +401,10 @@ def forward(packed, offsets, width, height, tile_size, tiles_x, background):
                 for i in range(start, end):
                     dx, dy = packed[i, 0] - px, packed[i, 1] - py
                     sigma = np.float32(0.5) * (packed[i, 2] * dx * dx + packed[i, 4] * dy * dy) + packed[i, 3] * dx * dy
+                    if sigma < 0 or sigma > cuts[i]:
+                        continue
                     alpha = min(ALPHA_MAX, packed[i, 5] * np.exp(-sigma))
-                    if sigma < 0 or alpha < ALPHA_MIN:
+                    if alpha < ALPHA_MIN:
                         continue
                     next_t = T * (np.float32(1.0) - alpha)
                     if next_t <= T_MIN:
@@ -357,7 +422,7 @@ def forward(packed, offsets, width, height, tile_size, tiles_x, background):
 
 
 @njit(cache=True, parallel=True)
-def backward(packed, offsets, width, height, tile_size, tiles_x, background, t_final, walked, v_color, v_alpha):
+def backward(packed, cuts, offsets, width, height, tile_size, tiles_x, background, t_final, walked, v_color, v_alpha):
     """Gradients of every (tile, Gaussian) pair [pairs, 6 + D] (means2d, conic, opacity, colour) and
     of the background, summed per tile [tiles, D]."""
     d = packed.shape[1] - 6
@@ -384,9 +449,11 @@ def backward(packed, offsets, width, height, tile_size, tiles_x, background, t_f
                     dx, dy = packed[i, 0] - px, packed[i, 1] - py
                     a, b, c = packed[i, 2], packed[i, 3], packed[i, 4]
                     sigma = np.float32(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy
+                    if sigma < 0 or sigma > cuts[i]:
+                        continue
                     vis = np.exp(-sigma)
                     alpha = min(ALPHA_MAX, packed[i, 5] * vis)
-                    if sigma < 0 or alpha < ALPHA_MIN:
+                    if alpha < ALPHA_MIN:
                         continue
                     ra = np.float32(1.0) / (np.float32(1.0) - alpha)
                     T *= ra
@@ -469,17 +536,17 @@ class Composite(torch.autograd.Function):
     def forward(ctx, means2d, conics, opacities, feats, background, radii, depths, width, height, tile_size):
         tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
         offsets, ids = bin_tiles(_host(means2d), _host(radii.int()), _host(depths), tile_size, tiles_x, tiles_y)
-        packed = _gather(ids, _host(means2d), _host(conics), _host(opacities), _host(feats))
+        packed, cuts = _gather(ids, _host(means2d), _host(conics), _host(opacities), _host(feats))
         bg = _host(background) if background is not None else np.zeros(0, np.float32)
-        color, t_final, walked = forward(packed, offsets, width, height, tile_size, tiles_x, bg)
-        ctx.state = (packed, offsets, ids, bg, t_final, walked, width, height, tile_size, tiles_x, means2d.shape[0])
+        color, t_final, walked = forward(packed, cuts, offsets, width, height, tile_size, tiles_x, bg)
+        ctx.state = (packed, cuts, offsets, ids, bg, t_final, walked, width, height, tile_size, tiles_x, means2d.shape[0])
         ctx.has_background = background is not None
         return torch.from_numpy(color), torch.from_numpy(1.0 - t_final)[..., None]
 
     @staticmethod
     def backward(ctx, v_image, v_alpha):
-        packed, offsets, ids, bg, t_final, walked, width, height, tile_size, tiles_x, n = ctx.state
-        grads, v_bg = backward(packed, offsets, width, height, tile_size, tiles_x, bg, t_final, walked,
+        packed, cuts, offsets, ids, bg, t_final, walked, width, height, tile_size, tiles_x, n = ctx.state
+        grads, v_bg = backward(packed, cuts, offsets, width, height, tile_size, tiles_x, bg, t_final, walked,
                                _host(v_image), _host(v_alpha[..., 0]))
         per_gaussian = torch.from_numpy(scatter(grads, ids, n))
         v_background = torch.from_numpy(v_bg.sum(axis=0)) if ctx.has_background else None
