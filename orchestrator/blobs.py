@@ -6,6 +6,7 @@ does not care which one it talks to.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -13,11 +14,35 @@ from typing import Protocol
 MAX_LINK_SECONDS = 7 * 24 * 3600  # S3 presigned URLs cannot outlive 7 days with SigV4
 
 
+class Refused(ValueError):
+    """A key that names something we will not read or write: outside the folder, a link that leads
+    out or loops, not a plain file."""
+
+
+def inside(root: Path, path: Path) -> Path:
+    """`path` resolved, if it stays inside `root` (links followed); Refused otherwise."""
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError) as exc:  # a link loop
+        raise Refused(f"{path.name} cannot be resolved ({exc.__class__.__name__})") from None
+    if resolved != root and root not in resolved.parents:
+        raise Refused(f"{path.name} leads outside {root}")
+    return resolved
+
+
 class Blobs(Protocol):
     def exists(self, key: str) -> bool: ...
     def exists_prefix(self, prefix: str) -> bool: ...
-    def read(self, key: str) -> bytes: ...
+    def size(self, key: str) -> int | None:
+        """Bytes of the object, None when there is none; Refused for what may not be read."""
+    def usage(self, prefix: str, most: int) -> tuple[int, int]:
+        """(objects, bytes) under a prefix, counting at most `most` + 1 objects."""
+    def read(self, key: str, limit: int | None = None) -> bytes: ...
+    def head(self, key: str, limit: int) -> tuple[bytes, int] | None:
+        """At most the first `limit` bytes and the whole size, in one request; None when there is none."""
     def write(self, key: str, data: bytes) -> None: ...
+    def create(self, key: str, data: bytes) -> bool:
+        """Write only if nothing is there yet; False when something was."""
     def list(self, prefix: str) -> list[str]: ...
     def copy_prefix(self, src: str, dst: str) -> list[str]: ...
     def download(self, key_or_prefix: str, dest: Path) -> Path: ...
@@ -46,11 +71,57 @@ class S3Blobs:
     def exists_prefix(self, prefix: str) -> bool:
         return bool(self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1).get("KeyCount"))
 
-    def read(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+    def size(self, key: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def usage(self, prefix: str, most: int) -> tuple[int, int]:
+        count = total = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                count, total = count + 1, total + obj["Size"]
+                if count > most:
+                    return count, total
+        return count, total
+
+    def read(self, key: str, limit: int | None = None) -> bytes:
+        extra = {"Range": f"bytes=0-{limit - 1}"} if limit else {}
+        return self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"].read()
+
+    def head(self, key: str, limit: int) -> tuple[bytes, int] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            reply = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit - 1}")
+        except ClientError as exc:
+            code = exc.response["Error"]["Code"]
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return None
+            if code == "InvalidRange":  # an empty object has no byte 0
+                return b"", 0
+            raise
+        total = reply.get("ContentRange", "").rpartition("/")[2]
+        return reply["Body"].read(limit), int(total) if total.isdigit() else reply["ContentLength"]
 
     def write(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:  # S3's conditional write: refused with 412 when the key exists
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
 
     def copy_prefix(self, src: str, dst: str) -> list[str]:
         keys = []
@@ -72,8 +143,11 @@ class S3Blobs:
             target = dest / PurePosixPath(key_or_prefix).name
             self.client.download_file(self.bucket, key_or_prefix, str(target))
             return target
+        root = dest.resolve()
         for key in self.list(key_or_prefix):
-            target = dest / key[len(key_or_prefix):]
+            target = root / key[len(key_or_prefix):]
+            if ".." in PurePosixPath(key).parts or root not in target.resolve().parents:
+                raise Refused(f"object {key[:200]!r} would be written outside {dest}")
             target.parent.mkdir(parents=True, exist_ok=True)
             self.client.download_file(self.bucket, key, str(target))
         return dest
@@ -102,20 +176,57 @@ class FolderBlobs:
         self.root = root.resolve()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if self.root not in path.parents and path != self.root:
-            raise ValueError(f"{key!r} is outside {self.root}")
-        return path
+        return inside(self.root, self.root / key)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            return self._path(key).is_file()
+        except Refused:
+            return False
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        if not path.exists():
+            return None
+        if not path.is_file():
+            raise Refused(f"{key[:200]} is not a plain file")
+        return path.stat().st_size
+
+    def usage(self, prefix: str, most: int) -> tuple[int, int]:
+        count = total = 0
+        for folder, _, files in os.walk(self._path(prefix)):  # links to folders are not followed
+            for name in files:
+                path = Path(folder) / name
+                if path.is_symlink():
+                    continue
+                count, total = count + 1, total + path.stat().st_size
+                if count > most:
+                    return count, total
+        return count, total
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "xb") as fh:
+                fh.write(data)
+            return True
+        except FileExistsError:
+            return False
 
     def exists_prefix(self, prefix: str) -> bool:
-        path = self._path(prefix)
-        return path.is_dir() and any(p.is_file() for p in path.rglob("*"))
+        try:
+            return self.usage(prefix, 0)[0] > 0
+        except Refused:
+            return False
 
-    def read(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+    def read(self, key: str, limit: int | None = None) -> bytes:
+        with open(self._path(key), "rb") as fh:
+            return fh.read(limit if limit else -1)
+
+    def head(self, key: str, limit: int) -> tuple[bytes, int] | None:
+        size = self.size(key)
+        return None if size is None else (self.read(key, min(limit, size)) if size else b"", size)
 
     def write(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -134,7 +245,10 @@ class FolderBlobs:
         base = self._path(prefix)
         if base.is_file():
             return [prefix]
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
+        found = []
+        for folder, _, files in os.walk(base):  # links to folders are not followed (a loop ends nothing)
+            found += [str((Path(folder) / f).relative_to(self.root)) for f in files if not (Path(folder) / f).is_symlink()]
+        return sorted(found)
 
     def download(self, key_or_prefix: str, dest: Path) -> Path:
         return self._path(key_or_prefix)  # already local: read in place

@@ -339,6 +339,10 @@ def console(
     hosts = set(h.lower() for h in allowed_hosts)
     if is_loopback(host) and not hosts:  # a web page's DNS name pointed at 127.0.0.1 must not reach us
         hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
+    elif not hosts:
+        err.print(f"[yellow]warning:[/yellow] --host {host} without --allowed-host: any Host header is answered, so a "
+                  "web page on a name that resolves here could reach the console (DNS rebinding). Pass "
+                  "--allowed-host with the name people use.")
     secret = os.environ.get("CODSPLAT_CONSOLE_SECRET")  # the same on every instance behind a load balancer
     guard = Guard(token=None if no_login else token, allowed_hosts=frozenset(hosts) or None, secure_cookies=secure_cookies,
                   **({"secret": secret.encode()} if secret else {}))
@@ -353,7 +357,10 @@ def console(
         command = [sys.executable, "-m", "codsplat.orchestrator.cli", "daemon", "--embedded", str(embedded), "--health-port", "0"]
         # the daemon gets SIGTERM when the console ends, however it ends (uvicorn re-raises SIGTERM,
         # so a `finally` here would not run); nothing else runs yet, so preexec_fn is safe
-        child = subprocess.Popen(command + (["--settings", str(settings)] if settings else []), preexec_fn=_die_with_parent)
+        # the console's secrets stay with the console: not the daemon's, nor any pipeline run's business
+        env = {k: v for k, v in os.environ.items() if k not in ("CODSPLAT_CONSOLE_TOKEN", "CODSPLAT_CONSOLE_SECRET")}
+        child = subprocess.Popen(command + (["--settings", str(settings)] if settings else []), preexec_fn=_die_with_parent,
+                                 env=env)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     err.print(f"codsplat console on [bold]http://{shown}:{port}/[/bold]" + (f"  login token: [bold]{token}[/bold]" if token else ""))
     try:

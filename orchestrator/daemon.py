@@ -205,6 +205,7 @@ class Daemon:
         while (self.scheduler.busy or self.lifecycle.local_runs()) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.scheduler.shutdown(wait=False)
+        self.lifecycle.let_go()
         if health:
             health.shutdown()
         if self.folder_lock is not None:

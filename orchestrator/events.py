@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ class JobEvent:
     key: str  # the job document's key (S3) or path relative to the watched folder
     event: str = "ObjectCreated:Put"
     at: str | None = None  # when the upload happened (S3 eventTime, or the file's mtime), ISO 8601
+    upload: str | None = None  # which upload of the key (S3 versionId or ETag, the file's mtime and size): a
+    # second event with the same one is the same upload delivered again, another one is the key uploaded again
 
 
 def parse_message(body: str, jobs_prefix: str = "jobs/") -> list[JobEvent]:
@@ -64,7 +67,9 @@ def parse_message(body: str, jobs_prefix: str = "jobs/") -> list[JobEvent]:
         except (KeyError, TypeError):
             raise BadMessage("S3 record without bucket or key") from None
         if key.startswith(jobs_prefix) and key.endswith(".json"):
-            events.append(JobEvent(bucket, key, record["eventName"], record.get("eventTime")))
+            obj = record["s3"]["object"] if isinstance(record["s3"]["object"], dict) else {}
+            upload = obj.get("versionId") or obj.get("eTag") or obj.get("sequencer")
+            events.append(JobEvent(bucket, key, record["eventName"], record.get("eventTime"), upload))
     return events
 
 
@@ -124,20 +129,31 @@ class FolderSource:
         jobs = self.root / self.jobs_prefix
         jobs.mkdir(parents=True, exist_ok=True)
         fresh = []
-        for path in sorted(jobs.rglob("*.json")):
+        for path in self._documents(jobs):
             key = str(path.relative_to(self.root))
-            try:
-                mtime = path.stat().st_mtime
-            except FileNotFoundError:
+            try:  # a link is reported as itself (lstat): reading it is where one leading out is refused
+                st = path.lstat()
+            except OSError:
                 continue
-            if self._seen.get(key) == mtime or time.time() - mtime < self.settle_seconds:
+            upload = f"{st.st_mtime_ns}:{st.st_size}"
+            if self._seen.get(key) == upload or time.time() - st.st_mtime < self.settle_seconds:
                 continue
-            self._seen[key] = mtime
-            at = datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="milliseconds")
-            fresh.append(Delivery([JobEvent(None, key, at=at)]))
+            self._seen[key] = upload
+            at = datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(timespec="milliseconds")
+            fresh.append(Delivery([JobEvent(None, key, at=at, upload=upload)]))
         if not fresh:
             self._stop.wait(self.poll_seconds)
         return fresh
 
     def ack(self, deliveries: list[Delivery]) -> None:
         pass  # a file stays where it is; its record is what marks it taken
+
+    @staticmethod
+    def _documents(jobs: Path) -> list[Path]:
+        """Every `.json` under the folder, without following links to folders (a loop, or a link to
+        `/`, would stop intake) and without stopping at a folder it cannot read."""
+        found = []
+        for folder, dirs, files in os.walk(jobs, onerror=lambda exc: log.warning("cannot read %s", exc.filename)):
+            dirs.sort()
+            found += [Path(folder) / f for f in sorted(files) if f.endswith(".json") and not f.startswith(".")]
+        return found

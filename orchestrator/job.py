@@ -24,14 +24,14 @@ from codsplat.jobspecs import HERE as JOBSPECS
 from codsplat.pipeline.config import PipelineConfig, merge, preset_settings, read_document
 from codsplat.pipeline.contract import PRESETS, SETTING_SECTIONS, encode_settings
 from codsplat.pipeline.errors import InputError
-from codsplat.pipeline.validation import StrictModel, explain
+from codsplat.pipeline.validation import StrictModel, explain, show
 
 from .bacalhau import gpu_label
 from .settings import SAGEMAKER_GPU_INSTANCES, Policy, Settings
 
 SCHEMA_PATH = JOBSPECS / "job.schema.json"
 JOB_ID = r"^[a-z0-9][a-z0-9-]{2,62}$"
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$")
+EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[A-Za-z]{2,63}")  # fullmatch: no trailing newline, RFC 5321 lengths
 # Keys people try that a job may not set: say so plainly instead of "unknown key".
 FORBIDDEN = {
     "image": "the deployment chooses the container image",
@@ -58,14 +58,16 @@ class S3Uri:
 
 def parse_s3(value: str, what: str) -> S3Uri:
     if not value.startswith("s3://"):
-        raise ValueError(f"must be an s3:// URI, got {json.dumps(value)}")
+        raise ValueError(f"must be an s3:// URI, got {show(value)}")
     bucket, _, key = value[5:].partition("/")
+    if len(key.encode()) > 1024:
+        raise ValueError(f"has a key of {len(key.encode()):,} bytes; an S3 key has at most 1,024")
     if not bucket or not key:
-        raise ValueError(f"must name a bucket and a key, like s3://bucket/{what}/..., got {json.dumps(value)}")
+        raise ValueError(f"must name a bucket and a key, like s3://bucket/{what}/..., got {show(value)}")
     if key.startswith("/") or "\\" in key or "//" in key:
-        raise ValueError(f"has an absolute or malformed key {json.dumps(key)}")
+        raise ValueError(f"has an absolute or malformed key {show(key)}")
     if any(part in ("..", ".") for part in PurePosixPath(key).parts):
-        raise ValueError(f"may not contain '..' or '.' path segments, got {json.dumps(key)}")
+        raise ValueError(f"may not contain '..' or '.' path segments, got {show(key)}")
     return S3Uri(bucket, key)
 
 
@@ -85,7 +87,7 @@ def _within(value: str, policy: Policy, prefixes: tuple[str, ...], what: str) ->
     if uri.bucket != policy.bucket:
         raise ValueError(f"bucket '{uri.bucket}' is not allowed; use s3://{policy.bucket}/")
     if not uri.key.startswith(prefixes):
-        raise ValueError(f"must be under {' or '.join(f's3://{policy.bucket}/{p}' for p in prefixes)}, got {json.dumps(value)}")
+        raise ValueError(f"must be under {' or '.join(f's3://{policy.bucket}/{p}' for p in prefixes)}, got {show(value)}")
     return value
 
 
@@ -95,15 +97,16 @@ class Notify(StrictModel):
     @field_validator("email")
     @classmethod
     def _emails(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if not EMAIL.match(v)]
+        bad = [v for v in value if not EMAIL.fullmatch(v)]
         if bad:
-            raise ValueError(f"not an email address: {', '.join(map(json.dumps, bad))}")
+            raise ValueError(f"not an email address: {', '.join(map(show, bad[:3]))}")
         return value
 
 
 class Compute(StrictModel):
     backend: Literal["auto", "bacalhau", "sagemaker", "local"] = Field(
-        "auto", description="auto: Bacalhau first, SageMaker when Bacalhau cannot run the job."
+        "auto", description="auto: Bacalhau first, SageMaker when Bacalhau cannot run the job (on AWS); this "
+                            "machine (embedded). local exists only in the embedded deployment."
     )
     gpus: int = Field(1, ge=0, description="GPUs for training (0 trains on the CPU).")
     gpu_model: str | None = Field(
@@ -115,6 +118,15 @@ class Compute(StrictModel):
     queue_timeout_minutes: int = Field(30, ge=0, le=24 * 60, description="How long to wait for a free node.")
     split_stages: bool = Field(False, description="Run preprocess (CPU), train (GPU), export (CPU) as three jobs.")
     retries: int = Field(2, ge=0, le=5, description="New attempts after a failed execution.")
+
+    @field_validator("backend")
+    @classmethod
+    def _offered(cls, value: str, info: ValidationInfo) -> str:
+        offered = _policy(info).backends
+        if value not in offered:
+            where = "the embedded deployment (it would run on the orchestrator host)" if value == "local" else "AWS"
+            raise ValueError(f"{show(value)} runs only in {where}; this deployment offers {', '.join(offered)}")
+        return value
 
     @field_validator("gpu_model")
     @classmethod
@@ -139,7 +151,7 @@ class Compute(StrictModel):
             why = (f"it has {gpus} GPUs and this deployment allows {policy.max_gpus}" if gpus
                    else "not a SageMaker GPU training instance")
             raise ValueError(f"must be one of this deployment's SageMaker instances ({', '.join(allowed)}); "
-                             f"got {json.dumps(value)}: {why}")
+                             f"got {show(value)}: {why}")
         return value
 
 
@@ -157,17 +169,26 @@ class JobDocument(PipelineConfig):
     @field_validator("input")
     @classmethod
     def _input(cls, value: str, info: ValidationInfo) -> str:
-        policy = _policy(info)
-        return _within(value, policy, policy.input_prefixes, "uploads")
+        """Under an input prefix; a document in a user's folder (`jobs/<user>/...`) reads only that
+        user's uploads (`uploads/<user>/...`); a folder of photos is one folder, never a whole prefix."""
+        policy, owner = _policy(info), (info.context or {}).get("owner")
+        prefixes = tuple(f"{p}{owner}/" for p in policy.input_prefixes) if owner else policy.input_prefixes
+        value = _within(value, policy, prefixes, "uploads")
+        key = parse_s3(value, "uploads").key
+        if key.endswith("/") and key in prefixes:
+            raise ValueError(f"names the whole of {show(key)}; name the folder of one capture inside it")
+        return value
 
     @field_validator("output")
     @classmethod
     def _output(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Under the job's own folder of results (`results/<id>/`), never another job's."""
         if value is None:
             return value
-        policy = _policy(info)
-        value = _within(value, policy, (policy.output_prefix,), "results")
-        return value if value.endswith("/") else value + "/"
+        policy, job_id = _policy(info), info.data.get("id")
+        own = f"{policy.output_prefix}{job_id}/" if job_id else policy.output_prefix
+        value = _within(value if value.endswith("/") else value + "/", policy, (own,), "results")
+        return value
 
     # ----------------------------------------------------------------- derived values
 
@@ -191,8 +212,10 @@ class JobDocument(PipelineConfig):
         return encode_settings(sections)
 
 
-def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = None) -> JobDocument:
-    """Validate a job document (a dict) against the deployment's policy, with every error at once."""
+def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = None,
+              owner: str | None = None) -> JobDocument:
+    """Validate a job document (a dict) against the deployment's policy, with every error at once.
+    `owner`: the user folder the document came from (`owner_of`), whose uploads alone it may read."""
     if not isinstance(data, dict):
         raise InputError("A job document must be an object with keys such as version, input, notify, compute.")
     preset = data.get("preset")
@@ -204,7 +227,7 @@ def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = 
             raise InputError("The job has 1 problem: id: required (or let it default to the job file's name).")
         layered["id"] = default_id
     try:
-        return JobDocument.model_validate(layered, context={"policy": policy or Settings().policy})
+        return JobDocument.model_validate(layered, context={"policy": policy or Settings().policy, "owner": owner})
     except ValidationError as exc:
         problems = explain(exc, JobDocument, forbidden=FORBIDDEN)
         raise InputError(
@@ -212,9 +235,39 @@ def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = 
         ) from None
 
 
+MAX_RENUMBER = 50  # `<id>-r2` ... `<id>-r51`: a taken id is renumbered this many times at most
+
+
+def next_id(job_id: str, renumbered: int) -> str | None:
+    """The id to try after `job_id` was taken (`scan` → `scan-r2` → `scan-r3`), None past MAX_RENUMBER."""
+    if renumbered >= MAX_RENUMBER:
+        return None
+    stem = re.sub(r"-r\d+$", "", job_id) if renumbered else job_id
+    return f"{stem[:63 - 4]}-r{renumbered + 2}"
+
+
+def owner_of(key: str, settings: Settings) -> str | None:
+    """The user folder a job document sits in (`jobs/alice/scan.json` → `alice`), None at the top
+    (and for a document that is not under the jobs prefix at all)."""
+    if not key.startswith(settings.jobs_prefix):
+        return None
+    parts = PurePosixPath(key.removeprefix(settings.jobs_prefix)).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def valid_notify(data: Any) -> list[str]:
+    """The addresses of a document that did not validate, when its `notify` part is valid on its
+    own (so its author hears why); never raw values."""
+    try:
+        return Notify.model_validate(data.get("notify", {}) if isinstance(data, dict) else {}).email
+    except ValidationError:
+        return []
+
+
 def job_id_from_key(key: str) -> str:
     """`jobs/alice/Kitchen Scan.json` → `kitchen-scan`: a default id that is valid and readable."""
-    stem = PurePosixPath(key).stem.lower()
+    # undecodable bytes of a file name (surrogates) are spelled out, so `caf\xe9` is not plain `caf`
+    stem = PurePosixPath(key.encode("utf-8", "backslashreplace").decode()).stem.lower()
     slug = re.sub(r"[^a-z0-9]+", "-", stem).strip("-")[:63]
     return slug if len(slug) >= 3 else f"job-{slug or 'x'}"
 

@@ -19,7 +19,6 @@ restarted daemon `resume`s every record that is not finished.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import socket
@@ -28,24 +27,24 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Callable
 
+from codsplat.pipeline.config import MAX_DOCUMENT_BYTES, parse_document
 from codsplat.pipeline.contract import ADVICE, EXIT_CANNOT_RUN, EXIT_INTERNAL, exit_code
-from codsplat.pipeline.errors import InputError
 
-from .blobs import Blobs
+from .blobs import Blobs, Refused
 from .compute import Attempt, CannotRun, Done, Ending, Executor, Fail, Result, Stopped, Submit, decide, first_step, upstream_of
 from .events import JobEvent
 from .faults import crashpoint
-from .job import JobDocument, job_id_from_key, parse_job
+from .job import JobDocument, owner_of, parse_job
 from .notify import Notifier, compose
+from .intake import MAX_ERROR_CHARS, Intake
+from .ownership import Holds, LetGo
 from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, Conflict, InvalidTransition,
                       JobRecord, Store, change, now, success_result)
 from .settings import Policy, Settings
 
 log = logging.getLogger("codsplat.daemon")
-MAX_ERROR_CHARS = 2000
 
 
 @dataclass
@@ -98,6 +97,8 @@ class Lifecycle:
         # embedded folder holds one daemon at a time, so there a claim by another owner is a dead one's)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.others_alive = others_alive
+        self.holds = Holds(store, self.owner, settings.claim_seconds, others_alive)
+        self.intake = Intake(store, blobs, policy, settings, self.owner)
         self.settings, self.policy = settings, policy
         self.default_backend, self.fallback = default_backend, fallback
         self.schedule = schedule  # schedule(fn, *args, delay=0.0): run fn(*args) on the daemon's pool
@@ -106,6 +107,7 @@ class Lifecycle:
         self._lock = threading.Lock()
         self._stopped: set[str] = set()  # handed-over attempts already told to stop
         self._swept = now()
+        self._beat = self._looked = time.monotonic()  # heartbeats and takeovers, each on its own interval
         self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "sweeps": 0}
 
     def _count(self, key: str) -> None:
@@ -115,48 +117,25 @@ class Lifecycle:
     # ------------------------------------------------------------------ receive: RECEIVED → VALIDATED | FAILED
 
     def receive(self, event: JobEvent) -> str | None:
-        """Record the job a document names; its record exists before the event is acknowledged."""
+        """Record the job a document names (`intake.Intake`); its record exists before the event is
+        acknowledged. A valid job goes on to `admit`; a refused one's message is sent."""
         self._count("received")
-        job_id = job_id_from_key(event.key)
-        try:
-            raw = self.blobs.read(event.key)
-        except Exception:  # deleted again before we looked: nothing to do
-            log.warning("job document %s has gone", event.key, extra={"job_id": job_id})
+        arrival = self.intake.take_in(event)
+        record, job = arrival.record, arrival.job
+        if record is None:  # the same upload again (or no free id: intake logged it)
+            self._count("duplicates" if arrival.duplicate else "failed")
             return None
-        job, problem = None, None
-        try:
-            job = parse_job(json.loads(raw), self.policy, default_id=job_id)
-            job_id = job.id
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            problem = f"{event.key} is not valid JSON: {getattr(exc, 'msg', exc)}"
-        except InputError as exc:
-            problem = exc.message
-        state = FAILED if problem else VALIDATED
-        record = JobRecord(job_id=job_id, job_key=event.key, state=state, notify=job.notify.email if job else [],
-                           event_at=event.at, input=job.input if job else None, history=[
-                               {"at": now(), "state": RECEIVED, "stage": None, "note": event.event},
-                               {"at": now(), "state": state, "stage": "validate" if problem else None, "note": ""}])
-        if job:
-            record.output = self.blobs.uri(job.output_uri(self.policy).key)
-        else:
-            record.stage = "validate"
-            record.error = self._error("validate", problem, ADVICE["input"], "input", 2)
-            record.notify_claimed_at, record.notify_claimed_by = now(), self.owner  # its creator sends its message
-        crashpoint("before-create")
-        if not self.store.create(record):
-            self._count("duplicates")
-            log.info("duplicate event for %s", job_id, extra={"job_id": job_id})
-            return job_id
         self._count("created")
         crashpoint("after-create")
-        if problem:
+        if job is None:
             self._count("failed")
-            log.warning("job failed: %s", problem[:300], extra={"job_id": job_id, "state": FAILED, "stage": "validate"})
+            log.warning("job failed: %s", record.error["message"][:300],
+                        extra={"job_id": record.job_id, "state": FAILED, "stage": "validate"})
             self.schedule(self.send, record)
-            return job_id
-        log.info("job received", extra={"job_id": job_id, "state": VALIDATED})
-        self.schedule(self.admit, self._flight(job, record))
-        return job_id
+        else:
+            log.info("job received", extra={"job_id": job.id, "state": VALIDATED})
+            self.schedule(self.admit, self._flight(job, record))
+        return record.job_id
 
     # ------------------------------------------------------------------ admit: VALIDATED → QUEUED
 
@@ -167,12 +146,25 @@ class Lifecycle:
             if flight.media_deadline == 0.0:
                 flight.media_deadline = time.monotonic() + self.settings.media_wait_seconds
             crashpoint("before-media-check")
-            uri = job.input_uri
-            if not (self.blobs.exists_prefix(uri.key) if uri.is_prefix else self.blobs.exists(uri.key)):
+            uri, policy = job.input_uri, self.policy
+            try:  # what the job would fetch, bounded before anything is fetched
+                if uri.is_prefix:
+                    files, size = self.blobs.usage(uri.key, policy.max_input_files)
+                else:
+                    size = self.blobs.size(uri.key)
+                    files, size = (0, 0) if size is None else (1, size)
+            except Refused as exc:
+                return self.fail(flight, "validate", f"The media {job.input} cannot be read: {exc}.", "input", code=2)
+            if files == 0:
                 if time.monotonic() < flight.media_deadline:
                     return self.schedule(self.admit, flight, delay=self.settings.media_poll_seconds)
                 return self.fail(flight, "validate", f"The media {job.input} was not found (waited "
                                  f"{self.settings.media_wait_seconds:.0f} s for it to finish uploading).", "input", code=2)
+            if files > policy.max_input_files or size > policy.max_input_bytes:
+                counted = f"{policy.max_input_files:,}+" if files > policy.max_input_files else f"{files:,}"
+                return self.fail(flight, "validate", f"The media {job.input} are too much to fetch ({counted} files, "
+                                 f"{size / 1e9:.1f} GB); a job may read at most {policy.max_input_files:,} files and "
+                                 f"{policy.max_input_bytes / 1e9:.1f} GB.", "input", code=2)
             crashpoint("before-queue")
             if self.slots.take(job.id):
                 self.start(job.id)
@@ -190,7 +182,7 @@ class Lifecycle:
                 return self.cancelled(flight, "cancelled before it ran")
             backend = self._backend(flight.job)
             step = first_step(flight.job)
-            if flight.resumed and self._adopt(flight, backend, step):
+            if flight.resumed and self._adopt(flight, backend, step, retry=lambda: self.start(job_id)):
                 return
             try:
                 self.executors[backend].preflight(flight.job)
@@ -203,7 +195,8 @@ class Lifecycle:
         """Send one attempt, record it (with `mutate`, in the same write), and have its end called back."""
         job = flight.job
         attempt = Attempt.new(backend, job.id, step.stage, step.number, reason=reason)
-        if flight.resumed and self._adopt(flight, backend, step, mutate):
+        if flight.resumed and self._adopt(flight, backend, step, mutate,
+                                          retry=lambda: self.submit(flight, backend, step, reason, mutate)):
             return
         crashpoint("before-submit")
         try:
@@ -213,10 +206,20 @@ class Lifecycle:
         crashpoint("after-submit")
         self._running(flight, attempt, mutate, note=reason or "")
 
-    def _adopt(self, flight: Flight, backend: str, step: Submit, mutate: Callable[[JobRecord], None] = lambda r: None) -> bool:
-        """After a restart: an attempt sent just before the crash is followed, never sent again."""
+    def _adopt(self, flight: Flight, backend: str, step: Submit, mutate: Callable[[JobRecord], None] = lambda r: None,
+               retry: Callable[[], None] = lambda: None) -> bool:
+        """After a restart: an attempt sent just before the crash is followed, never sent again. If
+        the backend cannot say (an API blip), nothing is sent: the lookup is tried again later, since
+        sending now, or judging the job unrunnable and handing it over, could run it twice."""
         attempt = Attempt.new(backend, flight.job.id, step.stage, step.number)
-        if not self.executors[backend].find(flight.job, attempt):
+        try:
+            found = self.executors[backend].find(flight.job, attempt)
+        except Exception as exc:  # noqa: BLE001 - whatever the backend's client raised
+            log.warning("could not look up %s (%s); looking again in %.0f s", attempt.name, str(exc)[:200],
+                        self.settings.lookup_retry_seconds, extra={"job_id": flight.job.id})
+            self.schedule(retry, delay=self.settings.lookup_retry_seconds)
+            return True
+        if not found:
             return False
         log.info("found attempt %s sent before a restart", attempt.name, extra={"job_id": flight.job.id})
         self._running(flight, attempt, mutate, note="found again after a restart", resumed=True)
@@ -377,8 +380,7 @@ class Lifecycle:
         for _ in range(3):
             if record is None or not record.terminal or record.notified_at:
                 return None
-            if (record.notify_claimed_at and record.notify_claimed_by != self.owner and self.others_alive
-                    and time.time() - _epoch(record.notify_claimed_at) < self.settings.claim_seconds):
+            if self.holds.elsewhere(record.notify_claimed_by, record.notify_claimed_at):
                 return None
             mine = copy.deepcopy(record)
             self._stamp(mine)
@@ -418,8 +420,12 @@ class Lifecycle:
         (by its labels on Bacalhau) before anything is sent."""
         if record.terminal:
             return self.announce(record)
+        record = self.holds.take(record)
+        if record is None:
+            return  # another daemon is working on it
         try:
-            job = parse_job(json.loads(self.blobs.read(record.job_key)), self.policy, default_id=record.job_id)
+            job = parse_job(parse_document(self.blobs.read(record.job_key, limit=MAX_DOCUMENT_BYTES + 1), record.job_key),
+                            self.policy, default_id=record.job_id, owner=owner_of(record.job_key, self.settings))
         except Exception as exc:  # the document went bad or away: the job cannot go on
             flight = self._flight(JobDocument.model_construct(id=record.job_id), record)
             message = getattr(exc, "message", None) or f"Its job document {record.job_key} can no longer be read ({exc.__class__.__name__})."
@@ -446,6 +452,47 @@ class Lifecycle:
         self.ended(job.id, last, Result(Ending(last.ending or Ending.CRASHED.value), last.error or "", last.exit_code,
                                         last.executions))
 
+    # ------------------------------------------------------------------ holds: several daemons, one queue
+
+    def heartbeat(self) -> None:
+        """Renew this daemon's hold on the jobs it works on (every `claim_seconds` / 3). A job another
+        daemon took meanwhile (this one was thought dead) is let go, not fought over."""
+        if not self.others_alive or time.monotonic() - self._beat < self.settings.claim_seconds / 3:
+            return
+        self._beat = time.monotonic()
+        for flight in list(self.flights.values()):
+            with flight.lock:
+                if flight.record.state not in (VALIDATED, QUEUED, RUNNING):
+                    continue
+                try:
+                    flight.record = change(self.store, flight.job.id, self.holds.renew, current=flight.record)
+                except (LetGo, KeyError, InvalidTransition):
+                    log.warning("job %s is another daemon's now; letting it go", flight.job.id, extra={"job_id": flight.job.id})
+                    self.release(flight)
+
+    def let_go(self) -> None:
+        """On shutdown: the jobs still at a backend are released at once (their heartbeat cleared),
+        so the next daemon, on this host or another, takes them without waiting out `claim_seconds`."""
+        for flight in list(self.flights.values()) if self.others_alive else []:
+            with flight.lock:
+                if flight.record.terminal or flight.record.owner != self.owner:
+                    continue
+                try:
+                    flight.record = change(self.store, flight.job.id, self.holds.release, current=flight.record)
+                except Exception as exc:  # noqa: BLE001 - the hold then lapses by itself after claim_seconds
+                    log.warning("could not let go of %s (%s)", flight.job.id, exc, extra={"job_id": flight.job.id})
+
+    def take_over(self) -> None:
+        """Resume what a dead daemon held (its heartbeat stopped); looked at every `claim_seconds`."""
+        if not self.others_alive or time.monotonic() - self._looked < self.settings.claim_seconds:
+            return
+        self._looked = time.monotonic()
+        for state in (VALIDATED, QUEUED, RUNNING):
+            for record in self.store.list(state, 100_000):
+                handed = record.backend in self.executors and self.executors[record.backend].finishes_record
+                if record.job_id not in self.flights and not handed and not self.holds.elsewhere(record.owner, record.owner_seen_at):
+                    self.schedule(self.resume, record)
+
     # ------------------------------------------------------------------ cancels
 
     def sweep(self) -> None:
@@ -453,6 +500,8 @@ class Lifecycle:
         and queued ones cancelled while they waited for a slot."""
         swept, self._swept = self._swept, now()
         self._count("sweeps")
+        self.heartbeat()
+        self.take_over()
         for record in self.store.list(RUNNING, 100_000):
             if not record.cancel_requested or not record.attempts:
                 continue
@@ -491,7 +540,3 @@ class Lifecycle:
     @staticmethod
     def _error(stage: str | None, message: str, advice: str, kind: str, code: int | None = None) -> dict[str, Any]:
         return {"stage": stage, "message": message[:MAX_ERROR_CHARS], "advice": advice, "kind": kind, "exit_code": code}
-
-
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()

@@ -86,6 +86,8 @@ class FileNotifier:
         name = f"{message.attributes['job_id']}.json"
         body = to_dict(message)
         target = self.folder / name
+        if "/" in name or name.startswith(".") or target.parent != self.folder:  # ids are slugs; refuse anything else
+            raise ValueError(f"not a file name for a message: {name[:80]!r}")
         if target.exists() and json.loads(target.read_text()).get("attributes") == body["attributes"]:
             return name  # sent before a crash
         tmp = self.folder / f".{name}.tmp"

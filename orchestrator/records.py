@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -25,6 +26,8 @@ from codsplat.pipeline.contract import ADVICE, exit_code, parse_failure, parse_o
 
 from .pricing import estimate
 from .settings import Settings
+
+log = logging.getLogger("codsplat.records")
 
 RECEIVED, VALIDATED, QUEUED, RUNNING = "RECEIVED", "VALIDATED", "QUEUED", "RUNNING"
 SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
@@ -61,6 +64,7 @@ class JobRecord:
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
     event_at: str | None = None  # when the upload's event was raised: intake lag = created_at - event_at
+    upload: str | None = None  # which upload of the document (events.JobEvent.upload)
     input: str | None = None
     output: str | None = None
     notify: list[str] = field(default_factory=list)
@@ -69,6 +73,8 @@ class JobRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
+    owner: str | None = None  # the daemon working on the job (AWS: several may serve one queue)
+    owner_seen_at: str | None = None  # its heartbeat: a claim older than `claim_seconds` is a dead daemon's
     notify_claimed_at: str | None = None  # a sender claimed the message (conditional write) before sending it
     notify_claimed_by: str | None = None  # which daemon (or "fallback", the SageMaker state machine)
     notified_at: str | None = None
@@ -90,6 +96,8 @@ class JobRecord:
 
 class Store(Protocol):
     def create(self, record: JobRecord) -> bool: ...
+    def create_or_get(self, record: JobRecord) -> JobRecord | None:
+        """Create the record; when its id is taken, the record that holds it (one request on DynamoDB)."""
     def get(self, job_id: str) -> JobRecord | None: ...
     def put(self, record: JobRecord, expected_version: int) -> None: ...
     def list(self, state: str | None = None, limit: int = 100, since: str | None = None) -> list[JobRecord]: ...
@@ -166,6 +174,9 @@ class SQLiteStore:
             (record.job_id, record.version, record.state, record.updated_at, record.to_json()))
         return cur.rowcount == 1
 
+    def create_or_get(self, record: JobRecord) -> JobRecord | None:
+        return None if self.create(record) else self.get(record.job_id)
+
     def get(self, job_id: str) -> JobRecord | None:
         row = self._db().execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return JobRecord.from_json(row[0]) if row else None
@@ -183,7 +194,19 @@ class SQLiteStore:
                                       "ORDER BY updated_at DESC LIMIT ?", (state, since or "", limit))
         else:
             rows = self._db().execute("SELECT body FROM jobs ORDER BY updated_at DESC LIMIT ?", (limit,))
-        return [JobRecord.from_json(r[0]) for r in rows]
+        return readable(JobRecord.from_json, (r[0] for r in rows))
+
+
+def readable(parse: Callable[[Any], JobRecord], raw: Iterable[Any]) -> list[JobRecord]:
+    """Records that parse; one that does not (written by a newer version, or damaged) is logged and
+    skipped, so one bad record never stops a listing, a recovery or the console."""
+    out = []
+    for item in raw:
+        try:
+            out.append(parse(item))
+        except Exception as exc:  # noqa: BLE001 - any damage: skip this record, keep the rest
+            log.error("skipping an unreadable record (%s: %s)", exc.__class__.__name__, str(exc)[:200])
+    return out
 
 
 class DynamoStore:
@@ -212,15 +235,19 @@ class DynamoStore:
         return item
 
     def create(self, record: JobRecord) -> bool:
+        return self.create_or_get(record) is None
+
+    def create_or_get(self, record: JobRecord) -> JobRecord | None:
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.put_item(TableName=self.table, Item=self._item(record),
-                                 ConditionExpression="attribute_not_exists(job_id)")
-            return True
+        try:  # a refused create answers with the item that is there: no second request to read it
+            self.client.put_item(TableName=self.table, Item=self._item(record), ConditionExpression="attribute_not_exists(job_id)",
+                                 ReturnValuesOnConditionCheckFailure="ALL_OLD")
+            return None
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return False
+                item = exc.response.get("Item")
+                return self._record(item) if item else self.get(record.job_id)
             raise
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -278,7 +305,7 @@ class DynamoStore:
             pages = self.client.get_paginator("scan").paginate(TableName=self.table)
         records: list[JobRecord] = []
         for page in pages:
-            records += [self._record(i) for i in page.get("Items", [])]
+            records += readable(self._record, page.get("Items", []))
             if len(records) >= limit and state:
                 break
         records.sort(key=lambda r: r.updated_at, reverse=True)

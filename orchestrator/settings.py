@@ -56,6 +56,9 @@ class Policy:
     output_prefix: str
     max_gpus: int
     max_runtime_minutes: int
+    backends: tuple[str, ...] = ("auto", "bacalhau", "sagemaker")  # `local` only where the daemon's machine is the job's
+    max_input_bytes: int = 20 * 1024**3
+    max_input_files: int = 5000
 
     @property
     def sagemaker_instance_types(self) -> tuple[str, ...]:
@@ -105,6 +108,9 @@ class Settings(StrictModel):
     max_gpus: int = Field(1, ge=0, le=8, description="GPUs a job may ask for; training uses one, so more only "
                           "widens the SageMaker instances allowed (each a multiple of the price).")
     max_runtime_minutes: int = Field(24 * 60, ge=5)
+    max_input_bytes: int = Field(20 * 1024**3, ge=1, description="Most bytes a job's input may hold (a video, a zip, "
+                                 "or a folder of photos).")
+    max_input_files: int = Field(5000, ge=1, description="Most files a folder input may hold.")
     bacalhau_namespace: str = "default"
     resources: dict[StageName, StageResources] = Field(default_factory=_resources,
                                                        description="What each Bacalhau stage asks of its node.")
@@ -127,7 +133,10 @@ class Settings(StrictModel):
     media_poll_seconds: float = Field(2.0, gt=0)
     cancel_check_seconds: float = Field(5.0, gt=0, description="How soon a running job notices a cancel.")
     recover_days: int = Field(14, ge=1, description="On start, finished records this recent are checked for a message not yet sent.")
-    claim_seconds: float = Field(120.0, gt=0, description="A message claimed this long ago and not sent is taken over.")
+    claim_seconds: float = Field(120.0, gt=0, description="A message claimed this long ago and not sent, or a job "
+                                 "whose daemon has not renewed its hold for this long, is taken over by another daemon.")
+    lookup_retry_seconds: float = Field(10.0, gt=0, description="After a restart, how soon a backend that could not say "
+                                        "what it runs is asked again (nothing is sent meanwhile).")
     link_seconds: int = Field(7 * 24 * 3600 - 300, ge=60, le=7 * 24 * 3600, description="Presigned result links.")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long running jobs may finish.")
     queue_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait.")
@@ -152,13 +161,15 @@ class Settings(StrictModel):
     @property
     def policy(self) -> Policy:
         return Policy(bucket=self.bucket, input_prefixes=tuple(self.input_prefixes), output_prefix=self.output_prefix,
-                      max_gpus=self.max_gpus, max_runtime_minutes=self.max_runtime_minutes)
+                      max_gpus=self.max_gpus, max_runtime_minutes=self.max_runtime_minutes,
+                      max_input_bytes=self.max_input_bytes, max_input_files=self.max_input_files)
 
     @property
     def embedded_policy(self) -> Policy:
-        """Embedded mode: the folder is the bucket, named `local` in s3:// keys."""
+        """Embedded mode: the folder is the bucket, named `local` in s3:// keys; jobs run on this machine."""
         return Policy(bucket="local", input_prefixes=tuple(self.input_prefixes), output_prefix=self.output_prefix,
-                      max_gpus=self.max_gpus, max_runtime_minutes=self.max_runtime_minutes)
+                      max_gpus=self.max_gpus, max_runtime_minutes=self.max_runtime_minutes, backends=("auto", "local"),
+                      max_input_bytes=self.max_input_bytes, max_input_files=self.max_input_files)
 
     @property
     def bacalhau_url(self) -> str:

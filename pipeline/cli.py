@@ -111,15 +111,31 @@ def run(
     except PipelineError as exc:
         fail(exc, as_json)
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        interrupted()
     except MemoryError:
         fail(PipelineError("Ran out of memory.", hint="Lower frames.max_side or train.max_side."), as_json)
     except Exception as exc:  # a bug: say so plainly; the traceback only when asked for
+        if caused_by_ctrl_c(exc):
+            interrupted()
         if os.environ.get("CODSPLAT_DEBUG"):
             traceback.print_exc()
         fail(PipelineError(f"Internal error: {exc.__class__.__name__}: {exc}",
                            hint="Set CODSPLAT_DEBUG=1 for the traceback and report it."), as_json)
+
+
+def interrupted() -> None:
+    err.print("[red]interrupted[/red]; run the same command again to resume")
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def caused_by_ctrl_c(exc: BaseException) -> bool:
+    """Ctrl-C inside a compiled kernel surfaces as a SystemError whose cause is the KeyboardInterrupt."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def main() -> None:

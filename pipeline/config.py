@@ -26,8 +26,8 @@ class FramesConfig(StrictModel):
 
     max: int = Field(300, ge=2, le=5000, description="Most frames to keep from a video.")
     max_side: int = Field(1600, ge=64, le=8192, description="Downscale so the long side fits this many pixels.")
-    start: float | None = Field(None, ge=0, description="Seconds into the video to start sampling.")
-    stop: float | None = Field(None, gt=0, description="Seconds into the video to stop sampling.")
+    start: float | None = Field(None, ge=0, le=86_400, description="Seconds into the video to start sampling.")
+    stop: float | None = Field(None, gt=0, le=86_400, description="Seconds into the video to stop sampling.")
     min_difference: float = Field(
         1.5, ge=0, le=50,
         description="Drop a frame whose thumbnail differs from the last kept one by less than this (mean absolute 0-255).",
@@ -57,7 +57,9 @@ class SfmConfig(StrictModel):
     min_registered_fraction: float = Field(
         0.5, ge=0.05, le=1.0, description="Fail unless at least this share of the frames registers."
     )
-    min_registered: int = Field(5, ge=3, description="Fail unless at least this many frames register.")
+    min_registered: int = Field(5, ge=3, le=5000, description="Fail unless at least this many frames register.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="RANSAC and mapper seed (its own: a stage's fingerprint "
+                      "covers only its own section).")
 
 
 class TrainConfig(StrictModel):
@@ -65,27 +67,27 @@ class TrainConfig(StrictModel):
 
     steps: int = Field(30000, ge=100, le=1_000_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_side: int | None = Field(None, ge=16, description="Train at this long side (downscaled from the SfM images).")
+    max_side: int | None = Field(None, ge=16, le=8192, description="Train at this long side (downscaled from the SfM images).")
     sh_degree: int = Field(3, ge=0, le=3)
-    sh_degree_interval: int = Field(1000, ge=1, description="Steps between raising the SH degree by one.")
+    sh_degree_interval: int = Field(1000, ge=1, le=1_000_000, description="Steps between raising the SH degree by one.")
     strategy: Literal["default", "mcmc"] = Field("default", description="mcmc needs CUDA.")
-    cap_max: int = Field(1_000_000, ge=1000, description="Most Gaussians (mcmc).")
-    test_every: int = Field(8, ge=2, description="Every n-th image is held out and never trained on.")
-    refine_start: int = Field(500, ge=0)
-    refine_stop: int = Field(15000, ge=0)
-    refine_every: int = Field(100, ge=1)
-    reset_every: int = Field(3000, ge=0, description="Opacity reset period; 0 turns it off.")
-    grow_grad2d: float = Field(0.0002, gt=0)
+    cap_max: int = Field(1_000_000, ge=1000, le=20_000_000, description="Most Gaussians (mcmc).")
+    test_every: int = Field(8, ge=2, le=1000, description="Every n-th image is held out and never trained on.")
+    refine_start: int = Field(500, ge=0, le=1_000_000)
+    refine_stop: int = Field(15000, ge=0, le=1_000_000)
+    refine_every: int = Field(100, ge=1, le=1_000_000)
+    reset_every: int = Field(3000, ge=0, le=1_000_000, description="Opacity reset period; 0 turns it off.")
+    grow_grad2d: float = Field(0.0002, gt=0, le=1)
     ssim_lambda: float = Field(0.2, ge=0, le=1)
     init_opacity: float = Field(0.1, gt=0, lt=1)
-    means_lr: float = Field(1.6e-4, gt=0)
-    seed: int = 0
+    means_lr: float = Field(1.6e-4, gt=0, le=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Random seed (numpy and torch take 32 bits).")
 
 
 class ExportConfig(StrictModel):
     formats: list[Literal["ply", "splat", "spz"]] = Field(default_factory=lambda: ["ply", "splat", "spz"], min_length=1)
     min_psnr: float = Field(
-        15.0, ge=0, description="Quality gate: a splat whose held-out PSNR is lower is not exported."
+        15.0, ge=0, le=100, description="Quality gate: a splat whose held-out PSNR is lower is not exported."
     )
     previews: bool = True
 
@@ -133,20 +135,76 @@ def build_config(settings: dict[str, Any] | None = None, preset: str | None = No
         ) from None
 
 
+MAX_DOCUMENT_BYTES = 64 * 1024  # a job document is a few hundred bytes; settings a few kB
+MAX_DEPTH = 16  # the deepest a valid document nests is 3
+MAX_NODES = 10_000  # values in a parsed document (YAML aliases count each time they are used)
+
+
+def parse_document(raw: bytes, origin: str, yaml_ok: bool = False, max_bytes: int = MAX_DOCUMENT_BYTES) -> dict[str, Any]:
+    """A JSON (or YAML) document from untrusted bytes, bounded before it is parsed: its size, its
+    nesting and the values it expands to. Every refusal names `origin` and what would be valid."""
+    if len(raw) > max_bytes:
+        raise InputError(f"{origin} is {len(raw):,} bytes; a document may be at most {max_bytes // 1024} KiB.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{origin} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON.") from None
+    depth = _nesting(text)
+    if depth > MAX_DEPTH:
+        raise InputError(f"{origin} nests {depth} levels deep; a document nests at most {MAX_DEPTH}.")
+    try:
+        data = yaml.safe_load(text) if yaml_ok else json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{origin} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{origin} is not valid YAML: {str(exc)[:200]}.") from None
+    except RecursionError:
+        raise InputError(f"{origin} nests too deeply; a document nests at most {MAX_DEPTH} levels.") from None
+    if _count(data) > max(MAX_NODES, max_bytes // 16):
+        raise InputError(f"{origin} expands to more than {max(MAX_NODES, max_bytes // 16):,} values; a document holds a few dozen.")
+    if not isinstance(data, dict):
+        raise InputError(f"{origin} must hold an object with keys such as frames, sfm, train, export.")
+    return data
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting outside strings (JSON's [ and {, YAML's flow style; YAML's block
+    style nests by indentation, which the node count bounds)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (not escaped and ch == "\\"), in_string and (escaped or ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _count(value: Any, budget: list[int] | None = None) -> int:
+    """Values in a parsed document, stopping once past MAX_NODES (shared YAML aliases count each use)."""
+    budget = budget if budget is not None else [0]
+    budget[0] += 1
+    if budget[0] <= MAX_NODES and isinstance(value, (dict, list)):
+        for item in (value.values() if isinstance(value, dict) else value):
+            if budget[0] > MAX_NODES:
+                break
+            _count(item, budget)
+    return budget[0]
+
+
 def read_document(path: Path) -> dict[str, Any]:
-    """Read a JSON or YAML document, naming the file and the spot when it does not parse."""
+    """Read a JSON or YAML file, bounded as any untrusted document (`parse_document`)."""
     if not path.is_file():
         raise InputError(f"Config file {path} does not exist.")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path} is not valid YAML: {exc}.") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path} must hold an object with keys such as frames, sfm, train, export.")
-    return data
+    size = path.stat().st_size
+    if size > MAX_DOCUMENT_BYTES:
+        raise InputError(f"{path} is {size:,} bytes; a document may be at most {MAX_DOCUMENT_BYTES // 1024} KiB.")
+    return parse_document(path.read_bytes(), str(path), yaml_ok=path.suffix.lower() in (".yaml", ".yml"))
 
 
 def load_pipeline_config(path: Path | None, preset: str | None = None) -> PipelineConfig:

@@ -12,7 +12,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,6 +24,12 @@ from .stages import StageContext
 
 JPEG_QUALITY = 95
 THUMB = 64  # long side of the thumbnails compared for near-duplicates
+MAX_ARCHIVE_ENTRIES = 20_000  # a .zip of photos holds hundreds
+MAX_ARCHIVE_BYTES = 16 * 10**9  # what a .zip may unpack to, summed from its directory before anything is read
+MAX_PHOTO_BYTES = 64 * 2**20  # one photo (a 100-megapixel JPEG is about 40 MB), read through a bounded stream
+MIN_SIDE = 32  # smaller than this, no feature can be matched
+MAX_PIXELS = 120 * 10**6  # after JPEG's reduced-scale decoding; beyond it a photo is skipped, not decoded
+Image.MAX_IMAGE_PIXELS = None  # our own bound above replaces PIL's warning-then-error at 89/179 MP
 
 
 def input_kind(path: Path) -> str:
@@ -163,44 +169,78 @@ def sample_video(path: Path, cfg: FramesConfig, progress) -> tuple[list[Candidat
 # ---------------------------------------------------------------- images
 
 
-def _image_sources(path: Path, kind: str) -> Iterable[tuple[str, bytes]]:
+def _image_sources(path: Path, kind: str) -> list[tuple[str, Callable[[], bytes]]]:
+    """Each photo's name and a reader for its bytes; nothing is read until a photo is kept. A zip's
+    entries are counted and their sizes summed from its directory before any is decompressed, and
+    each is read through a bounded stream (a directory can lie)."""
     if kind == "images":
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        for file in files:
-            yield file.name, file.read_bytes()
-        return
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.is_symlink())
+        return [(_printable(f.name), lambda f=f: _bounded(f.open("rb"), f.name)) for f in files]
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise InputError(f"Input {path} is not a readable .zip archive.") from None
-    with archive:
-        names = sorted(
-            n for n in archive.namelist()
-            if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX/")
-            and not Path(n).name.startswith(".")
-        )
-        for name in names:  # names are only read, never used as paths: no zip-slip
-            yield name, archive.read(name)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"Input {path.name} is not a readable .zip archive ({exc.__class__.__name__}).") from None
+    entries = [i for i in archive.infolist() if not i.is_dir()]
+    if len(entries) > MAX_ARCHIVE_ENTRIES:
+        raise InputError(f"Input {path.name} holds {len(entries):,} entries; a .zip may hold at most {MAX_ARCHIVE_ENTRIES:,}.")
+    total = sum(i.file_size for i in entries)
+    if total > MAX_ARCHIVE_BYTES:
+        raise InputError(f"Input {path.name} unpacks to {total / 1e9:.1f} GB; a .zip may unpack to at most "
+                         f"{MAX_ARCHIVE_BYTES / 1e9:.0f} GB.")
+    photos = sorted(i.filename for i in entries if Path(i.filename).suffix.lower() in IMAGE_SUFFIXES
+                    and not i.filename.startswith("__MACOSX/") and not Path(i.filename).name.startswith("."))
+    # names are only read, never used as paths: no zip-slip
+    return [(name, lambda name=name: _bounded(archive.open(name), name)) for name in photos]
+
+
+def _printable(name: str) -> str:
+    """A file name of undecodable bytes, shown with escapes (it is only ever shown and recorded)."""
+    return name.encode("utf-8", "backslashreplace").decode()
+
+
+def _bounded(stream, name: str) -> bytes:
+    """At most MAX_PHOTO_BYTES, read a chunk at a time (one `read(n)` would allocate n bytes up front)."""
+    chunks, total = [], 0
+    with stream:
+        while chunk := stream.read(1 << 20):
+            total += len(chunk)
+            if total > MAX_PHOTO_BYTES:
+                raise ValueError(f"over {MAX_PHOTO_BYTES // 2**20} MiB")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _open_photo(data: bytes, max_side: int) -> Image.Image:
+    """A photo, decoded no larger than it needs to be: a JPEG is decoded at a reduced scale
+    (`draft`), and anything still over MAX_PIXELS is refused rather than decoded."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (max_side, max_side))
+    if img.width * img.height > MAX_PIXELS:
+        raise ValueError(f"{img.width}×{img.height} pixels, over {MAX_PIXELS // 10**6} megapixels")
+    if min(img.size) < MIN_SIDE:
+        raise ValueError(f"{img.width}×{img.height} pixels; a photo needs {MIN_SIDE} on each side to be matched")
+    img = ImageOps.exif_transpose(img)  # phones store portrait shots rotated, with an EXIF flag
+    return fit(img.convert("RGB"), max_side)  # kept photos are held until written: hold them at the size written
 
 
 def load_images(path: Path, kind: str, cfg: FramesConfig, progress) -> tuple[list[Candidate], dict[str, Any]]:
-    sources = list(_image_sources(path, kind))
+    sources = _image_sources(path, kind)
     if not sources:
-        raise InputError(f"Input {path} holds no .jpg or .png images.")
+        raise InputError(f"Input {path.name} holds no .jpg or .png images.")
     skipped = []
     picked: list[Candidate] = []
     # More photos than frames.max: keep an even spread, in name order.
     keep = set(np.linspace(0, len(sources) - 1, num=min(cfg.max, len(sources))).round().astype(int).tolist())
-    for i, (name, data) in enumerate(sources):
+    for i, (name, read) in enumerate(sources):
         if i not in keep:
             skipped.append({"source": name, "kept": False, "reason": f"over frames.max ({cfg.max}): evenly thinned"})
             continue
         try:
-            img = Image.open(io.BytesIO(data))
-            img = ImageOps.exif_transpose(img)  # phones store portrait shots rotated, with an EXIF flag
-            img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            skipped.append({"source": name, "kept": False, "reason": f"unreadable image ({exc})"})
+            img = _open_photo(read(), cfg.max_side)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                zipfile.BadZipFile, EOFError) as exc:
+            skipped.append({"source": name, "kept": False, "reason": f"unreadable image ({str(exc)[:200]})"})
             continue
         picked.append(Candidate(img, name, None, sharpness(_gray(img, 512)), "photo"))
         progress(0.9 * (i + 1) / len(sources), f"reading {name}")

@@ -40,6 +40,8 @@ def run_pipeline(
         raise InputError("INPUT is required for the frames stage: a video, a folder of images or a .zip of images.")
     if input_path is not None:
         ingest.input_kind(input_path)  # fail on a bad input before any work starts
+    if "train" in selected:
+        train.choose_device(config.train)  # and on settings this machine cannot train with (no CUDA GPU)
     work.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(work)
     progress_file = ProgressFile(work, selected)

@@ -106,7 +106,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
 
     # Seeded RANSAC and mapping. COLMAP's threads still make runs differ slightly (±2% of the points).
-    seed = ctx.config.train.seed
+    seed = ctx.config.sfm.seed
     pycolmap.set_random_seed(seed)
     verification = pycolmap.TwoViewGeometryOptions()
     verification.ransac.random_seed = seed

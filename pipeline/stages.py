@@ -100,11 +100,16 @@ def hash_json(value: Any) -> str:
 
 
 def hash_path(path: Path) -> str:
-    """Content hash of a file, or of every file under a folder (names and contents)."""
+    """Content hash of a file, or of every plain file under a folder (names as bytes, and contents;
+    links are not followed: ingest does not read them either)."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(folder) / name for folder, _, names in os.walk(path) for name in names
+                       if not (Path(folder) / name).is_symlink() and (Path(folder) / name).is_file())
     for file in files:
-        digest.update(str(file.relative_to(path if path.is_dir() else path.parent)).encode())
+        digest.update(os.fsencode(file.relative_to(path if path.is_dir() else path.parent)))
         with open(file, "rb") as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)

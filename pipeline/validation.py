@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 class StrictModel(BaseModel):
     """Plain data with explicit validation: unknown keys are errors and types are real types
-    ("true" is not a boolean and "5" is not a number)."""
+    ("true" is not a boolean, "5" and true are not numbers, NaN and Infinity are not numbers either)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 def _path(loc: tuple) -> str:
@@ -30,9 +30,19 @@ def _path(loc: tuple) -> str:
     return out or "(document)"
 
 
-def _show(value: Any) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+ECHO_CHARS = 60
+
+
+def show(value: Any) -> str:
+    """A value as an error message echoes it: JSON, cut to a short prefix (a 50 MB value must not
+    become a 50 MB error, log line and API answer)."""
+    if isinstance(value, str) and len(value) > ECHO_CHARS:
+        value = value[:ECHO_CHARS]  # cut before encoding: never serialise the whole of a huge value
+    try:
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        text = "(unprintable)"
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS - 3] + "..."
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -73,15 +83,15 @@ def explain(error: ValidationError, model: type[BaseModel], forbidden: dict[str,
             sign = {"greater_than_equal": "≥", "greater_than": ">", "less_than_equal": "≤", "less_than": "<"}[kind]
             bound = next(iter(ctx.values()))
             bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
-            lines.append(f"{path}: must be {sign} {bound}, got {_show(got)}")
+            lines.append(f"{path}: must be {sign} {bound}, got {show(got)}")
         elif kind in ("literal_error", "enum"):
-            lines.append(f"{path}: must be one of {ctx.get('expected')}, got {_show(got)}")
+            lines.append(f"{path}: must be one of {ctx.get('expected')}, got {show(got)}")
         elif kind.endswith("_type") or kind.endswith("_parsing"):
             wanted = {
                 "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
                 "list": "a list", "dict": "an object", "model": "an object",
             }.get(kind.split("_")[0], kind.replace("_", " "))
-            lines.append(f"{path}: must be {wanted}, got {_show(got)}")
+            lines.append(f"{path}: must be {wanted}, got {show(got)}")
         else:
             msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
             lines.append(f"{path}: {msg[0].lower() + msg[1:] if msg else msg}")

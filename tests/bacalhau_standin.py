@@ -44,7 +44,8 @@ Test knobs (POST /standin/knobs, not part of the real API): `nodes` (a list of m
 image name → a folder put first on PATH, what that image holds, or null to hold any image),
 `crash_next` (the next N executions die as a lost node would), `oom_next` (killed out of memory),
 `env` (the nodes' environment for executions: what the image is run with),
-`hold` (nodes accept executions but start none), `submit_delay_ms`. It reports `running` and
+`hold` (nodes accept executions but start none), `submit_delay_ms`, `unavailable` (the next N API
+requests answer 503, as an orchestrator that is restarting or overloaded does). It reports `running` and
 `peak_running` executions.
 """
 
@@ -338,7 +339,7 @@ class Orchestrator:
         self.seq = itertools.count(1)
         self.nodes = [ComputeNode.from_spec(G5_XLARGE)]
         self.knobs = {"crash_next": 0, "oom_next": 0, "hold": False, "submit_delay_ms": 0, "env": {}, "running": 0,
-                      "peak_running": 0}
+                      "peak_running": 0, "unavailable": 0}
 
     def set_knobs(self, values: dict) -> dict:
         unknown = set(values) - set(self.knobs) - {"nodes"}
@@ -640,6 +641,11 @@ def build_app(orch: Orchestrator) -> Starlette:
 
     def guarded(handler, capability: str):
         async def wrapper(request: Request):
+            with orch.lock:  # knob `unavailable`: the next N API requests meet an orchestrator that is down
+                down = orch.knobs["unavailable"] > 0
+                orch.knobs["unavailable"] -= down
+            if down:
+                return error(503, "service unavailable", "ServiceUnavailable")
             return authorize(request, capability) or await handler(request)
         return wrapper
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,18 @@ def quick_config(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory, sample_video):
     """The README's sample job: the whole pipeline on the sample at the tiny preset, once."""
     work = tmp_path_factory.mktemp("tiny") / "run"
+    started = time.perf_counter()
     proc = codsplat("run", sample_video, "--preset", "tiny", "--out", work, "--json")
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    return work, json.loads(proc.stdout)
+    return work, {**json.loads(proc.stdout), "wall_seconds": time.perf_counter() - started}
+
+
+@pytest.fixture
+def tiny_copy(tiny_run, tmp_path):
+    """A test's own copy of the sample run, for tests that change it (the session's stays as made)."""
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run[0], work)
+    return work
 
 
 @pytest.fixture(scope="session")
@@ -103,5 +113,7 @@ def sagemaker_did_its_work(s3, bucket: str, job_id: str) -> dict:
     metrics = {"psnr": 27.5, "ssim": 0.91, "gaussians": 48_000, "stages": {"frames": {"seconds": 4.0},
                "sfm": {"seconds": 30.0}, "train": {"seconds": 600.0}, "export": {"seconds": 12.0}},
                "files": {"ply": {"file": "splat.ply"}, "spz": {"file": "splat.spz"}}}
+    for name in ("splat.ply", "splat.spz", "metrics.json", "report.html", "cameras.json"):  # the export, as synced
+        s3.put_object(Bucket=bucket, Key=f"results/{job_id}/export/{name}", Body=f"{job_id} {name}".encode())
     s3.put_object(Bucket=bucket, Key=f"results/{job_id}/{OUTCOME_FILE}", Body=outcome_line(run_summary(metrics, "cuda")))
     return metrics

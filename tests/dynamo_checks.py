@@ -25,6 +25,10 @@ def store():
 def test_conditional_create_is_idempotent(store):
     assert store.create(JobRecord(job_id="a1", job_key="jobs/a1.json")) is True
     assert store.create(JobRecord(job_id="a1", job_key="jobs/other.json")) is False
+    # a refused create answers with the record that holds the id (DynamoDB: in the same reply)
+    holder = store.create_or_get(JobRecord(job_id="a1", job_key="jobs/third.json"))
+    assert holder.job_key == "jobs/a1.json"
+    assert store.create_or_get(JobRecord(job_id="a2", job_key="jobs/a2.json")) is None
     assert store.get("a1").job_key == "jobs/a1.json"
 
 
@@ -89,9 +93,11 @@ def test_list_by_state_uses_the_index(store):
     for i in range(3):
         store.create(JobRecord(job_id=f"e{i}", job_key="k"))
         change(store, f"e{i}", lambda r: None, to=FAILED)
-    failed = {r.job_id for r in store.list(FAILED)}
-    assert {"e0", "e1", "e2"} <= failed and all(r.state == FAILED for r in store.list(FAILED))
-    assert all(r.state == RECEIVED for r in store.list(RECEIVED))
+    store.create(JobRecord(job_id="e3", job_key="k"))
+    failed, received = store.list(FAILED), store.list(RECEIVED)
+    assert {"e0", "e1", "e2"} <= {r.job_id for r in failed} and "e3" not in {r.job_id for r in failed}
+    assert "e3" in {r.job_id for r in received} and not {"e0", "e1", "e2"} & {r.job_id for r in received}
+    assert all(r.state == FAILED for r in failed) and all(r.state == RECEIVED for r in received)
 
 
 def test_what_the_fallback_state_machine_writes_is_read_back(store):
@@ -115,3 +121,36 @@ def test_list_since_reads_only_recent_records(store):
     recent = {r.job_id for r in store.list(FAILED, since="2025-01-01T00:00:00.000+00:00")}
     assert "new1" in recent and "old1" not in recent
     assert "old1" in {r.job_id for r in store.list(FAILED)}
+
+
+def test_the_console_lists_shows_and_cancels_jobs_kept_in_dynamodb(store, tmp_path):
+    """The web console over the DynamoDB store (its AWS mode keeps records there): the job list reads
+    the state index, a job page reads one record, a cancel is a conditional write the store keeps."""
+    import re
+
+    from starlette.testclient import TestClient
+
+    from codsplat.orchestrator.blobs import FolderBlobs
+    from codsplat.orchestrator.console.app import create_app
+    from codsplat.orchestrator.console.auth import Guard
+    from codsplat.orchestrator.console.service import ConsoleService
+    from codsplat.orchestrator.console.uploads import FolderUploads
+    from codsplat.orchestrator.settings import Settings
+
+    store.create(JobRecord(job_id="c-queued", job_key="jobs/c-queued.json", state=QUEUED))
+    store.create(JobRecord(job_id="c-done", job_key="jobs/c-done.json"))
+    for state in (VALIDATED, QUEUED, RUNNING, SUCCEEDED):
+        change(store, "c-done", lambda r: None, to=state)
+    guard = Guard(token="t", allowed_hosts=frozenset({"testserver"}))
+    service = ConsoleService(store, FolderBlobs(tmp_path), FolderUploads(tmp_path, guard.sign_path), Settings().policy, Settings())
+    with TestClient(create_app(service, guard)) as client:
+        assert client.post("/login", data={"token": "t", "next": "/"}, follow_redirects=False).status_code == 303
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/").text).group(1)
+        listed = {j["id"]: j["state"] for j in client.get("/api/jobs").json()["jobs"]}
+        assert listed["c-queued"] == QUEUED and listed["c-done"] == SUCCEEDED
+        shown = client.get("/api/jobs/c-done").json()
+        assert shown["state"] == SUCCEEDED and [h["state"] for h in shown["history"]][-1] == SUCCEEDED
+        reply = client.post("/api/jobs/c-queued/cancel", headers={"X-CSRF-Token": csrf})
+        assert reply.status_code == 200 and reply.json()["state"] == "CANCELLED"
+        assert store.get("c-queued").state == "CANCELLED"  # written to DynamoDB, not only shown
+        assert client.post("/api/jobs/c-done/cancel", headers={"X-CSRF-Token": csrf}).status_code == 422

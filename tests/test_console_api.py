@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 
 import httpx
@@ -108,7 +109,7 @@ def test_bad_settings_and_files_get_errors_that_name_them(client):
     reply = client.post("/api/jobs/check", json={"settings": {"image": "evil:latest"}}, headers=headers)
     assert reply.status_code == 422 and reply.json()["error"].startswith("image:")
     reply = client.post("/api/uploads", json={"files": [{"name": "notes.txt", "size": 10}]}, headers=headers)
-    assert reply.status_code == 422 and "'notes.txt'" in reply.json()["error"] and ".mp4" in reply.json()["error"]
+    assert reply.status_code == 422 and '"notes.txt"' in reply.json()["error"] and ".mp4" in reply.json()["error"]
     reply = client.post("/api/uploads", json={"files": [{"name": "a.mp4", "size": 5}, {"name": "b.jpg", "size": 5}]}, headers=headers)
     assert reply.status_code == 422 and "alone" in reply.json()["error"]
     reply = client.post("/api/uploads", json={"files": ["a.mp4"]}, headers=headers)
@@ -119,7 +120,7 @@ def test_bad_settings_and_files_get_errors_that_name_them(client):
                         headers=headers)
     assert reply.status_code == 422 and reply.json()["error"].startswith("parts:")
     reply = client.post("/api/jobs", content=b"{nope", headers={**headers, "Content-Type": "application/json"})
-    assert reply.status_code == 422 and "not JSON" in reply.json()["error"]
+    assert reply.status_code == 422 and "not valid JSON" in reply.json()["error"]
 
 
 def test_folder_upload_in_parts_then_submit_writes_the_job_document(client, home):
@@ -191,13 +192,30 @@ def test_job_page_files_and_resubmission_from_finished_stages(client, home):
     reply = client.post("/api/jobs/kitchen/resubmit", json={"settings": {"export": {"min_psnr": 12}}}, headers=headers)
     assert reply.status_code == 201, reply.text
     assert reply.json()["id"] == "kitchen-r2"
-    document = json.loads((home / "jobs" / "console" / "kitchen-r2.json").read_text())
+    document = json.loads((home / "jobs" / "kitchen-r2.json").read_text())  # beside the original: the same owner
     assert document == {"version": 1, "input": "uploads/k.mp4", "preset": "tiny", "export": {"min_psnr": 12}, "id": "kitchen-r2"}
     for stage in ("frames", "sfm", "train"):  # the pipeline decides from their fingerprints what to reuse
         assert (home / "results" / "kitchen-r2" / stage / "manifest.json").is_file()
     assert not (home / "results" / "kitchen-r2" / "export").exists()
     bad = client.post("/api/jobs/kitchen/resubmit", json={"settings": {"train": {"steps": -1}}}, headers=headers)
     assert bad.status_code == 422 and "train.steps" in bad.json()["error"]
+
+
+def test_resubmissions_at_once_each_get_their_own_id(client, home):
+    """Neither the record check nor the document write is a lock: the document is created only
+    where none is, and a resubmission that loses the race takes the next number."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = logged_in(client)
+    finished_job(home, SQLiteStore(home / "codsplat.db"))
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda n: client.post("/api/jobs/kitchen/resubmit", headers=headers,
+                                                      json={"settings": {"train": {"seed": n}}}), range(6)))
+    assert [r.status_code for r in replies] == [201] * 6
+    ids = sorted(r.json()["id"] for r in replies)
+    assert ids == sorted(f"kitchen-r{n}" for n in range(2, 8))
+    seeds = {json.loads((home / "jobs" / f"{i}.json").read_text())["train"]["seed"] for i in ids}
+    assert seeds == set(range(6))  # none overwrote another
 
 
 def test_cancel_a_queued_job_and_refuse_to_cancel_a_finished_one(client, home):
@@ -239,3 +257,41 @@ def test_s3_upload_goes_straight_to_the_bucket_with_presigned_parts(moto_server,
         key = f"jobs/console/{reply.json()['id']}.json"
         assert json.loads(s3.get_object(Bucket="codsplat-data", Key=key)["Body"].read())["input"] == plan["input"]
         assert s3.meta.endpoint_url in client.get("/").headers["content-security-policy"]
+
+
+def test_allowed_host_and_secure_cookies_from_the_command_line(tmp_path):
+    """`codsplat console --allowed-host NAME --secure-cookies`, as behind a load balancer with HTTPS:
+    only that Host is answered (the loopback names are not added), and the session cookie is Secure."""
+    from servers import free_port, start
+
+    port = free_port()
+    server = start("console-hosts", [sys.executable, "-m", "codsplat.orchestrator.cli", "console", "--embedded",
+                                     str(tmp_path / "home"), "--no-daemon", "--port", str(port),
+                                     "--allowed-host", "Splats.Example.org", "--secure-cookies"],
+                   f"http://127.0.0.1:{port}", "/health", env={"CODSPLAT_CONSOLE_TOKEN": TOKEN})
+    try:
+        url, named = server.url, {"Host": "splats.example.org"}
+        assert httpx.get(url + "/login", headers=named).status_code == 200
+        for other in (f"127.0.0.1:{port}", f"localhost:{port}", "evil.example"):
+            reply = httpx.get(url + "/login", headers={"Host": other})
+            assert reply.status_code == 400 and "does not serve that host name" in reply.text, other
+        login = httpx.post(url + "/login", data={"token": TOKEN, "next": "/"}, headers=named)
+        assert login.status_code == 303
+        cookie = login.headers["set-cookie"].lower()
+        assert "; secure" in cookie and "httponly" in cookie
+        wrong = httpx.post(url + "/login", data={"token": "nope", "next": "/"}, headers=named)
+        assert "set-cookie" not in wrong.headers
+    finally:
+        server.stop()
+
+
+def test_a_session_ends_when_it_expires(home, monkeypatch):
+    guard = Guard(token=TOKEN, allowed_hosts=frozenset({"testserver"}), session_seconds=60)
+    with TestClient(build_console(Settings(), guard, home)) as c:
+        headers = logged_in(c)
+        assert c.get("/api/jobs", headers=headers).status_code == 200
+        later = time.time() + 61
+        monkeypatch.setattr(time, "time", lambda: later)  # a minute on: the session cookie is too old
+        reply = c.get("/api/jobs", headers=headers)
+        assert reply.status_code == 401
+        assert c.get("/", follow_redirects=False).headers["location"].startswith("/login")

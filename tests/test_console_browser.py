@@ -87,12 +87,26 @@ def row_state(driver, job_id) -> str | None:
         "return document.querySelector(`tr[data-job='${arguments[0]}'] .state`)?.dataset.state ?? null", job_id)
 
 
-def submit_sample(driver, url, preset="tiny") -> str:
+# the fewest steps that still give a splat the viewer draws over most of its canvas
+SHORT = {"train.steps": 150, "train.refine_start": 50, "train.refine_stop": 120, "export.min_psnr": 10}
+
+
+def fill(driver, form: str, values: dict) -> None:
+    """Type settings into a form's fields, opening the section each one is folded in."""
+    for field, value in values.items():
+        box = driver.find_element(By.CSS_SELECTOR, f'{form} [data-field="{field}"]')
+        driver.execute_script("arguments[0].closest('details').open = true", box)
+        box.clear()
+        box.send_keys(str(value))
+
+
+def submit_sample(driver, url, preset="tiny", settings=None) -> str:
     driver.get(url + "/")
     wait(lambda: driver.find_elements(By.ID, "media"), 30, "the new-job form")
     driver.find_element(By.ID, "media").send_keys(str(SAMPLE))
     if preset:
         Select(driver.find_element(By.CSS_SELECTOR, '[data-field="preset"]')).select_by_value(preset)
+    fill(driver, "#new-job", settings or {})
     driver.find_element(By.ID, "submit-job").click()
     wait(lambda: "/jobs/" in driver.current_url, 60, "the job page after the upload")
     return driver.current_url.rsplit("/", 1)[1]
@@ -126,7 +140,7 @@ def test_login_upload_watch_view_resubmit_and_cancel(console, browser):
     assert "preset" in fields
 
     # upload the sample (multipart, straight into the folder) and watch the job to the end
-    job_id = submit_sample(browser, url)
+    job_id = submit_sample(browser, url, settings=SHORT)
     seen = set()
     wait(lambda: seen.add(page_state(browser)) or page_state(browser) in TERMINAL, 900, "the job to end", 1.0)
     browser.save_screenshot(str(ARTIFACTS / "job.png"))
@@ -151,6 +165,14 @@ def test_login_upload_watch_view_resubmit_and_cancel(console, browser):
     state = wait(lambda: browser.execute_script(
         "const v = window.codsplatViewer; return v && (v.ready || v.error) ? v : null"), 90, "the viewer")
     assert state["ready"] and not state.get("error") and state["splats"] == record["result"]["metrics"]["gaussians"]
+    # it opened where the first held-out photo was taken (docs/console.md), looking the way it looked
+    photo = json.loads((home / f"results/{job_id}/export/cameras.json").read_text())["views"][0]
+    assert state["opened_at"] == photo["name"] == "frame_00000.jpg"
+    c2w = np.linalg.inv(np.array(photo["world_to_camera"]))
+    rdf_to_world = np.diag([1.0, -1.0, -1.0])  # the viewer's world turns the cameras' RDF axes over x
+    assert np.allclose(state["camera"]["position"], rdf_to_world @ c2w[:3, 3], atol=1e-4)
+    assert np.allclose(state["camera"]["up"], rdf_to_world @ -c2w[:3, 1], atol=1e-4)
+    assert abs(state["camera"]["fov"] - np.degrees(2 * np.arctan(photo["height"] / (2 * photo["fy"])))) < 1e-3
     first = canvas_image(browser)
     browser.save_screenshot(str(ARTIFACTS / "viewer.png"))
     background = np.array([16, 20, 24])
@@ -169,10 +191,7 @@ def test_login_upload_watch_view_resubmit_and_cancel(console, browser):
     # resubmit with another export setting: frames, SfM and training are reused, export runs again
     browser.get(f"{url}/jobs/{job_id}")
     wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#resubmit > summary"), 30, "the resubmit form")[0].click()
-    browser.find_element(By.CSS_SELECTOR, '#resubmit details[data-section="export"] > summary').click()
-    box = browser.find_element(By.CSS_SELECTOR, '#resubmit [data-field="export.min_psnr"]')
-    box.clear()
-    box.send_keys("12")
+    fill(browser, "#resubmit", {"export.min_psnr": 11})
     browser.find_element(By.ID, "resubmit-job").click()
     wait(lambda: browser.current_url.endswith(f"/jobs/{job_id}-r2"), 30, "the resubmitted job's page")
     wait(lambda: page_state(browser) in TERMINAL, 300, "the resubmitted job to end", 1.0)
@@ -180,7 +199,7 @@ def test_login_upload_watch_view_resubmit_and_cancel(console, browser):
     runs = [json.loads(line)["stage"] for line in (home / f"results/{job_id}-r2/runs.jsonl").read_text().splitlines()]
     assert runs == ["export"]
     document = json.loads((home / f"jobs/console/{job_id}-r2.json").read_text())
-    assert document["export"]["min_psnr"] == 12 and document["preset"] == "tiny"
+    assert document["export"]["min_psnr"] == 11 and document["preset"] == "tiny" and document["train"]["steps"] == 150
 
     # cancel a job while it runs
     other = submit_sample(browser, url, preset=None)

@@ -152,7 +152,12 @@ def test_no_gpu_node_hands_the_job_to_sagemaker(aws, standin, sample_video):
     assert message["MessageAttributes"]["status"]["Value"] == "SUCCEEDED" and "ran on SageMaker" in message["Message"], message["Message"]
     record = daemon.store.get("fallback")
     assert record.state == "SUCCEEDED" and record.backend == "sagemaker" and record.notified_at
-    assert record.result["metrics"]["psnr"] == 27.5 and record.result["outputs"]  # as a Bacalhau run's record
+    assert record.result["metrics"]["psnr"] == 27.5  # as a Bacalhau run's record
+    export = {"splat.ply", "splat.spz", "metrics.json", "report.html", "cameras.json"}
+    assert {o.rsplit("/", 1)[-1] for o in record.result["outputs"]} == export
+    for output in record.result["outputs"]:  # each one names a file the run left in the bucket
+        key = output.removeprefix(f"s3://{aws['bucket']}/")
+        assert aws["s3"].get_object(Bucket=aws["bucket"], Key=key)["Body"].read() == f"fallback {key.rsplit('/', 1)[-1]}".encode()
     [attempt] = [a for a in record.attempts if a["backend"] == "sagemaker"]
     assert attempt["name"] == "codsplat-fallback-sm-a1"
     assert "bacalhau cannot run it: no Bacalhau node can hold the all stage (node n-g5-xlarge: 1 GPU asked, 0 offered)" == attempt["reason"]
@@ -388,9 +393,11 @@ def test_a_restarted_daemon_follows_the_bacalhau_job_it_had_sent_and_sends_nothi
     assert daemon.store.get("across").state == "SUCCEEDED" and len(bacalhau_jobs(standin, "across")) == 1
 
 
-def test_an_attempt_sent_just_before_a_crash_is_found_and_followed_not_sent_again(aws, standin):
+@pytest.mark.parametrize("blip", [0, 8], ids=["bacalhau-answers", "bacalhau-down-at-the-restart"])
+def test_an_attempt_sent_just_before_a_crash_is_found_and_followed_not_sent_again(aws, standin, blip):
     """The daemon died after Bacalhau accepted the attempt and before its record said so: the record
-    is VALIDATED, the job runs. The next daemon looks the attempt up by its labels before it sends."""
+    is VALIDATED, the job runs. The next daemon looks the attempt up by its labels before it sends;
+    if Bacalhau cannot answer then, it sends nothing, hands nothing over, and looks again."""
     from codsplat.orchestrator.bacalhau import BacalhauClient
     from codsplat.orchestrator.job import parse_job
     from codsplat.orchestrator.records import VALIDATED, JobRecord
@@ -404,6 +411,8 @@ def test_an_attempt_sent_just_before_a_crash_is_found_and_followed_not_sent_agai
         client.submit(translate(job, settings, "all", 1))  # ...and then the daemon died
     store = DynamoStore(aws["table"], boto3.client("dynamodb", endpoint_url=settings.aws_endpoint, region_name="us-east-1"))
     store.create(JobRecord(job_id="lost", job_key="tmp/lost.json", state=VALIDATED))
+    standin.knobs(unavailable=blip)
+    settings = settings.model_copy(update={"lookup_retry_seconds": 0.5, "state_machine_arn": aws["state_machine_arn"]})
     daemon, thread = serve(settings)
     try:
         until(lambda: (r := daemon.store.get("lost")) and r.notified_at)
@@ -412,7 +421,7 @@ def test_an_attempt_sent_just_before_a_crash_is_found_and_followed_not_sent_agai
         thread.join(timeout=60)
     record = daemon.store.get("lost")
     assert record.state == "SUCCEEDED" and [a["name"] for a in record.attempts] == ["codsplat-lost-all-a1"]
-    assert len(bacalhau_jobs(standin, "lost")) == 1
+    assert len(bacalhau_jobs(standin, "lost")) == 1 and record.backend == "bacalhau"  # not SageMaker's too
     assert any(h["note"] == "found again after a restart" for h in record.history)
 
 
@@ -433,3 +442,53 @@ def test_a_job_that_crashes_on_every_node_is_handed_to_sagemaker(aws, standin):
                                                                     ("sagemaker", "Running")]
     assert record.attempts[-1]["reason"].startswith("bacalhau cannot run it: all failed 2 times; last error: fast job failed with 1")
     assert record.state == "SUCCEEDED" and record.backend == "sagemaker"
+
+
+def test_two_daemons_on_one_queue_one_killed_every_job_runs_once_and_is_told_once(aws, standin):
+    """Two `codsplat daemon` processes serve one queue; jobs spread over both and wait on the node.
+    One is killed with SIGKILL. The other takes over its jobs once their holds go stale
+    (`claim_seconds`), follows the attempts already sent, and every job ends SUCCEEDED with one
+    Bacalhau submission and one message."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    settings = fast(aws, standin, hold=True)
+    env = {**os.environ, "CODSPLAT_BUCKET": aws["bucket"], "CODSPLAT_QUEUE_URL": aws["queue_url"],
+           "CODSPLAT_TABLE": aws["table"], "CODSPLAT_TOPIC_ARN": aws["topic_arn"],
+           "CODSPLAT_AWS_ENDPOINT": settings.aws_endpoint, "CODSPLAT_S3_ENDPOINT": settings.aws_endpoint,
+           "CODSPLAT_IMAGE": settings.image, "CODSPLAT_QUEUE_WAIT_SECONDS": "1", "CODSPLAT_BACALHAU_POLL_SECONDS": "0.2",
+           "CODSPLAT_CLAIM_SECONDS": "3", "CODSPLAT_CANCEL_CHECK_SECONDS": "0.5", "CODSPLAT_HEALTH_PORT": "0",
+           "CODSPLAT_CONCURRENCY": "20", "BACALHAU_API_HOST": "127.0.0.1", "BACALHAU_API_PORT": str(settings.bacalhau_port)}
+    daemons = [subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    store = DynamoStore(aws["table"], boto3.client("dynamodb", endpoint_url=settings.aws_endpoint, region_name="us-east-1"))
+    ids = [f"pair-{i:02d}" for i in range(12)]
+    try:
+        time.sleep(2)
+        for job_id in ids:
+            aws["s3"].put_object(Bucket=aws["bucket"], Key=f"jobs/u/{job_id}.json", Body=json.dumps(
+                {"version": 1, "input": "uploads/u/clip.mp4", "notify": {"email": ["u@example.com"]}}))
+        until(lambda: all((r := store.get(j)) and r.state == "RUNNING" for j in ids), timeout=90)
+        owners = [store.get(j).owner for j in ids]
+        assert len(set(owners)) == 2, "both daemons took jobs"  # the pids are in the owner names
+        victim = max(daemons, key=lambda p: sum(f":{p.pid}:" in o for o in owners))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        standin.knobs(hold=False)
+        until(lambda: all((r := store.get(j)) and r.notified_at for j in ids), timeout=120)
+        messages = []
+        while batch := mail(aws):
+            messages += batch
+    finally:
+        for process in daemons:
+            process.kill()
+            process.wait()
+    records = [store.get(j) for j in ids]
+    assert [r.state for r in records] == ["SUCCEEDED"] * len(ids)
+    assert all(len(bacalhau_jobs(standin, j)) == 1 for j in ids), "each job submitted once"
+    told = [m["MessageAttributes"]["job_id"]["Value"] for m in messages]
+    assert sorted(told) == sorted(ids), "each job told once"
+    taken = [r for r in records if any("taken over from" in h["note"] for h in r.history)]
+    assert taken and all(f":{victim.pid}:" in h["note"] for r in taken for h in r.history if "taken over" in h["note"])

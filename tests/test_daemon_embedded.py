@@ -79,7 +79,16 @@ def test_embedded_flow_from_upload_to_notification(home):
     record = SQLiteStore(home / "codsplat.db").get("kitchen")
     assert record.state == "SUCCEEDED" and record.notified_at
     assert [h["state"] for h in record.history] == ["RECEIVED", "VALIDATED", "QUEUED", "RUNNING", "SUCCEEDED"]
-    assert record.result["metrics"]["gaussians"] > 0 and record.result["estimated_cost_usd"] >= 0
+    result = record.result
+    assert result["metrics"]["gaussians"] > 0 and result["device"] == "cpu"
+    # docs/deploy.md: GPU-seconds × gpu_hour_usd + CPU-seconds × cpu_hour_usd; on the CPU every stage is CPU time
+    stages = result["stage_seconds"]
+    assert set(stages) == set(STAGES) and all(s > 0 for s in stages.values())
+    assert sum(stages.values()) <= result["wall_seconds"] + 0.1
+    assert result["gpu_seconds"] == 0 and result["cpu_seconds"] == pytest.approx(sum(stages.values()), abs=0.1)
+    rates = Settings()
+    expected = result["gpu_seconds"] / 3600 * rates.gpu_hour_usd + result["cpu_seconds"] / 3600 * rates.cpu_hour_usd
+    assert result["estimated_cost_usd"] == pytest.approx(expected, abs=1e-4) and result["estimated_cost_usd"] > 0
     assert "results/kitchen/export/splat.ply" in record.result["outputs"]
     [message] = sent(home)
     assert message["attributes"] == {"job_id": "kitchen", "status": "SUCCEEDED", "recipient": ["u@example.com"]}

@@ -96,3 +96,33 @@ def test_jobs_commands_on_an_embedded_store(tmp_path):
     assert proc.returncode == 2 and "already ended (CANCELLED)" in proc.stderr
     proc = codsplat("jobs", "show", "nope", "--embedded", tmp_path)
     assert proc.returncode == 2 and "No job record 'nope'" in proc.stderr
+
+
+def test_a_message_claimed_by_another_sender_is_left_to_it_until_its_claim_goes_stale(tmp_path):
+    """The fallback state machine (or another daemon) ended a job and claimed its message in the
+    same write. A daemon's recovery that finds it unsent leaves it alone while the claim is fresh,
+    takes it over once it is older than `claim_seconds`, and sends it once."""
+    from codsplat.orchestrator.blobs import FolderBlobs
+    from codsplat.orchestrator.lifecycle import Lifecycle
+    from codsplat.orchestrator.notify import FileNotifier
+    from codsplat.orchestrator.records import JobRecord, SQLiteStore, now
+    from codsplat.orchestrator.settings import Settings
+
+    store, later = SQLiteStore(tmp_path / "db.sqlite"), []
+    settings = Settings(claim_seconds=60)
+    lifecycle = Lifecycle(store, FolderBlobs(tmp_path), FileNotifier(tmp_path / "sent"), {}, settings, settings.policy,
+                          "bacalhau", None, schedule=lambda fn, *a, delay=0.0: later.append((fn, a, delay)),
+                          others_alive=True)
+    store.create(JobRecord(job_id="handed", job_key="jobs/handed.json", state="FAILED", notify_claimed_at=now(),
+                           notify_claimed_by="fallback", error={"message": "SageMaker said no", "advice": "retry"}))
+    lifecycle.announce(store.get("handed"))
+    assert not (tmp_path / "sent" / "handed.json").exists()  # the state machine is sending it
+    assert [(fn.__name__, delay) for fn, _, delay in later] == [("<lambda>", 60)]  # looked at again once stale
+    stale = store.get("handed")
+    stale.notify_claimed_at = "2020-01-01T00:00:00.000+00:00"
+    store.put(stale, stale.version)
+    lifecycle.announce(store.get("handed"))
+    lifecycle.announce(store.get("handed"))  # twice: still one message
+    assert json.loads((tmp_path / "sent" / "handed.json").read_text())["attributes"]["status"] == "FAILED"
+    assert len((tmp_path / "sent" / "sent.jsonl").read_text().splitlines()) == 1
+    assert store.get("handed").notified_at and store.get("handed").notify_claimed_by == lifecycle.owner

@@ -61,7 +61,7 @@ def test_start_stop_and_downscale(tmp_path):
     video = tmp_path / "v.mp4"
     write_video(video, [np.roll(texture(2), 4 * i, axis=1) for i in range(30)])
     stats, record = run_ingest(tmp_path, video, max=4, start=1.0, stop=2.0, max_side=80, min_difference=0.0)
-    assert all(1.0 <= f["time_s"] < 2.0 for f in record["frames"])
+    assert len(record["frames"]) == 4 and all(1.0 <= f["time_s"] < 2.0 for f in record["frames"])
     assert record["frames"][0]["size"] == [80, 60]
 
 

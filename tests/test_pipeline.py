@@ -20,11 +20,12 @@ def test_sample_run_produces_a_good_splat(tiny_run):
     sfm, train = metrics["sfm"], metrics["train"]
     assert sfm["registered_images"] >= 27 and sfm["total_images"] == 30
     assert sfm["mean_reprojection_error_px"] < 1.5
-    assert metrics["psnr"] > 20 and metrics["ssim"] > 0.55  # the benchmark reports the exact figure
+    # the project's floor on the sample (benchmarks/run.py pipeline reports the exact figures)
+    assert metrics["psnr"] >= 22 and metrics["ssim"] >= 0.7
     assert train["gaussians"] > train["gaussians_initial"], "densification should have added Gaussians"
     assert metrics["gaussians"] == train["gaussians"]
-    for stage in STAGES:
-        assert metrics["stages"][stage]["seconds"] >= 0
+    seconds = [metrics["stages"][stage]["seconds"] for stage in STAGES]
+    assert all(s > 0 for s in seconds) and sum(seconds) <= result["wall_seconds"]
     assert metrics["stages"]["train"]["peak_rss_mb"] > 100
     progress = json.loads((work / "progress.json").read_text())  # what the console shows while a job runs
     assert progress["stage"] == "export" and progress["fraction"] == 1.0
@@ -68,8 +69,8 @@ def test_previews_and_report(tiny_run):
     assert "Held-out PSNR" in report and f"{metrics['psnr']:.2f} dB" in report
 
 
-def test_rerun_skips_unchanged_stages_and_reruns_what_changed(tiny_run, tmp_path):
-    work, _ = tiny_run
+def test_rerun_skips_unchanged_stages_and_reruns_what_changed(tiny_copy, tmp_path):
+    work = tiny_copy
     from conftest import SAMPLE
 
     proc = codsplat("run", SAMPLE, "--preset", "tiny", "--out", work, "--json")
@@ -83,6 +84,12 @@ def test_rerun_skips_unchanged_stages_and_reruns_what_changed(tiny_run, tmp_path
     skipped = {name: s["skipped"] for name, s in json.loads(proc.stdout)["stages"].items()}
     assert skipped == {"frames": True, "sfm": True, "train": True, "export": False}
     assert not (work / "export" / "splat.spz").exists()
+
+    # --force runs the stages asked for again, unchanged or not
+    proc = codsplat("run", SAMPLE, "--preset", "tiny", "--config", cfg, "--out", work, "--stage", "preprocess", "--json", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert {name: s["skipped"] for name, s in json.loads(proc.stdout)["stages"].items()} == {"frames": False, "sfm": False}
+    assert [json.loads(line)["stage"] for line in open(work / "runs.jsonl")][-3:] == ["export", "frames", "sfm"]
 
 
 def test_stages_split_across_machines(sample_video, quick_config, tmp_path):
@@ -102,7 +109,13 @@ def test_stages_split_across_machines(sample_video, quick_config, tmp_path):
     shutil.rmtree(export_node / "frames" / "images")  # export needs the manifests, not the frames
     proc = codsplat("run", "--preset", "tiny", "--config", quick_config, "--out", export_node, "--stage", "export")
     assert proc.returncode == 0, proc.stderr
-    assert (export_node / "export" / "splat.ply").is_file()
+    # the exported splat is the one trained on the other machine, read back
+    from codsplat.pipeline import splats
+
+    trained, _ = splats.load(gpu_node / "train" / "splats.pt")
+    vertex = PlyData.read(str(export_node / "export" / "splat.ply"))["vertex"]
+    xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=1)
+    assert len(xyz) > 0 and np.allclose(xyz, trained["means"][splats.finite_mask(trained)].numpy(), atol=1e-6)
 
 
 def test_a_stage_out_of_order_says_what_to_run_first(tmp_path):

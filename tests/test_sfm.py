@@ -1,8 +1,11 @@
-"""Pose sanity after mapping: a camera placed far from every other one is dropped before training."""
+"""Structure from motion: pose sanity after mapping (a camera placed far from every other one is dropped
+before training), the seed each fingerprint covers, and a photo set through both mappers."""
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 
 from codsplat.pipeline.sfm import drop_stray_cameras
 
@@ -46,3 +49,59 @@ def test_a_sound_orbit_and_a_wide_photo_set_keep_every_camera():
     rng = np.random.default_rng(0)
     scattered = rng.normal(size=(20, 3)) * 5  # photos from all around: gaps vary, none is stray
     assert drop_stray_cameras(FakeModel(scattered)) == []
+
+
+def test_each_stage_fingerprint_covers_the_seed_it_uses(tmp_path):
+    """SfM seeds RANSAC and its mapper from `sfm.seed`, which its fingerprint covers: changing it
+    re-runs SfM (and what follows); changing `train.seed` re-runs training alone."""
+    import inspect
+
+    from codsplat.pipeline import sfm
+    from codsplat.pipeline.config import build_config
+    from codsplat.pipeline.stages import StageContext, fingerprint
+
+    assert "config.sfm.seed" in inspect.getsource(sfm) and "config.train" not in inspect.getsource(sfm)
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "manifest.json").write_text(json.dumps({"fingerprint": "frames-v1"}))
+
+    def prints(settings):
+        ctx = StageContext(tmp_path, build_config(settings))
+        first = fingerprint(ctx, "sfm")
+        (tmp_path / "sfm").mkdir(exist_ok=True)
+        (tmp_path / "sfm" / "manifest.json").write_text(json.dumps({"fingerprint": first}))
+        return first, fingerprint(ctx, "train")
+
+    base = prints({})
+    by_sfm_seed, by_train_seed = prints({"sfm": {"seed": 7}}), prints({"train": {"seed": 7}})
+    assert by_sfm_seed[0] != base[0] and by_sfm_seed[1] != base[1]
+    assert by_train_seed[0] == base[0] and by_train_seed[1] != base[1]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, sample_video):
+    """A photo set: 24 stills of the sample, as a folder of JPEGs someone took around the subject."""
+    import av
+
+    folder = tmp_path_factory.mktemp("photos") / "photos"
+    folder.mkdir()
+    with av.open(str(sample_video)) as video:
+        stills = [frame.to_image() for frame in video.decode(video=0)]
+    step = len(stills) / 24
+    for i in range(24):
+        stills[int(i * step)].save(folder / f"IMG_{i:04d}.jpg", quality=92)
+    return folder
+
+
+@pytest.mark.parametrize("mapper", ["global", "incremental"])
+def test_a_photo_set_is_matched_exhaustively_and_placed_by_either_mapper(photos, tmp_path, mapper):
+    from conftest import codsplat
+
+    config = tmp_path / "sfm.json"
+    config.write_text(json.dumps({"sfm": {"mapper": mapper}}))
+    out = tmp_path / "out"
+    proc = codsplat("run", photos, "--preset", "tiny", "--config", config, "--out", out, "--stage", "preprocess")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((out / "sfm" / "sfm.json").read_text())
+    assert stats["matcher"] == "exhaustive" and stats["mapper"] == mapper  # auto: a photo set is matched all to all
+    assert stats["total_images"] == 24 and stats["registered_images"] >= 22, stats["unregistered"]
+    assert stats["mean_reprojection_error_px"] < 1.5 and stats["points3d"] > 500

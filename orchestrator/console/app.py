@@ -17,13 +17,15 @@ the session's CSRF token in `X-CSRF-Token` and a same-origin browser. Errors are
 from __future__ import annotations
 
 import html
-import json
 import logging
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from codsplat.pipeline.config import parse_document
 from codsplat.pipeline.errors import PipelineError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -38,7 +40,8 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..job import json_schema
+from ..blobs import Refused
+from ..job import JOB_ID, json_schema
 from .auth import CSRF_HEADER, SESSION_COOKIE, Guard
 from .service import ConsoleService, NotFound
 from .uploads import FolderUploads
@@ -49,6 +52,8 @@ VIEWER_BUNDLE = STATIC / "dist" / "viewer.js"
 FILE_SECONDS = 3600  # how long a presigned download or viewer link works
 PUBLIC = ("/login", "/static/", "/health", "/api/local-upload/")  # the last is checked by its signature
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+MAX_BODY = 2 * 2**20  # a JSON request (10,000 upload parts fit); upload parts stream to disk with their own bound
+STREAMED = "/api/local-upload/"
 
 
 def problem(status: int, message: str, hint: str | None = None) -> JSONResponse:
@@ -78,6 +83,10 @@ class GuardMiddleware(BaseHTTPMiddleware):
         guard, path = self.guard, request.url.path
         if not guard.host_allowed(request.headers.get("host")):
             return PlainTextResponse("This console does not serve that host name.", status_code=400)
+        length = request.headers.get("content-length", "0")
+        if not path.startswith(STREAMED) and (not (length.isascii() and length.isdecimal()) or int(length) > MAX_BODY):
+            return problem(413, f"The request body is over {MAX_BODY // 2**20} MiB (or its length is not stated).",
+                           "Send a smaller JSON object; media go through the upload links.")
         state_change = request.method not in SAFE_METHODS
         if state_change and not self._same_origin(request):
             return problem(403, "Cross-site request refused.", "Use the console's own pages.")
@@ -115,34 +124,43 @@ def set_session(response: Response, session: str, guard: Guard) -> None:
 
 
 async def body(request: Request) -> dict:
-    try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise PipelineError("The request body is not JSON.", hint="Send a JSON object.") from None
-    if not isinstance(data, dict):
-        raise PipelineError("The request body must be a JSON object.")
-    return data
+    """The request's JSON object, read no further than MAX_BODY and bounded as any document."""
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise PipelineError(f"The request body is over {MAX_BODY // 2**20} MiB.", hint="Send a smaller JSON object.")
+    return parse_document(raw, "The request body", max_bytes=MAX_BODY)
 
 
 def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat", connect_src: str = "https:") -> Starlette:
     shell = (STATIC / "index.html").read_text()
 
     def page(request: Request, name: str, job: str = "") -> HTMLResponse:
-        html = (shell.replace("{{csrf}}", guard.csrf_token(request.state.session)).replace("{{page}}", name)
-                .replace("{{job}}", job).replace("{{title}}", title).replace("{{login}}", "1" if guard.token else ""))
-        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+        values = {"csrf": guard.csrf_token(request.state.session), "page": name, "job": job, "title": title,
+                  "login": "1" if guard.token else ""}
+        text = shell
+        for key, value in values.items():  # every value escaped: ids and titles come from outside
+            text = text.replace("{{" + key + "}}", html.escape(value, quote=True))
+        return HTMLResponse(text, headers={"Cache-Control": "no-store"})
+
+    def job_id(request: Request) -> str:
+        value = request.path_params["job_id"]
+        if not re.fullmatch(JOB_ID.strip("^$"), value):
+            raise NotFound(value)
+        return value
 
     async def home(request: Request):
         return page(request, "jobs")
 
     async def job_page(request: Request):
-        return page(request, "job", request.path_params["job_id"])
+        return page(request, "job", job_id(request))
 
     async def viewer_page(request: Request):
         if not VIEWER_BUNDLE.is_file():
             return HTMLResponse("The splat viewer is not built: run <code>npm ci && npm run build</code> "
                                 "in the codsplat checkout, then reload.", status_code=503)
-        return page(request, "viewer", request.path_params["job_id"])
+        return page(request, "viewer", job_id(request))
 
     async def login(request: Request):
         def login_page(target: str, error: str = "", status: int = 200) -> HTMLResponse:
@@ -151,15 +169,21 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
 
         if request.method == "GET":
             return login_page(request.query_params.get("next", "/"))
+        client = request.client.host if request.client else "?"
+        wait = guard.login_wait(client)
+        if wait:
+            return login_page("/", f'<p class="error">Too many wrong tokens; try again in {wait:.0f} s.</p>', 429)
         form = await request.form()
         if not guard.token_matches(str(form.get("token", ""))):
-            log.warning("failed console login from %s", request.client.host if request.client else "?")
+            guard.login_failed(client)
+            log.warning("failed console login from %s", client)
             return login_page(str(form.get("next", "/")), '<p class="error">That token is not right.</p>', 401)
         response = RedirectResponse(_local(str(form.get("next", "/"))), status_code=303)
         set_session(response, guard.new_session(), guard)
         return response
 
     async def logout(request: Request):
+        guard.end_session(request.cookies.get(SESSION_COOKIE))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
@@ -170,7 +194,9 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
     async def jobs(request: Request):
         if request.method == "GET":
             limit = request.query_params.get("limit", "100")
-            return JSONResponse({"jobs": service.list(min(int(limit), 1000) if limit.isdigit() else 100)})
+            if not (limit.isascii() and limit.isdecimal() and len(limit) <= 6):
+                return problem(422, f"limit: must be a whole number from 1 to 1000, got {limit[:20]!r}.")
+            return JSONResponse({"jobs": service.list(max(1, min(int(limit), 1000)))})
         data = await body(request)
         job = service.submit(str(data.get("input", "")), data.get("settings") or {}, data.get("name"))
         return JSONResponse({"id": job.id, "url": f"/jobs/{job.id}"}, status_code=201)
@@ -180,15 +206,15 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
         return JSONResponse({"ok": True})
 
     async def job(request: Request):
-        return JSONResponse(service.detail(request.path_params["job_id"]))
+        return JSONResponse(service.detail(job_id(request)))
 
     async def cancel(request: Request):
-        record = service.cancel(request.path_params["job_id"])
+        record = service.cancel(job_id(request))
         return JSONResponse(service.summary(record))
 
     async def resubmit(request: Request):
         data = await body(request)
-        job = service.resubmit(request.path_params["job_id"], data.get("settings") or {})
+        job = await run_in_threadpool(service.resubmit, job_id(request), data.get("settings") or {})
         return JSONResponse({"id": job.id, "url": f"/jobs/{job.id}"}, status_code=201)
 
     async def uploads(request: Request):
@@ -199,7 +225,9 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
     async def upload_complete(request: Request):
         data = await body(request)
         parts = data.get("parts")
-        service.complete_upload(str(data.get("key", "")), str(data.get("upload_id", "")), parts if isinstance(parts, list) else [])
+        # joining the parts is disk work: off the event loop, so the console keeps answering meanwhile
+        await run_in_threadpool(service.complete_upload, str(data.get("key", "")), str(data.get("upload_id", "")),
+                                parts if isinstance(parts, list) else [])
         return JSONResponse({"key": data["key"]})
 
     async def local_part(request: Request):
@@ -212,9 +240,11 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
         return Response(status_code=200, headers={"ETag": etag, "Access-Control-Expose-Headers": "ETag"})
 
     async def files(request: Request):
-        key = service.file_key(request.path_params["job_id"], request.path_params["name"])
+        key = service.file_key(job_id(request), request.path_params["name"])
         local = service.blobs.local_path(key)
         if local is not None:
+            if (service.blobs.root / key).is_symlink():  # only files the pipeline wrote, never a link it did not
+                raise NotFound(request.path_params["name"])
             return FileResponse(local)
         return RedirectResponse(service.blobs.link(key, FILE_SECONDS), status_code=302)
 
@@ -225,7 +255,10 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
         return problem(422, exc.message, exc.hint)
 
     async def on_not_found(request: Request, exc: NotFound):
-        return problem(404, f"No job or file {exc.args[0]!r}.", "The job list shows the ids.")
+        return problem(404, f"No job or file {str(exc.args[0])[:80]!r}.", "The job list shows the ids.")
+
+    async def on_refused(request: Request, exc: Refused):
+        return problem(404, "No such file here.", "Only a job's own export files are served.")
 
     routes = [
         Route("/", home), Route("/jobs/{job_id}", job_page), Route("/jobs/{job_id}/view", viewer_page),
@@ -241,7 +274,7 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     return Starlette(routes=routes, middleware=[Middleware(GuardMiddleware, guard=guard, connect_src=connect_src)],
-                     exception_handlers={PipelineError: on_pipeline_error, NotFound: on_not_found})
+                     exception_handlers={PipelineError: on_pipeline_error, NotFound: on_not_found, Refused: on_refused})
 
 
 def _local(target: str) -> str:

@@ -16,16 +16,17 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any
 
-from codsplat.pipeline.config import merge
+from codsplat.pipeline.config import MAX_DOCUMENT_BYTES, merge, parse_document
 from codsplat.pipeline.contract import ARCHIVE_SUFFIXES, PROGRESS, VIDEO_SUFFIXES
 from codsplat.pipeline.errors import InputError
+from codsplat.pipeline.validation import show
 
 from ..blobs import Blobs
-from ..job import JobDocument, job_id_from_key, parse_job
+from ..job import MAX_RENUMBER, JobDocument, job_id_from_key, owner_of, parse_job
 from ..pricing import running
 from ..records import RUNNING, InvalidTransition, JobRecord, Store, request_cancel
 from ..settings import Policy, Settings
-from .uploads import Uploads, check_files, safe_name
+from .uploads import MAX_PARTS, Uploads, check_files, safe_name
 
 CONSOLE_USER = "console"  # token login has one user; an OIDC identity would go here
 REUSABLE = ("frames", "sfm", "train")  # stage folders a resubmission starts from (the pipeline re-checks them)
@@ -75,10 +76,15 @@ class ConsoleService:
 
     def complete_upload(self, key: str, upload_id: str, parts: list[dict]) -> None:
         if not key.startswith(self.policy.input_prefixes[0] + CONSOLE_USER + "/"):
-            raise InputError(f"key: {key!r} is not a console upload.")
-        if not parts or not all(isinstance(p, dict) and isinstance(p.get("part"), int) and p["part"] >= 1
-                                and isinstance(p.get("etag"), str) for p in parts):
-            raise InputError('parts: a list of {"part": number from 1, "etag": the ETag of its upload}.')
+            raise InputError(f"key: {show(key)} is not a console upload.")
+        if not parts or len(parts) > MAX_PARTS or not all(
+                isinstance(p, dict) and type(p.get("part")) is int and 1 <= p["part"] <= MAX_PARTS
+                and isinstance(p.get("etag"), str) and len(p["etag"]) <= 100 for p in parts):
+            raise InputError('parts: a list of {"part": number from 1, "etag": the ETag of its upload}, '
+                             f"at most {MAX_PARTS:,}.")
+        numbers = [p["part"] for p in parts]
+        if numbers != list(range(1, len(numbers) + 1)):  # each part once, in order: no part joined twice
+            raise InputError(f"parts: must be parts 1 to {len(numbers)}, each once and in order.")
         self.uploads.complete(key, upload_id, parts)
 
     def submit(self, input_key: str, settings: dict[str, Any], name: str | None = None) -> JobDocument:
@@ -87,7 +93,10 @@ class ConsoleService:
         name = name if isinstance(name, str) and name.strip() else PurePosixPath(input_key.rstrip("/")).name
         base = job_id_from_key(name)[:50]
         doc = {"version": 1, "id": f"{base}-{secrets.token_hex(3)}", "input": input_key, **settings}
-        return self._write(doc)
+        job = self._write(doc)
+        if job is None:
+            raise InputError(f"id: a job {doc['id']!r} exists already; submit again.")
+        return job
 
     def check(self, settings: dict[str, Any]) -> None:
         """Validate settings before any media is sent; the input itself is checked at submission."""
@@ -95,33 +104,38 @@ class ConsoleService:
         placeholder = f"{self.policy.input_prefixes[0]}{CONSOLE_USER}/check.mp4"
         parse_job({"version": 1, "id": "settings-check", "input": placeholder, **settings}, self.policy)
 
-    def _write(self, doc: dict[str, Any]) -> JobDocument:
-        job = parse_job(doc, self.policy)
+    def _write(self, doc: dict[str, Any], owner: str | None = CONSOLE_USER) -> JobDocument | None:
+        """Write the job document (which starts the job) into its owner's folder; None when its id was
+        taken meanwhile (the document is created only where none is, so two submissions never share an id)."""
+        job = parse_job(doc, self.policy, owner=owner)
         key = job.input_uri.key
         if not (self.blobs.exists_prefix(key) if key.endswith("/") else self.blobs.exists(key)):
             raise InputError(f"input: {key} has not arrived; upload the media before submitting the job.")
-        if self.store.get(job.id) is not None:
-            raise InputError(f"id: a job {job.id!r} exists already.")
-        self.blobs.write(self.document_key(job.id), json.dumps(doc, indent=2).encode())
+        if self.store.get(job.id) is not None or not self.blobs.create(self.document_key(job.id, owner),
+                                                                       json.dumps(doc, indent=2).encode()):
+            return None
         return job
 
     def resubmit(self, job_id: str, changes: dict[str, Any]) -> JobDocument:
         """The same media with changed settings, as a new job that starts from the old job's finished
         stages: the pipeline re-runs a stage only when its settings or inputs changed."""
         record = self._record(job_id)
-        old = json.loads(self.blobs.read(record.job_key))
+        old = parse_document(self.blobs.read(record.job_key, limit=MAX_DOCUMENT_BYTES + 1), record.job_key)
         _known(changes)
         doc = merge({k: v for k, v in old.items() if k not in ("id", "output")}, changes)
         stem = re.sub(r"-r\d+$", "", job_id)[:55]
-        number = 2
-        while self.store.get(f"{stem}-r{number}") is not None:
-            number += 1
-        doc["id"] = f"{stem}-r{number}"
-        job = parse_job(doc, self.policy)  # fail before copying anything
-        source, target = self._document(record)[1], job.output_uri(self.policy).key
-        for stage in REUSABLE:
-            self.blobs.copy_prefix(f"{source}{stage}/", f"{target}{stage}/")
-        return self._write(doc)
+        source, owner = self._document(record)[1], owner_of(record.job_key, self.settings)  # it stays its owner's
+        for number in range(2, MAX_RENUMBER + 2):  # the first free `-r<n>`; a concurrent resubmission takes the next
+            doc["id"] = f"{stem}-r{number}"
+            if self.store.get(doc["id"]) is not None or self.blobs.exists(self.document_key(doc["id"], owner)):
+                continue
+            target = parse_job(doc, self.policy, owner=owner).output_uri(self.policy).key  # fail before copying
+            for stage in REUSABLE:
+                self.blobs.copy_prefix(f"{source}{stage}/", f"{target}{stage}/")
+            job = self._write(doc, owner)
+            if job is not None:
+                return job
+        raise InputError(f"{job_id}: resubmitted {MAX_RENUMBER} times already; submit it as a new job.")
 
     def cancel(self, job_id: str) -> JobRecord:
         self._record(job_id)
@@ -138,13 +152,14 @@ class ConsoleService:
             raise NotFound(job_id)
         return record
 
-    def document_key(self, job_id: str) -> str:
-        return f"{self.jobs_prefix}{CONSOLE_USER}/{job_id}.json"
+    def document_key(self, job_id: str, owner: str | None = CONSOLE_USER) -> str:
+        return f"{self.jobs_prefix}{owner}/{job_id}.json" if owner else f"{self.jobs_prefix}{job_id}.json"
 
     def _document(self, record: JobRecord) -> tuple[dict[str, Any], str]:
         """The job document as written, and its output prefix."""
-        raw = json.loads(self.blobs.read(record.job_key))
-        return raw, parse_job(raw, self.policy, default_id=record.job_id).output_uri(self.policy).key
+        raw = parse_document(self.blobs.read(record.job_key, limit=MAX_DOCUMENT_BYTES + 1), record.job_key)
+        return raw, parse_job(raw, self.policy, default_id=record.job_id,
+                              owner=owner_of(record.job_key, self.settings)).output_uri(self.policy).key
 
     def summary(self, record: JobRecord) -> dict[str, Any]:
         """A row of the job list: state, stage, time so far and estimated cost."""

@@ -13,17 +13,21 @@ import math
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from codsplat.pipeline.contract import ARCHIVE_SUFFIXES, MEDIA_SUFFIXES, VIDEO_SUFFIXES
 from codsplat.pipeline.errors import InputError
+from codsplat.pipeline.validation import show
 from starlette.concurrency import run_in_threadpool
 
 MIN_PART = 8 * 2**20  # S3 parts are at least 5 MiB (but the last); 8 MiB keeps the count low
 MAX_PARTS = 10_000  # S3's limit
 MAX_BYTES = 50 * 2**30
+MAX_FILES = 5000  # photos in one upload (as Settings.max_input_files)
 LINK_SECONDS = 3600
+ABANDONED_SECONDS = 24 * 3600  # an upload not completed within a day is cleared away (S3: the bucket's lifecycle rule)
 MEDIA = MEDIA_SUFFIXES
 VIDEO_OR_ZIP = VIDEO_SUFFIXES + ARCHIVE_SUFFIXES
 
@@ -42,19 +46,21 @@ def safe_name(name: str) -> str:
 
 def check_files(files: list[dict]) -> None:
     """What a job can use: one video or one .zip of images, or images (jpg/png)."""
+    if len(files) > MAX_FILES:
+        raise InputError(f"files: {len(files):,} files; one job reads at most {MAX_FILES:,} photos.")
     if not files:
         raise InputError(f"files: choose a video ({', '.join(s[1:] for s in VIDEO_SUFFIXES)}), a .zip of images, or images (jpg, png).")
     for f in files:
         if not isinstance(f, dict):
             raise InputError('files: each file is {"name": ..., "size": bytes}.')
-        name, size = str(f.get("name", "")), f.get("size")
-        if not name.lower().endswith(MEDIA):
-            raise InputError(f"files: {name!r} is not a video, a .zip or an image; use one of {', '.join(MEDIA)}.")
-        if not isinstance(size, int) or size <= 0 or size > MAX_BYTES:
-            raise InputError(f"files: {name!r} has size {size!r}; a file must be 1 byte to {MAX_BYTES // 2**30} GiB.")
+        name, size = f.get("name"), f.get("size")
+        if not isinstance(name, str) or not name.lower().endswith(MEDIA) or len(name) > 1000:
+            raise InputError(f"files: {show(name)} is not a video, a .zip or an image; use one of {', '.join(MEDIA)}.")
+        if type(size) is not int or size <= 0 or size > MAX_BYTES:  # not isinstance: true is an int to Python
+            raise InputError(f"files: {show(name)} has size {show(size)}; a file must be 1 byte to {MAX_BYTES // 2**30} GiB.")
     whole = [f["name"] for f in files if f["name"].lower().endswith(VIDEO_OR_ZIP)]
     if whole and len(files) > 1:
-        raise InputError(f"files: {whole[0]!r} must be uploaded alone; a job reads one video, one .zip, or a set of images.")
+        raise InputError(f"files: {show(whole[0])} must be uploaded alone; a job reads one video, one .zip, or a set of images.")
 
 
 class Uploads(Protocol):
@@ -89,13 +95,25 @@ class FolderUploads:
         self.staging = root / ".uploads"
 
     def start(self, key: str, size: int) -> dict:
+        self.clear_abandoned()
         upload_id = secrets.token_hex(12)
+        step = part_size(size)
         (self.staging / upload_id).mkdir(parents=True)
         (self.staging / upload_id / "key").write_text(key)
-        step = part_size(size)
+        (self.staging / upload_id / "parts").write_text(str(math.ceil(size / step)))
         urls = [self.sign_path(f"/api/local-upload/{upload_id}/{n}", self.link_seconds)
                 for n in range(1, math.ceil(size / step) + 1)]
         return {"key": key, "upload_id": upload_id, "part_size": step, "urls": urls}
+
+    def clear_abandoned(self, now: float | None = None) -> list[str]:
+        """Remove uploads started more than ABANDONED_SECONDS ago and never completed."""
+        cleared = []
+        now = time.time() if now is None else now
+        for folder in self.staging.iterdir() if self.staging.is_dir() else []:
+            if folder.is_dir() and not folder.is_symlink() and now - folder.stat().st_mtime > ABANDONED_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+                cleared.append(folder.name)
+        return cleared
 
     def _dir(self, upload_id: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{24}", upload_id) or not (self.staging / upload_id).is_dir():
@@ -128,6 +146,9 @@ class FolderUploads:
         if (folder / "key").read_text() != key:
             raise InputError(f"key: upload {upload_id} was started for another key.")
         numbers = sorted(int(p["part"]) for p in parts)
+        started = int((folder / "parts").read_text())
+        if numbers != list(range(1, started + 1)):  # the parts it was started with, each once
+            raise InputError(f"parts: upload {upload_id} has parts 1 to {started}; list each once.")
         files = [folder / f"{n:05d}.part" for n in numbers]
         missing = [n for n, f in zip(numbers, files) if not f.is_file()]
         if not numbers or missing:

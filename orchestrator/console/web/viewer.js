@@ -3,8 +3,9 @@
 // frames the splat's bounding box, and orbits with the mouse.
 // It draws only when something changed (the camera, the canvas size, or Spark finishing a sort), so an
 // idle viewer costs nothing: on a laptop or a software renderer a constant render loop holds the CPU/GPU.
-// window.codsplatViewer exposes `ready` (the picture on screen is final for this view) and
-// `orbit(degrees)`, so tests (and people) can move the camera and know when it has been drawn.
+// window.codsplatViewer exposes `ready` (the picture on screen is final for this view), `orbit(degrees)`,
+// `opened_at` and `camera`, so tests (and people) can move the camera, know when it has been drawn, and
+// see where the view opened.
 import * as THREE from "three";
 import { OrbitControls } from "three/examples/jsm/controls/OrbitControls.js";
 import { SparkRenderer, SplatMesh } from "@sparkjsdev/spark";
@@ -102,6 +103,10 @@ async function start(container) {
         performance.now() - lastDraw > 100;
     },
     get frames() { return frames; },
+    opened_at: photo ? photo.name : null, // the held-out photo whose camera the view opened at
+    get camera() {
+      return { position: camera.position.toArray(), up: camera.up.toArray(), fov: camera.fov, target: controls.target.toArray() };
+    },
     orbit(degrees) {
       const offset = camera.position.clone().sub(controls.target);
       offset.applyAxisAngle(camera.up, (degrees * Math.PI) / 180);

@@ -1,0 +1,118 @@
+"""Intake: a job event in, the record its document ends as out. Every document ends as a record (a
+refused one saying why) except the same upload delivered again. A document is bounded before it is
+read (`config.parse_document`), and nothing it says is trusted until it validates: a refused one is
+recorded under an id made from its file name, with its addresses only if they validate."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from codsplat.pipeline.config import MAX_DOCUMENT_BYTES, parse_document
+from codsplat.pipeline.contract import ADVICE
+from codsplat.pipeline.errors import InputError
+
+from .blobs import Blobs, Refused
+from .events import JobEvent
+from .faults import crashpoint
+from .job import MAX_RENUMBER, JobDocument, job_id_from_key, next_id, owner_of, parse_job, valid_notify
+from .records import FAILED, RECEIVED, VALIDATED, JobRecord, Store, now
+from .settings import Policy, Settings
+
+log = logging.getLogger("codsplat.daemon")
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass
+class Arrival:
+    record: JobRecord | None  # None: nothing to record (the same upload again, or the document has gone)
+    job: JobDocument | None = None  # None: the document was refused, and the record says why
+    duplicate: bool = False
+
+
+@dataclass
+class Intake:
+    store: Store
+    blobs: Blobs
+    policy: Policy
+    settings: Settings
+    owner: str  # the daemon creating records: it holds the job, and sends a refused one's message
+
+    def take_in(self, event: JobEvent) -> Arrival:
+        """Read and validate the document, then create its record; an id another document holds
+        (or an earlier upload of this one) is renumbered `<id>-r2`, `-r3`, ..."""
+        job, problem, data = self._read(event)
+        wanted = job.id if job else job_id_from_key(event.key)
+        notify = job.notify.email if job else valid_notify(data)
+        for renumbered in range(MAX_RENUMBER + 1):
+            job_id = wanted if renumbered == 0 else next_id(wanted, renumbered - 1)
+            if job is not None and job_id != job.id:
+                try:  # the job under its new id (an explicit output under the old one no longer fits)
+                    job = parse_job({**data, "id": job_id}, self.policy, owner=owner_of(event.key, self.settings))
+                except InputError as exc:
+                    job, problem = None, f"The id {wanted} is taken, and as {job_id}: {exc.message}"
+            record = self._record(event, job_id, job, problem, notify)
+            crashpoint("before-create")
+            taken = self.store.create_or_get(record)
+            if taken is None:
+                return Arrival(record, job)
+            if same_upload(taken, event):
+                return Arrival(None, duplicate=True)
+        log.error("no free id for %s: %s and its renumberings are all taken", event.key, wanted)
+        return Arrival(None)
+
+    def _read(self, event: JobEvent) -> tuple[JobDocument | None, str | None, dict[str, Any]]:
+        """(the job, None, its data) or (None, why it was refused, what could be read of it)."""
+        try:
+            event.key.encode("utf-8")
+        except UnicodeEncodeError:  # a file name of undecodable bytes
+            shown = event.key.encode("utf-8", "backslashreplace").decode()
+            return None, (f"The file name {shown[:200]} is not UTF-8 text; rename the job document "
+                          "(letters, digits, - and _ are safe)."), {}
+        try:  # the size and the first bytes in one request: a document too big is never read further
+            head = self.blobs.head(event.key, MAX_DOCUMENT_BYTES + 1)
+        except Refused as exc:
+            return None, f"{event.key} cannot be read as a job document: {exc}.", {}
+        if head is None:
+            return None, f"{event.key} was deleted before it could be read; upload it again.", {}
+        raw, size = head
+        data: dict[str, Any] = {}
+        try:
+            if size > MAX_DOCUMENT_BYTES:
+                raise InputError(f"{event.key} is {size:,} bytes; a job document may be at most "
+                                 f"{MAX_DOCUMENT_BYTES // 1024} KiB.")
+            data = parse_document(raw, event.key)
+            return parse_job(data, self.policy, default_id=job_id_from_key(event.key),
+                             owner=owner_of(event.key, self.settings)), None, data
+        except InputError as exc:
+            return None, exc.message, data
+
+    def _record(self, event: JobEvent, job_id: str, job: JobDocument | None, problem: str | None,
+                notify: list[str]) -> JobRecord:
+        key = event.key.encode("utf-8", "backslashreplace").decode()
+        at = now()
+        record = JobRecord(job_id=job_id, job_key=key, notify=list(notify), event_at=event.at, upload=event.upload,
+                           owner=self.owner, owner_seen_at=at, history=[{"at": at, "state": RECEIVED, "stage": None,
+                                                                          "note": event.event}])
+        if job is not None:
+            record.state, record.input = VALIDATED, job.input
+            record.output = self.blobs.uri(job.output_uri(self.policy).key)
+            record.history.append({"at": at, "state": VALIDATED, "stage": None, "note": ""})
+        else:
+            record.state, record.stage = FAILED, "validate"
+            record.error = refusal(problem or "The job document could not be read.")
+            record.notify_claimed_at, record.notify_claimed_by = at, self.owner  # its creator sends its message
+            record.history.append({"at": at, "state": FAILED, "stage": "validate", "note": ""})
+        return record
+
+
+def refusal(message: str) -> dict[str, Any]:
+    return {"stage": "validate", "message": message[:MAX_ERROR_CHARS], "advice": ADVICE["input"], "kind": "input",
+            "exit_code": 2}
+
+
+def same_upload(record: JobRecord, event: JobEvent) -> bool:
+    """The same document delivered again (SQS is at-least-once; moto sends two events for one
+    multipart upload): its key, and no sign of a new upload (an event without one is taken as the same)."""
+    return record.job_key == event.key and (not event.upload or not record.upload or record.upload == event.upload)
