@@ -18,7 +18,6 @@ restarted daemon `resume`s every record that is not finished.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import socket
@@ -40,8 +39,8 @@ from .job import JobDocument, owner_of, parse_job
 from .notify import Notifier, compose
 from .intake import MAX_ERROR_CHARS, Intake
 from .ownership import Holds, LetGo
-from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, Conflict, InvalidTransition,
-                      JobRecord, Store, change, now, success_result)
+from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, InvalidTransition,
+                      JobRecord, Store, change, claim, now, success_result)
 from .settings import Policy, Settings
 
 log = logging.getLogger("codsplat.daemon")
@@ -377,20 +376,8 @@ class Lifecycle:
     def _claim(self, record: JobRecord | None) -> JobRecord | None:
         """Take the message: one conditional put on the version read, never retried over another writer.
         A claim is left alone while its owner may be alive and it is younger than `claim_seconds`."""
-        for _ in range(3):
-            if record is None or not record.terminal or record.notified_at:
-                return None
-            if self.holds.elsewhere(record.notify_claimed_by, record.notify_claimed_at):
-                return None
-            mine = copy.deepcopy(record)
-            self._stamp(mine)
-            mine.updated_at, mine.version = now(), record.version + 1
-            try:
-                self.store.put(mine, record.version)
-                return mine
-            except Conflict:
-                record = self.store.get(record.job_id)
-        return None
+        return claim(self.store, record, lambda r: not r.terminal or bool(r.notified_at)
+                     or self.holds.elsewhere(r.notify_claimed_by, r.notify_claimed_at), self._stamp)
 
     def send(self, record: JobRecord, retry: int = 0) -> None:
         """Send the message of a record this daemon has claimed, then mark it sent. A failed send is

@@ -8,12 +8,11 @@ write on the record's version, so two daemons never both take it.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from .records import Conflict, JobRecord, Store, now
+from .records import JobRecord, Store, claim, now
 
 
 class LetGo(Exception):
@@ -37,22 +36,18 @@ class Holds:
         live daemon holds it, or it ended meanwhile."""
         if not self.others_alive:
             return record
-        for _ in range(3):
-            if record is None or record.terminal or self.elsewhere(record.owner, record.owner_seen_at):
-                return None
-            if record.owner == self.owner:
-                return record
-            mine = copy.deepcopy(record)
-            mine.owner, mine.owner_seen_at, mine.updated_at, mine.version = self.owner, now(), now(), record.version + 1
-            if record.owner:
-                mine.history.append({"at": now(), "state": record.state, "stage": record.stage,
-                                     "note": f"taken over from {record.owner} (silent since {record.owner_seen_at})"})
-            try:
-                self.store.put(mine, record.version)
-                return mine
-            except Conflict:
-                record = self.store.get(record.job_id)
-        return None
+        if record is None or record.terminal:
+            return None
+        if record.owner == self.owner:
+            return record
+
+        def stamp(mine: JobRecord) -> None:
+            if mine.owner:
+                mine.history.append({"at": now(), "state": mine.state, "stage": mine.stage,
+                                     "note": f"taken over from {mine.owner} (silent since {mine.owner_seen_at})"})
+            mine.owner, mine.owner_seen_at = self.owner, now()
+
+        return claim(self.store, record, lambda r: r.terminal or self.elsewhere(r.owner, r.owner_seen_at), stamp)
 
     def renew(self, record: JobRecord) -> None:
         """A `records.change` mutation: the heartbeat, unless the job is no longer ours."""

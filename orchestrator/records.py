@@ -103,6 +103,25 @@ class Store(Protocol):
     def list(self, state: str | None = None, limit: int = 100, since: str | None = None) -> list[JobRecord]: ...
 
 
+def claim(store: Store, record: JobRecord | None, refuse: Callable[[JobRecord], bool],
+          stamp: Callable[[JobRecord], None], tries: int = 3) -> JobRecord | None:
+    """Stamp a copy of `record` and write it with one conditional put on the version read; on a
+    conflict, read it again and judge again. None when `refuse` says it is not ours to take (another
+    daemon's, or ended meanwhile). The holds on jobs and the claims on messages are both made so."""
+    for _ in range(tries):
+        if record is None or refuse(record):
+            return None
+        mine = copy.deepcopy(record)
+        stamp(mine)
+        mine.updated_at, mine.version = now(), record.version + 1
+        try:
+            store.put(mine, record.version)
+            return mine
+        except Conflict:
+            record = store.get(record.job_id)
+    return None
+
+
 def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to: str | None = None,
            stage: str | None = None, note: str = "", current: JobRecord | None = None, passing: tuple[str, ...] = (),
            retries: int = 20) -> JobRecord:

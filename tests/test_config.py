@@ -17,7 +17,7 @@ def problems(settings, preset=None) -> str:
 def test_defaults_presets_and_user_keys_layer_in_that_order():
     assert build_config({}).train.steps == 30000
     tiny = build_config({}, "tiny")
-    assert tiny.train.steps == 600 and tiny.frames.max == 30 and tiny.preset == "tiny"
+    assert tiny.train.steps == 1200 and tiny.frames.max == 40 and tiny.preset == "tiny"
     mine = build_config({"preset": "tiny", "train": {"steps": 250}})
     assert mine.train.steps == 250 and mine.train.max_side == 80  # preset kept for the other keys
 

@@ -286,12 +286,19 @@ def test_allowed_host_and_secure_cookies_from_the_command_line(tmp_path):
 
 
 def test_a_session_ends_when_it_expires(home, monkeypatch):
+    """The server refuses a session cookie older than `session_seconds`, whatever the browser sends
+    (the cookie goes in by hand: a client's jar would drop it at its max-age on its own)."""
+    from codsplat.orchestrator.console.auth import SESSION_COOKIE
+
     guard = Guard(token=TOKEN, allowed_hosts=frozenset({"testserver"}), session_seconds=60)
     with TestClient(build_console(Settings(), guard, home)) as c:
         headers = logged_in(c)
-        assert c.get("/api/jobs", headers=headers).status_code == 200
+        session = c.cookies[SESSION_COOKIE]
+        c.cookies.clear()
+        sent = {**headers, "Cookie": f"{SESSION_COOKIE}={session}"}
+        assert c.get("/api/jobs", headers=sent).status_code == 200
         later = time.time() + 61
-        monkeypatch.setattr(time, "time", lambda: later)  # a minute on: the session cookie is too old
-        reply = c.get("/api/jobs", headers=headers)
+        monkeypatch.setattr(time, "time", lambda: later)  # a minute on: the session is too old
+        reply = c.get("/api/jobs", headers=sent)
         assert reply.status_code == 401
-        assert c.get("/", follow_redirects=False).headers["location"].startswith("/login")
+        assert c.get("/", headers={"Cookie": f"{SESSION_COOKIE}={session}"}, follow_redirects=False).headers["location"].startswith("/login")

@@ -73,7 +73,8 @@ def test_validate_command(tmp_path):
     good.write_text(yaml.safe_dump({**BASE, "preset": "tiny"}))
     proc = codsplat("validate", good)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["train"]["steps"] == 600
+    tiny = json.loads((Path(__file__).parents[1] / "pipeline" / "presets" / "tiny.json").read_text())
+    assert json.loads(proc.stdout)["train"]["steps"] == tiny["train"]["steps"]  # the preset, layered on the defaults
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**BASE, "train": {"steps": 5}, "compute": {"image": "x"}}))
     proc = codsplat("validate", bad)

@@ -18,10 +18,10 @@ def test_sample_run_produces_a_good_splat(tiny_run):
     assert set(result["stages"]) == set(STAGES) and not any(s["skipped"] for s in result["stages"].values())
     metrics = json.loads((work / "export" / "metrics.json").read_text())
     sfm, train = metrics["sfm"], metrics["train"]
-    assert sfm["registered_images"] >= 27 and sfm["total_images"] == 30
+    assert sfm["registered_images"] >= 37 and sfm["total_images"] == 40
     assert sfm["mean_reprojection_error_px"] < 1.5
-    # the project's floor on the sample (benchmarks/run.py pipeline reports the exact figures)
-    assert metrics["psnr"] >= 22 and metrics["ssim"] >= 0.7
+    # the project's floor on the sample (benchmarks/run.py pipeline reports the exact figures: 28-30 dB)
+    assert metrics["psnr"] >= 26 and metrics["ssim"] >= 0.85
     assert train["gaussians"] > train["gaussians_initial"], "densification should have added Gaussians"
     assert metrics["gaussians"] == train["gaussians"]
     seconds = [metrics["stages"][stage]["seconds"] for stage in STAGES]
@@ -34,10 +34,10 @@ def test_sample_run_produces_a_good_splat(tiny_run):
 def test_held_out_views_are_every_eighth_and_never_trained_on(tiny_run):
     work, result = tiny_run
     metrics = json.loads((work / "export" / "metrics.json").read_text())
-    assert [v["view"] for v in metrics["views"]] == [f"frame_{i:05d}.jpg" for i in (0, 8, 16, 24)]
+    assert [v["view"] for v in metrics["views"]] == [f"frame_{i:05d}.jpg" for i in (0, 8, 16, 24, 32)]
     train = result["stages"]["train"]["stats"]
     assert train["train_views"] + train["test_views"] == metrics["sfm"]["registered_images"]
-    assert train["test_views"] == 4
+    assert train["test_views"] == 5
     # the held-out cameras travel with the export, so a viewer can open at a photo's viewpoint
     cameras = json.loads((work / "export" / "cameras.json").read_text())["views"]
     assert [c["name"] for c in cameras] == [v["view"] for v in metrics["views"]]
@@ -63,7 +63,7 @@ def test_previews_and_report(tiny_run):
     work, _ = tiny_run
     metrics = json.loads((work / "export" / "metrics.json").read_text())
     report = (work / "export" / "report.html").read_text()
-    assert len(metrics["previews"]) == 4
+    assert len(metrics["previews"]) == 5
     for preview in metrics["previews"]:
         assert (work / "export" / preview).is_file() and f'src="{preview}"' in report
     assert "Held-out PSNR" in report and f"{metrics['psnr']:.2f} dB" in report
