@@ -163,6 +163,7 @@ def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
                           default, fallback, scheduler, others_alive=embedded is None)
     watchers = [e.watcher.stop for e in executors.values() if hasattr(e, "watcher")]
     return Daemon(lifecycle, backends.source(), scheduler, intake_workers=settings.intake_workers,
+                  receivers=settings.intake_receivers if embedded is None else 1,  # a folder is listed by one
                   sweep_seconds=settings.cancel_check_seconds, recover_days=settings.recover_days, folder_lock=lock,
                   calls=backends.calls.snapshot,
                   operations=backends.calls.operations, on_stop=watchers)

@@ -1,7 +1,9 @@
 """The orchestrator daemon as a service: the receive loop, the pools, health, signals, restarts.
 
-    source (SQS or a folder) → intake pool: `Lifecycle.receive` records each job, then the batch's
-        messages whose jobs all have records are acknowledged in one call
+    source (SQS or a folder) → `receivers` loops, each: receive a batch → intake pool:
+        `Lifecycle.receive` records each job → the batch's messages whose jobs all have records
+        are acknowledged in one call (with several loops, one batch is recorded while the next is
+        on its way)
     step pool: the lifecycle's steps (`schedule`), each short; a backend's work holds no thread
     every cancel_check_seconds: `Lifecycle.sweep` stops what was cancelled
 
@@ -108,6 +110,7 @@ class Daemon:
     source: Any  # SqsSource | FolderSource
     scheduler: Scheduler
     intake_workers: int = 8
+    receivers: int = 1  # receive loops at once (SQS: several; a folder is listed by one)
     sweep_seconds: float = 5.0
     recover_days: int = 14
     folder_lock: Any = None  # embedded mode: the open lock file that keeps a second daemon off the folder
@@ -118,6 +121,7 @@ class Daemon:
     def __post_init__(self):
         self._intake = ThreadPoolExecutor(max_workers=self.intake_workers, thread_name_prefix="intake")
         self._stopping = threading.Event()
+        self._burst = threading.Event()  # receives come back full: every receive loop runs
 
     @property
     def store(self):
@@ -176,23 +180,40 @@ class Daemon:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
             signal.signal(signal.SIGINT, lambda *_: self.stop())
         health = self._health_server(health_port) if health_port is not None else None
+        self.lifecycle.heartbeat()  # before anything is taken over: this daemon's holds are alive from the start
         log.info("daemon started; %d unfinished jobs picked up", self.recover())
         sweeper = threading.Thread(target=self._sweep_loop, name="sweep", daemon=True)
         sweeper.start()
+        loops = [threading.Thread(target=self._receive_loop, args=(i,), name=f"receive-{i}", daemon=True)
+                 for i in range(self.receivers)]
+        for loop in loops:
+            loop.start()
+        for loop in loops:
+            loop.join()
+        self._shutdown(grace_seconds, health)
+
+    def _receive_loop(self, number: int) -> None:
+        """The first loop always receives; the others only while receives come back full (a burst),
+        so an idle queue costs one long poll at a time."""
         while not self._stopping.is_set():
+            if number and not self._burst.wait(1.0):
+                continue
             try:
                 deliveries = self.source.receive()
             except Exception:
                 log.exception("receiving failed; retrying")
                 self._stopping.wait(2.0)
                 continue
+            if len(deliveries) >= getattr(self.source, "batch", 10):
+                self._burst.set()
+            elif number == 0:
+                self._burst.clear()
             # a batch is recorded in parallel, then the messages whose jobs all have records are
             # acknowledged in one call
             handled = [d for d, ok in zip(deliveries, self._intake.map(self._handle_guarded, deliveries)) if ok]
             crashpoint("before-ack")
             if handled:
                 self._ack(handled)
-        self._shutdown(grace_seconds, health)
 
     def _shutdown(self, grace_seconds: float | None, health) -> None:
         """Steps in progress and local runs get `grace_seconds` to finish (a job on Bacalhau or

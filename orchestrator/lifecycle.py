@@ -38,7 +38,7 @@ from .faults import crashpoint
 from .job import JobDocument, owner_of, parse_job
 from .notify import Notifier, compose
 from .intake import MAX_ERROR_CHARS, Intake
-from .ownership import Holds, LetGo
+from .ownership import Holds
 from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, InvalidTransition,
                       JobRecord, Store, change, claim, now, success_result)
 from .settings import Policy, Settings
@@ -106,8 +106,10 @@ class Lifecycle:
         self._lock = threading.Lock()
         self._stopped: set[str] = set()  # handed-over attempts already told to stop
         self._swept = now()
-        self._beat = self._looked = time.monotonic()  # heartbeats and takeovers, each on its own interval
-        self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "sweeps": 0}
+        self._beat: float | None = None  # when the last heartbeat was written (None: never)
+        self._looked = time.monotonic()  # takeovers, on their own interval
+        self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0, "cancelled": 0,
+                      "sweeps": 0, "beats": 0}
 
     def _count(self, key: str) -> None:
         with self._lock:
@@ -442,32 +444,40 @@ class Lifecycle:
     # ------------------------------------------------------------------ holds: several daemons, one queue
 
     def heartbeat(self) -> None:
-        """Renew this daemon's hold on the jobs it works on (every `claim_seconds` / 3). A job another
-        daemon took meanwhile (this one was thought dead) is let go, not fought over."""
-        if not self.others_alive or time.monotonic() - self._beat < self.settings.claim_seconds / 3:
+        """Renew this daemon's hold on every job it works on, with one write (every `claim_seconds` / 3).
+        After a lapse (a pause, or a store that said no), other daemons may have judged this one dead:
+        each job is read again, and one another daemon took meanwhile is let go, not fought over."""
+        since = time.monotonic() - self._beat if self._beat is not None else None
+        if not self.others_alive or (since is not None and since < self.settings.claim_seconds / 3):
             return
-        self._beat = time.monotonic()
-        for flight in list(self.flights.values()):
+        lapsed = since is not None and since > self.settings.claim_seconds * 2 / 3
+        started = time.monotonic()
+        try:
+            self.holds.beat()
+        except Exception as exc:  # noqa: BLE001 - tried again at the next sweep; the lapse check covers a long gap
+            log.warning("could not write this daemon's heartbeat (%s)", str(exc)[:200])
+            return
+        self._beat = started
+        self._count("beats")
+        for flight in list(self.flights.values()) if lapsed else []:
             with flight.lock:
-                if flight.record.state not in (VALIDATED, QUEUED, RUNNING):
-                    continue
-                try:
-                    flight.record = change(self.store, flight.job.id, self.holds.renew, current=flight.record)
-                except (LetGo, KeyError, InvalidTransition):
+                stored = self.store.get(flight.job.id)
+                if stored is None or stored.terminal or stored.owner != self.owner:
                     log.warning("job %s is another daemon's now; letting it go", flight.job.id, extra={"job_id": flight.job.id})
                     self.release(flight)
 
     def let_go(self) -> None:
-        """On shutdown: the jobs still at a backend are released at once (their heartbeat cleared),
-        so the next daemon, on this host or another, takes them without waiting out `claim_seconds`."""
-        for flight in list(self.flights.values()) if self.others_alive else []:
-            with flight.lock:
-                if flight.record.terminal or flight.record.owner != self.owner:
-                    continue
-                try:
-                    flight.record = change(self.store, flight.job.id, self.holds.release, current=flight.record)
-                except Exception as exc:  # noqa: BLE001 - the hold then lapses by itself after claim_seconds
-                    log.warning("could not let go of %s (%s)", flight.job.id, exc, extra={"job_id": flight.job.id})
+        """On shutdown: every job still at a backend is released at once (one write: this daemon's
+        heartbeat marked stopped), so the next daemon, on this host or another, takes them without
+        waiting out `claim_seconds`."""
+        if not self.others_alive:
+            return
+        try:
+            self.holds.beat(alive=False)
+            self._count("beats")
+        except Exception as exc:  # noqa: BLE001 - the holds then lapse by themselves after claim_seconds
+            log.warning("could not let go of this daemon's jobs (%s); they are taken over in %.0f s", exc,
+                        self.settings.claim_seconds)
 
     def take_over(self) -> None:
         """Resume what a dead daemon held (its heartbeat stopped); looked at every `claim_seconds`."""

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 from codsplat.pipeline.contract import ADVICE, exit_code, parse_failure, parse_outcome
 
@@ -94,6 +94,13 @@ class JobRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+class Beat(NamedTuple):
+    """A daemon's last heartbeat: when, and whether it was still running then (False: it let go)."""
+
+    at: str
+    alive: bool
+
+
 class Store(Protocol):
     def create(self, record: JobRecord) -> bool: ...
     def create_or_get(self, record: JobRecord) -> JobRecord | None:
@@ -101,6 +108,10 @@ class Store(Protocol):
     def get(self, job_id: str) -> JobRecord | None: ...
     def put(self, record: JobRecord, expected_version: int) -> None: ...
     def list(self, state: str | None = None, limit: int = 100, since: str | None = None) -> list[JobRecord]: ...
+    def beat(self, owner: str, at: str, alive: bool = True) -> None:
+        """Record a daemon's heartbeat: one write for all the jobs it holds (ownership.Holds)."""
+    def seen(self, owner: str) -> Beat | None:
+        """A daemon's last heartbeat, if it ever wrote one."""
 
 
 def claim(store: Store, record: JobRecord | None, refuse: Callable[[JobRecord], bool],
@@ -178,6 +189,7 @@ class SQLiteStore:
                 job_id TEXT PRIMARY KEY, version INTEGER NOT NULL, state TEXT NOT NULL,
                 updated_at TEXT NOT NULL, body TEXT NOT NULL)""")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, updated_at)")
+            db.execute("CREATE TABLE IF NOT EXISTS daemons (owner TEXT PRIMARY KEY, at TEXT NOT NULL, alive INTEGER NOT NULL)")
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -215,6 +227,13 @@ class SQLiteStore:
             rows = self._db().execute("SELECT body FROM jobs ORDER BY updated_at DESC LIMIT ?", (limit,))
         return readable(JobRecord.from_json, (r[0] for r in rows))
 
+    def beat(self, owner: str, at: str, alive: bool = True) -> None:
+        self._db().execute("INSERT OR REPLACE INTO daemons (owner, at, alive) VALUES (?, ?, ?)", (owner, at, int(alive)))
+
+    def seen(self, owner: str) -> Beat | None:
+        row = self._db().execute("SELECT at, alive FROM daemons WHERE owner = ?", (owner,)).fetchone()
+        return Beat(row[0], bool(row[1])) if row else None
+
 
 def readable(parse: Callable[[Any], JobRecord], raw: Iterable[Any]) -> list[JobRecord]:
     """Records that parse; one that does not (written by a newer version, or damaged) is logged and
@@ -232,8 +251,12 @@ class DynamoStore:
     """Records in a DynamoDB table (key `job_id`; GSI `by_state` on `state` + `updated_at`).
 
     The record body is one JSON attribute, so floats in metrics need no Decimal dance; the state,
-    version and time are top-level attributes for conditions and the index.
+    version and time are top-level attributes for conditions and the index. A daemon's heartbeat is
+    an item of its own (`~daemon/<owner>`, which no job id can be: ids are `[a-z0-9-]`), with no
+    state and no body, so it stays out of the index and out of listings, and expires by TTL.
     """
+
+    BEAT_PREFIX = "~daemon/"
 
     def __init__(self, table: str, client=None, settings: Settings | None = None):
         import boto3
@@ -271,7 +294,17 @@ class DynamoStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         item = self.client.get_item(TableName=self.table, Key={"job_id": {"S": job_id}}, ConsistentRead=True).get("Item")
-        return self._record(item) if item else None
+        return self._record(item) if item and "body" in item else None
+
+    def beat(self, owner: str, at: str, alive: bool = True) -> None:
+        self.client.put_item(TableName=self.table, Item={
+            "job_id": {"S": self.BEAT_PREFIX + owner}, "beat_at": {"S": at}, "alive": {"BOOL": alive},
+            "expires_at": {"N": str(int(time.time()) + 86400)}})
+
+    def seen(self, owner: str) -> Beat | None:
+        item = self.client.get_item(TableName=self.table, Key={"job_id": {"S": self.BEAT_PREFIX + owner}},
+                                    ConsistentRead=True).get("Item")
+        return Beat(item["beat_at"]["S"], item["alive"]["BOOL"]) if item and "beat_at" in item else None
 
     def _record(self, item: dict[str, Any]) -> JobRecord:
         """The body, brought up to date with what the fallback state machine writes at the top level
@@ -321,7 +354,7 @@ class DynamoStore:
                 KeyConditionExpression="#s = :s" + (" AND updated_at >= :since" if since else ""),
                 ExpressionAttributeValues=values, ScanIndexForward=False)
         else:
-            pages = self.client.get_paginator("scan").paginate(TableName=self.table)
+            pages = self.client.get_paginator("scan").paginate(TableName=self.table, FilterExpression="attribute_exists(body)")
         records: list[JobRecord] = []
         for page in pages:
             records += readable(self._record, page.get("Items", []))

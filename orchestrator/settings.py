@@ -128,6 +128,8 @@ class Settings(StrictModel):
     # ---------------------------------------------------------------- the daemon
     concurrency: int = Field(2, ge=1, le=1024, description="Jobs at a backend at once.")
     intake_workers: int = Field(8, ge=1, le=64, description="Messages read, validated and recorded at once.")
+    intake_receivers: int = Field(4, ge=1, le=16, description="SQS receive calls in flight at once (each takes up to "
+                                  "ten messages), so the next batch is on its way while one is recorded.")
     health_port: int | None = Field(8787, ge=0, le=65535)
     media_wait_seconds: float = Field(120.0, ge=0, description="How long a job waits for its media to finish uploading.")
     media_poll_seconds: float = Field(2.0, gt=0)

@@ -15,8 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.mp4"
 SPLAT_TRANSFORM = ROOT / "node_modules" / ".bin" / "splat-transform"
-# A quick configuration for tests that exercise stages rather than quality.
-QUICK = {"train": {"steps": 100, "refine_start": 40, "refine_stop": 90, "refine_every": 25}, "export": {"min_psnr": 5.0}}
+# A quick configuration for tests that exercise stages rather than quality: what a test that runs the pipeline for its plumbing (not its quality) asks for: 16 frames (SfM
+# registers all of them in a few seconds) and 100 steps; test_pipeline's tiny_run keeps the preset
+QUICK = {"frames": {"max": 16}, "train": {"steps": 100, "refine_start": 40, "refine_stop": 90, "refine_every": 25},
+         "export": {"min_psnr": 5.0}}
 
 
 def codsplat(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -154,3 +154,17 @@ def test_the_console_lists_shows_and_cancels_jobs_kept_in_dynamodb(store, tmp_pa
         assert reply.status_code == 200 and reply.json()["state"] == "CANCELLED"
         assert store.get("c-queued").state == "CANCELLED"  # written to DynamoDB, not only shown
         assert client.post("/api/jobs/c-done/cancel", headers={"X-CSRF-Token": csrf}).status_code == 422
+
+
+def test_a_daemons_heartbeat_is_one_item_outside_the_index_and_the_listings(store):
+    from codsplat.orchestrator.records import Beat
+
+    assert store.seen("host:1:abc") is None
+    store.beat("host:1:abc", "2026-01-01T00:00:00.000+00:00")
+    assert store.seen("host:1:abc") == Beat("2026-01-01T00:00:00.000+00:00", True)
+    store.beat("host:1:abc", "2026-01-01T00:01:00.000+00:00", alive=False)
+    assert store.seen("host:1:abc") == Beat("2026-01-01T00:01:00.000+00:00", False)
+    store.create(JobRecord(job_id="h1", job_key="k"))
+    listed = [r.job_id for r in store.list(None, 10_000)]
+    assert "h1" in listed and not any(i.startswith("~") for i in listed)  # a scan skips the heartbeats
+    assert store.get("~daemon/host:1:abc") is None  # never read as a job

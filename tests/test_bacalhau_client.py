@@ -192,3 +192,29 @@ def test_translated_specs_are_valid_and_use_only_api_keys(standin):
     with BacalhauClient(standin.url) as client:
         standin.knobs(hold=True)  # accept, but do not run
         assert client.submit(translate_all(job, Settings())[0]).job_id.startswith("j-")
+
+
+def test_the_watcher_follows_jobs_by_listing_and_describes_only_one_no_listing_shows(standin):
+    """A job that ends is seen in the watcher's listing (no describe of its own); a job the server
+    does not know (its store was reset) is described once it has gone unseen for reconcile_seconds,
+    and ends as a failure instead of being followed for ever."""
+    from codsplat.orchestrator.executors.bacalhau import LABEL, Watcher
+
+    with BacalhauClient(standin.url) as client:
+        described = []
+        describe = client.describe
+        client.describe = lambda job_id, **kw: described.append(job_id) or describe(job_id, **kw)
+        watcher = Watcher(client, poll_seconds=0.05, reconcile_seconds=1.0)
+        ended: dict[str, object] = {}
+        first = client.submit(python_job("import time; time.sleep(0.5)", "w1", labels={LABEL: "w1"})).job_id
+        watcher.track(first, lambda job: ended.setdefault(first, job))  # the first track describes once, for the mark
+        second = client.submit(python_job("import time; time.sleep(0.3)", "w2", labels={LABEL: "w2"})).job_id
+        watcher.track(second, lambda job: ended.setdefault(second, job))
+        watcher.track("j-forgotten", lambda job: ended.setdefault("j-forgotten", job))
+        deadline = time.monotonic() + 20
+        while len(ended) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watcher.stop()
+        assert ended[first].state == ended[second].state == JobState.COMPLETED
+        assert ended["j-forgotten"].state == JobState.FAILED and "no longer knows" in ended["j-forgotten"].message
+        assert described == [first, "j-forgotten"], described

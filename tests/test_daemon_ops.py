@@ -126,3 +126,48 @@ def test_a_message_claimed_by_another_sender_is_left_to_it_until_its_claim_goes_
     assert json.loads((tmp_path / "sent" / "handed.json").read_text())["attributes"]["status"] == "FAILED"
     assert len((tmp_path / "sent" / "sent.jsonl").read_text().splitlines()) == 1
     assert store.get("handed").notified_at and store.get("handed").notify_claimed_by == lifecycle.owner
+
+
+def test_a_daemon_holds_its_jobs_with_one_heartbeat_and_another_takes_them_only_once_it_stops(tmp_path):
+    """Two daemons share a store. The first holds three jobs whose own hold stamps are old: its one
+    heartbeat write keeps all three its own (no job's record is written). Once it lets go at
+    shutdown, the second takes them over by a conditional write each, at once. A daemon that comes
+    back after a lapse finds its jobs taken and lets them go instead of fighting for them."""
+    from codsplat.orchestrator.blobs import FolderBlobs
+    from codsplat.orchestrator.job import JobDocument
+    from codsplat.orchestrator.lifecycle import Lifecycle
+    from codsplat.orchestrator.notify import FileNotifier
+    from codsplat.orchestrator.records import JobRecord, SQLiteStore
+    from codsplat.orchestrator.settings import Settings
+
+    store, settings = SQLiteStore(tmp_path / "db.sqlite"), Settings(claim_seconds=60)
+
+    def daemon() -> Lifecycle:
+        return Lifecycle(store, FolderBlobs(tmp_path), FileNotifier(tmp_path / "sent"), {}, settings, settings.policy,
+                         "bacalhau", None, schedule=lambda fn, *a, delay=0.0: None, others_alive=True)
+
+    first, second = daemon(), daemon()
+    old = "2020-01-01T00:00:00.000+00:00"
+    for name in ("job-a", "job-b", "job-c"):
+        store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="RUNNING", owner=first.owner, owner_seen_at=old))
+        first._flight(JobDocument.model_construct(id=name), store.get(name))
+    assert not second.holds.elsewhere(first.owner, old)  # no heartbeat and an old stamp: a dead daemon's
+
+    first.heartbeat()
+    assert store.seen(first.owner).alive and first.stats["beats"] == 1
+    assert [store.get(n).version for n in ("job-a", "job-b", "job-c")] == [0, 0, 0]  # one write for all three
+    third = daemon()  # a fresh judge (second's verdict on the first is kept briefly)
+    assert all(third.holds.take(store.get(n)) is None for n in ("job-a", "job-b", "job-c"))
+    first.heartbeat()
+    assert first.stats["beats"] == 1  # not again before claim_seconds / 3
+
+    first.let_go()
+    assert not store.seen(first.owner).alive
+    fourth = daemon()
+    taken = fourth.holds.take(store.get("job-b"))
+    assert taken.owner == fourth.owner and "taken over from" in taken.history[-1]["note"]
+    assert store.get("job-b").owner == fourth.owner
+
+    first._beat -= settings.claim_seconds  # a lapse: the first daemon was paused past its holds' life
+    first.heartbeat()
+    assert "job-b" not in first.flights and {"job-a", "job-c"} <= set(first.flights)

@@ -14,7 +14,8 @@ How a Bacalhau job ends, by upstream's semantics (`result_of`):
 
 The watcher follows every running job of this daemon with one list call per poll: the jobs that
 carry our label, most recently modified first (`order_by=modified_at`), read until the previous
-poll's high-water mark. A job that ends costs one more call, for its executions.
+poll's high-water mark. A job that ends costs one more call, for its executions. A job the listings
+have not shown for `reconcile_seconds` is described once (the server may have forgotten it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from codsplat.pipeline.contract import parse_outcome
@@ -39,7 +40,8 @@ log = logging.getLogger("codsplat.bacalhau")
 LABEL = "codsplat-job"
 RAN = (ExecutionState.COMPLETED, ExecutionState.FAILED)  # executions that were placed and ended
 SLACK_NS = 5 * 10**9  # re-read what was modified this long before the previous poll's newest job
-RECONCILE_POLLS = 60  # every this many polls, jobs not seen for a while are described one by one
+RECONCILE_SECONDS = 60.0  # a job no listing showed for this long is described on its own
+NODES_SECONDS = 30.0  # the nodes a preflight judges by are at most this old (read again before a refusal)
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?i?b?)?\s*$", re.I)
 
 
@@ -141,14 +143,16 @@ def placement(job: JobDocument, settings: Settings, nodes: list[Node]) -> tuple[
 @dataclass
 class Tracked:
     on_end: Callable[[Job], None]
-    seen_polls: int = 0
+    seen_at: float = field(default_factory=time.monotonic)  # when a listing (or the track) last showed it
 
 
 class Watcher:
     """Follows every tracked Bacalhau job with one list call per poll (see the module's docstring)."""
 
-    def __init__(self, client: BacalhauClient, poll_seconds: float, namespace: str | None = None):
+    def __init__(self, client: BacalhauClient, poll_seconds: float, namespace: str | None = None,
+                 reconcile_seconds: float = RECONCILE_SECONDS):
         self.client, self.poll_seconds, self.namespace = client, poll_seconds, namespace
+        self.reconcile_seconds = reconcile_seconds
         self._tracked: dict[str, Tracked] = {}
         self._lock = threading.Lock()
         self._first = threading.Lock()  # the first tracks wait for one describe to set the mark
@@ -200,29 +204,38 @@ class Watcher:
                 return
             tracked = set(self._tracked)
         self.polls += 1
-        mark, newest, ended = self._mark or 0, self._mark or 0, []
+        mark, newest, ended, seen = self._mark or 0, self._mark or 0, [], []
         for job in self.client.iter_jobs(LABEL, order_by="modified_at", namespace=self.namespace):
             if job.modify_time < mark - SLACK_NS:
                 break
             newest = max(newest, job.modify_time)
             if job.id in tracked:
-                tracked.discard(job.id)
+                seen.append(job.id)
                 if job.state.terminal:
                     ended.append(job)
         self._mark = newest
-        if self.polls % RECONCILE_POLLS == 0:
-            ended += self._reconcile(tracked)
+        at = time.monotonic()
+        with self._lock:
+            for bacalhau_id in seen:
+                if bacalhau_id in self._tracked:
+                    self._tracked[bacalhau_id].seen_at = at
+            unseen = [i for i, t in self._tracked.items() if at - t.seen_at >= self.reconcile_seconds]
+        ended += self._reconcile(unseen)
         for job in ended:
             with self._lock:
                 entry = self._tracked.pop(job.id, None)
             if entry is not None:
                 self._endings.submit(entry.on_end, job)
 
-    def _reconcile(self, unseen: set[str]) -> list[Job]:
-        """Jobs not modified for a while, described one by one: one the server no longer knows
-        (its store was reset) ends as a crash instead of being followed for ever."""
+    def _reconcile(self, unseen: list[str]) -> list[Job]:
+        """Jobs no listing showed for `reconcile_seconds`, described one by one (then not again for
+        as long): one the server no longer knows (its store was reset) ends as a crash instead of
+        being followed for ever."""
         ended = []
         for bacalhau_id in unseen:
+            with self._lock:
+                if bacalhau_id in self._tracked:
+                    self._tracked[bacalhau_id].seen_at = time.monotonic()
             try:
                 job = self.client.describe(bacalhau_id, executions=False)
             except NotFound:
@@ -251,22 +264,27 @@ class BacalhauExecutor:
         self._nodes: tuple[float, list[Node]] = (float("-inf"), [])
         self._nodes_lock = threading.Lock()
 
-    def nodes(self) -> list[Node]:
-        """The network's nodes, read at most once a poll interval (a burst of jobs shares one call)."""
+    def nodes(self, max_age: float = NODES_SECONDS) -> tuple[list[Node], float]:
+        """The network's nodes and how old that reading is, read again when older than `max_age`
+        (a burst of jobs shares one call)."""
         with self._nodes_lock:
             read_at, nodes = self._nodes
-            if time.monotonic() - read_at >= self.settings.bacalhau_poll_seconds:
+            if time.monotonic() - read_at >= max_age:
                 nodes = self.client.nodes()
-                self._nodes = (time.monotonic(), nodes)
-            return nodes
+                read_at = time.monotonic()
+                self._nodes = (read_at, nodes)
+            return nodes, time.monotonic() - read_at
 
     def preflight(self, job: JobDocument) -> None:
-        """Refuse before submission a job that no connected node could ever hold."""
+        """Refuse before submission a job that no connected node could ever hold. A refusal is
+        judged on a fresh reading (a node may have joined since the one kept)."""
         try:
-            nodes = self.nodes()
+            nodes, age = self.nodes()
+            _, problems = placement(job, self.settings, nodes)
+            if problems and age >= self.settings.bacalhau_poll_seconds:
+                _, problems = placement(job, self.settings, self.nodes(max_age=0)[0])
         except BacalhauError as exc:
             raise CannotRun(f"Bacalhau is unreachable: {exc.message}") from None
-        _, problems = placement(job, self.settings, nodes)
         if problems:
             raise CannotRun("; ".join(problems), stage=needs(job, self.settings)[0].stage)
 
