@@ -321,7 +321,6 @@ def bench_load(jobs: int, concurrency: int, intake_workers: int = 8, poll: float
                 time.sleep(0.5)
             daemon = start_daemon()
             threading.Thread(target=sample, daemon=True).start()
-            time.sleep(0.3)
         while not cpu:
             time.sleep(0.05)
         cpu_at_start = cpu[-1][1]

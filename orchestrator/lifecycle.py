@@ -361,8 +361,8 @@ class Lifecycle:
 
     def announce(self, record: JobRecord | None) -> None:
         """See out the message of a finished job this daemon did not end (found at a restart, or ended
-        by another writer). Its ender claimed it; a claim older than `claim_seconds` belonged to a
-        sender that died, and is taken over; a fresh one is looked at again once it would be stale."""
+        by another writer). Its ender claimed it; the claim of a sender that is gone (`Holds.elsewhere`)
+        is taken over; a live one's is looked at again after `claim_seconds`."""
         if record is None or not record.terminal or record.notified_at:
             return
         claimed = self._claim(record)

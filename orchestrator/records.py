@@ -74,7 +74,7 @@ class JobRecord:
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     owner: str | None = None  # the daemon working on the job (AWS: several may serve one queue)
-    owner_seen_at: str | None = None  # its heartbeat: a claim older than `claim_seconds` is a dead daemon's
+    owner_seen_at: str | None = None  # when it took the job; judged only for an owner with no heartbeat item (ownership.py)
     notify_claimed_at: str | None = None  # a sender claimed the message (conditional write) before sending it
     notify_claimed_by: str | None = None  # which daemon (or "fallback", the SageMaker state machine)
     notified_at: str | None = None

@@ -218,3 +218,29 @@ def test_the_watcher_follows_jobs_by_listing_and_describes_only_one_no_listing_s
         assert ended[first].state == ended[second].state == JobState.COMPLETED
         assert ended["j-forgotten"].state == JobState.FAILED and "no longer knows" in ended["j-forgotten"].message
         assert described == [first, "j-forgotten"], described
+
+
+def test_a_preflight_shares_one_node_reading_and_reads_again_before_it_refuses(standin):
+    """Preflights share one node listing (a burst of jobs costs one call). A job that reading would
+    refuse is judged again on a fresh one, so a node that joined since is found."""
+    from codsplat.orchestrator.compute import CannotRun
+    from codsplat.orchestrator.executors.bacalhau import BacalhauExecutor
+
+    listings = []
+    with BacalhauClient(standin.url) as client:
+        nodes = client.nodes
+        client.nodes = lambda: listings.append(1) or nodes()
+        executor = BacalhauExecutor(client, Settings(bacalhau_poll_seconds=0.1))
+        a10g = parse_job({"version": 1, "input": "s3://codsplat-data/uploads/a.mp4", "compute": {"gpu_model": "NVIDIA-A10G"}}, default_id="a10g")
+        h100 = parse_job({"version": 1, "input": "s3://codsplat-data/uploads/a.mp4", "compute": {"gpu_model": "NVIDIA-H100"}}, default_id="h100")
+        for _ in range(5):
+            executor.preflight(a10g)
+        assert len(listings) == 1
+        time.sleep(0.15)
+        with pytest.raises(CannotRun, match="GPU NVIDIA-H100 asked, GPU-0 is NVIDIA-A10G"):
+            executor.preflight(h100)  # refused only after a fresh reading
+        assert len(listings) == 2
+        standin.knobs(nodes=[{"id": "n-h100", "gpus": [{"name": "NVIDIA H100", "memory_mib": 81559}]}])
+        time.sleep(0.15)
+        executor.preflight(h100)  # the kept reading would refuse it; the fresh one holds the new node
+        assert len(listings) == 3
