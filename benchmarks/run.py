@@ -218,7 +218,8 @@ def bench_load(jobs: int, concurrency: int, intake_workers: int = 8, poll: float
     the concurrency bound, submissions and messages per job, RSS after the first tenth vs at the end,
     the requests the daemon sent per job (its /health counts), and what this rig's moto serves at
     most (S3 HEADs from 8 threads, measured first): requests per job against that ceiling bound
-    any jobs/s figure here.
+    any jobs/s figure here. The daemon's CPU at intake is its own count (`/health` cpu_seconds);
+    moto's CPU while the jobs came in says whether the rig was the bound.
 
     `backlog`: the daemon starts only once every upload's message waits in the queue, so moto serves
     the daemon alone (in a burst it also serves the uploads and their S3 → SNS → SQS events); intake
@@ -274,16 +275,21 @@ def bench_load(jobs: int, concurrency: int, intake_workers: int = 8, poll: float
         log = open(ROOT / "benchmarks" / "out" / f"daemon_{'backlog' if backlog else 'load'}.log", "w")
         rss: list[tuple[float, int]] = []
         cpu: list[tuple[float, float]] = []  # (epoch, the daemon's user + system CPU seconds so far)
+        moto_cpu: list[tuple[float, float]] = []  # the same for moto: how busy the rig is
         sampling = threading.Event()
         tick = os.sysconf("SC_CLK_TCK")
+
+        def cpu_seconds(pid: int) -> float:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
 
         def sample() -> None:
             while not sampling.is_set():
                 try:
                     kb = next(int(line.split()[1]) for line in open(f"/proc/{daemon.pid}/status") if line.startswith("VmRSS"))
                     rss.append((time.monotonic(), kb))
-                    fields = open(f"/proc/{daemon.pid}/stat").read().rsplit(")", 1)[1].split()
-                    cpu.append((time.time(), (int(fields[11]) + int(fields[12])) / tick))  # utime, stime
+                    cpu.append((time.time(), cpu_seconds(daemon.pid)))
+                    moto_cpu.append((time.time(), cpu_seconds(moto.pid)))
                 except (FileNotFoundError, StopIteration):
                     pass
                 sampling.wait(0.25)
@@ -338,6 +344,7 @@ def bench_load(jobs: int, concurrency: int, intake_workers: int = 8, poll: float
         cpu_at_end = cpu[-1][1]
         health_now = httpx.get(f"http://127.0.0.1:{health}/health").json()
         calls, operations = health_now["calls"], health_now["operations"]
+        intake_cpu_own = health_now["cpu_seconds"]["intake"]  # the daemon's own count: its receive and intake threads
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
         sampling.set()
@@ -366,9 +373,11 @@ def bench_load(jobs: int, concurrency: int, intake_workers: int = 8, poll: float
         events = [at(r.event_at) for r in records if r.event_at]
         created = [at(r.created_at) for r in records]
         pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None  # noqa: E731
-        cpu_when = lambda epoch: next((c for t, c in cpu if t >= epoch), cpu[-1][1])  # noqa: E731
+        cpu_when = lambda epoch, samples=cpu: next((c for t, c in samples if t >= epoch), samples[-1][1])  # noqa: E731
         intake_cpu = cpu_when(max(created)) - cpu_at_start  # the daemon's CPU while the jobs came in
-        intake_rate = len(created) / (max(created) - (min(created) if backlog else min(events)))
+        intake_from = min(created) if backlog else min(events)
+        intake_rate = len(created) / (max(created) - intake_from)
+        moto_busy = (cpu_when(max(created), moto_cpu) - cpu_when(intake_from, moto_cpu)) / (max(created) - intake_from)
         aws_per_job = sum(v for k, v in calls.items() if k != "bacalhau") / jobs
         states: dict[str, int] = {}
         for r in records:
@@ -384,8 +393,14 @@ def bench_load(jobs: int, concurrency: int, intake_workers: int = 8, poll: float
             # what moto's ceiling allows at the requests a job costs, and how much of it intake reached
             "intake_ceiling_jobs_per_s": round(moto_per_s / aws_per_job, 1),
             "intake_share_of_ceiling": round(intake_rate / (moto_per_s / aws_per_job), 2),
-            "daemon_cpu_ms_per_job": {"whole_life": round(1000 * (cpu_at_end - cpu_at_start) / jobs, 2),
-                                      "until_the_last_record": round(1000 * intake_cpu / jobs, 2)},
+            # moto's CPU while the jobs came in (1.0: one core, all a Python server can use): the rig's bound
+            "rig_moto_busy_during_intake": round(moto_busy, 2),
+            # intake: the CPU of receiving, reading, recording and acknowledging, as the daemon counts it
+            # per thread; until_the_last_record: the whole process while jobs came in, which includes
+            # the submissions, polls and messages of the jobs that were taken in first
+            "daemon_cpu_ms_per_job": {"intake": round(1000 * intake_cpu_own / jobs, 2),
+                                      "until_the_last_record": round(1000 * intake_cpu / jobs, 2),
+                                      "whole_life": round(1000 * (cpu_at_end - cpu_at_start) / jobs, 2)},
             "end_to_end_jobs_per_s": round(jobs / finished, 1),
             "all_terminal_seconds": round(finished, 1),
             "states": states,

@@ -122,6 +122,8 @@ class Daemon:
         self._intake = ThreadPoolExecutor(max_workers=self.intake_workers, thread_name_prefix="intake")
         self._stopping = threading.Event()
         self._burst = threading.Event()  # receives come back full: every receive loop runs
+        self._intake_cpu = 0.0  # CPU seconds spent receiving, reading, recording and acknowledging (health)
+        self._cpu_lock = threading.Lock()
 
     @property
     def store(self):
@@ -133,31 +135,35 @@ class Daemon:
 
     # ------------------------------------------------------------------ intake
 
-    def handle(self, delivery: Delivery) -> bool:
-        """Record every job in a delivery; True when it may be acknowledged. A message we cannot read
-        is recorded and left unacknowledged: the queue's redrive policy moves it to the dead-letter queue."""
-        if delivery.error:
-            job_id = f"message-{(delivery.message_id or 'unknown')[:36]}"
-            record = JobRecord(job_id=job_id, job_key=f"sqs:{delivery.message_id}", state=FAILED, notified_at=now(),
-                               error={"stage": "intake", "message": f"Unreadable queue message: {delivery.error}",
-                                      "advice": "", "kind": "message"},
-                               history=[{"at": now(), "state": FAILED, "stage": "intake", "note": delivery.error}])
-            self.store.create(record)
-            log.error("unreadable message %s: %s", delivery.message_id, delivery.error,
-                      extra={"job_id": job_id, "error": delivery.error})
-            return False
-        for event in delivery.events:
-            self.lifecycle.receive(event)
-        return True
-
-    def _handle_guarded(self, delivery: Delivery) -> bool:
+    def handle(self, deliveries: list[Delivery]) -> list[bool]:
+        """Record every job in a received batch; for each delivery, True when it may be acknowledged.
+        The documents are read on the intake pool at once and their records created in one request
+        (`Lifecycle.receive`). A message we cannot read is recorded and left unacknowledged: the
+        queue's redrive policy moves it to the dead-letter queue."""
         if self._stopping.is_set():
-            return False  # not acknowledged: it will be delivered again
+            return [False] * len(deliveries)  # not acknowledged: they will be delivered again
+        events = [event for d in deliveries if not d.error for event in d.events]
         try:
-            return self.handle(delivery)
-        except Exception:  # a store or S3 blip: unacknowledged, the message comes back after its visibility timeout
-            log.exception("could not take message %s; it will be delivered again", delivery.message_id)
-            return False
+            read = lambda fn, items: self._intake.map(lambda item: self._timed(fn, item), items)  # noqa: E731
+            recorded = iter(self.lifecycle.receive(events, read=read) if events else ())
+        except Exception:  # a store blip: unacknowledged, the messages come back after their visibility timeout
+            log.exception("could not take %d messages; they will be delivered again", len(deliveries))
+            return [False] * len(deliveries)
+        return [self._unreadable(d) if d.error else all([next(recorded) for _ in d.events]) for d in deliveries]
+
+    def _unreadable(self, delivery: Delivery) -> bool:
+        job_id = f"message-{(delivery.message_id or 'unknown')[:36]}"
+        record = JobRecord(job_id=job_id, job_key=f"sqs:{delivery.message_id}", state=FAILED, notified_at=now(),
+                           error={"stage": "intake", "message": f"Unreadable queue message: {delivery.error}",
+                                  "advice": "", "kind": "message"},
+                           history=[{"at": now(), "state": FAILED, "stage": "intake", "note": delivery.error}])
+        try:
+            self.store.create(record)
+        except Exception:
+            log.exception("could not record unreadable message %s", delivery.message_id)
+        log.error("unreadable message %s: %s", delivery.message_id, delivery.error,
+                  extra={"job_id": job_id, "error": delivery.error})
+        return False
 
     # ------------------------------------------------------------------ the service
 
@@ -199,7 +205,7 @@ class Daemon:
             if number and not self._burst.wait(1.0):
                 continue
             try:
-                deliveries = self.source.receive()
+                deliveries = self._timed(self.source.receive)
             except Exception:
                 log.exception("receiving failed; retrying")
                 self._stopping.wait(2.0)
@@ -208,12 +214,22 @@ class Daemon:
                 self._burst.set()
             elif number == 0:
                 self._burst.clear()
-            # a batch is recorded in parallel, then the messages whose jobs all have records are
+            # a batch is recorded at once, then the messages whose jobs all have records are
             # acknowledged in one call
-            handled = [d for d, ok in zip(deliveries, self._intake.map(self._handle_guarded, deliveries)) if ok]
+            handled = [d for d, ok in zip(deliveries, self._timed(self.handle, deliveries)) if ok]
             crashpoint("before-ack")
             if handled:
-                self._ack(handled)
+                self._timed(self._ack, handled)
+
+    def _timed(self, fn: Callable, *args):
+        """fn(*args), its thread's CPU time counted as intake's: what taking a job in costs the daemon
+        (health: `cpu_seconds`), apart from the work each job goes on to."""
+        start = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            with self._cpu_lock:
+                self._intake_cpu += time.thread_time() - start
 
     def _shutdown(self, grace_seconds: float | None, health) -> None:
         """Steps in progress and local runs get `grace_seconds` to finish (a job on Bacalhau or
@@ -258,6 +274,8 @@ class Daemon:
                 body = json.dumps({"status": "stopping" if daemon._stopping.is_set() else "ok",
                                    "inflight": len(daemon.lifecycle.flights), "queued": len(daemon.lifecycle.slots.waiting),
                                    **daemon.stats, "calls": daemon.calls(),
+                                   "cpu_seconds": {"intake": round(daemon._intake_cpu, 3),
+                                                   "process": round(time.process_time(), 3)},
                                    "operations": daemon.operations()}).encode()
                 self.send_response(200 if self.path == "/health" else 404)
                 self.send_header("Content-Type", "application/json")

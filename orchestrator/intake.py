@@ -25,6 +25,16 @@ MAX_ERROR_CHARS = 2000
 
 
 @dataclass
+class Reading:
+    """A job document as read: the job, or why it was refused (and what could be read of it)."""
+
+    event: JobEvent
+    job: JobDocument | None
+    problem: str | None
+    data: dict[str, Any]
+
+
+@dataclass
 class Arrival:
     record: JobRecord | None  # None: nothing to record (the same upload again, or the document has gone)
     job: JobDocument | None = None  # None: the document was refused, and the record says why
@@ -39,26 +49,44 @@ class Intake:
     settings: Settings
     owner: str  # the daemon creating records: it holds the job, and sends a refused one's message
 
-    def take_in(self, event: JobEvent) -> Arrival:
-        """Read and validate the document, then create its record; an id another document holds
-        (or an earlier upload of this one) is renumbered `<id>-r2`, `-r3`, ..."""
-        job, problem, data = self._read(event)
-        wanted = job.id if job else job_id_from_key(event.key)
-        notify = job.notify.email if job else valid_notify(data)
+    def read(self, event: JobEvent) -> Reading:
+        """Read and validate one document (one request; the daemon reads a batch's documents at once)."""
+        return Reading(event, *self._read(event))
+
+    def take_in(self, readings: list[Reading]) -> list[Arrival]:
+        """Create the records of a batch of documents: one store request for all (`Store.create_all`),
+        then one for each id that was taken. A taken id (another document's, or an earlier upload of
+        this one) is renumbered `<id>-r2`, `-r3`, ...; the same upload delivered again is a duplicate."""
+        records = [self._record(r.event, r.job.id if r.job else job_id_from_key(r.event.key), r.job, r.problem,
+                                r.job.notify.email if r.job else valid_notify(r.data)) for r in readings]
+        first: dict[str, int] = {}  # one create per id in the batch: a second document wanting it waits its turn
+        batch = [i for i, record in enumerate(records) if first.setdefault(record.job_id, i) == i]
+        crashpoint("before-create")
+        taken = dict(zip(batch, self.store.create_all([records[i] for i in batch])))
+        return [self._settle(reading, record, taken[i] if i in taken else self.store.create_or_get(record))
+                for i, (reading, record) in enumerate(zip(readings, records))]
+
+    def _settle(self, reading: Reading, record: JobRecord, taken: JobRecord | None) -> Arrival:
+        """Given what holds the id `record` was created under (None: it was created), renumber until
+        an id is free, or see the same upload again."""
+        event, job, problem, data = reading.event, reading.job, reading.problem, reading.data
+        wanted = record.job_id
         for renumbered in range(MAX_RENUMBER + 1):
-            job_id = wanted if renumbered == 0 else next_id(wanted, renumbered - 1)
-            if job is not None and job_id != job.id:
-                try:  # the job under its new id (an explicit output under the old one no longer fits)
-                    job = parse_job({**data, "id": job_id}, self.policy, owner=owner_of(event.key, self.settings))
-                except InputError as exc:
-                    job, problem = None, f"The id {wanted} is taken, and as {job_id}: {exc.message}"
-            record = self._record(event, job_id, job, problem, notify)
-            crashpoint("before-create")
-            taken = self.store.create_or_get(record)
             if taken is None:
                 return Arrival(record, job)
             if same_upload(taken, event):
                 return Arrival(None, duplicate=True)
+            if renumbered == MAX_RENUMBER:
+                break
+            job_id = next_id(wanted, renumbered)
+            if job is not None:
+                try:  # the job under its new id (an explicit output under the old one no longer fits)
+                    job = parse_job({**data, "id": job_id}, self.policy, owner=owner_of(event.key, self.settings))
+                except InputError as exc:
+                    job, problem = None, f"The id {wanted} is taken, and as {job_id}: {exc.message}"
+            record = self._record(event, job_id, job, problem, record.notify)
+            crashpoint("before-create")
+            taken = self.store.create_or_get(record)
         log.error("no free id for %s: %s and its renumberings are all taken", event.key, wanted)
         return Arrival(None)
 

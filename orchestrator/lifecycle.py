@@ -117,26 +117,38 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ receive: RECEIVED → VALIDATED | FAILED
 
-    def receive(self, event: JobEvent) -> str | None:
-        """Record the job a document names (`intake.Intake`); its record exists before the event is
-        acknowledged. A valid job goes on to `admit`; a refused one's message is sent."""
-        self._count("received")
-        arrival = self.intake.take_in(event)
-        record, job = arrival.record, arrival.job
-        if record is None:  # the same upload again (or no free id: intake logged it)
-            self._count("duplicates" if arrival.duplicate else "failed")
+    def receive(self, events: list[JobEvent], read: Callable = map) -> list[bool]:
+        """Record the jobs a batch of documents names (`intake.Intake`): the documents are read at
+        once (`read`: the daemon passes its intake pool's map), then their records are created in one
+        request. For each event, whether it has its record (or needs none) and may be acknowledged; a
+        document that could not be read for a passing fault is not, and comes back. A valid job goes
+        on to `admit`; a refused one's message is sent."""
+        readings = list(read(self._read, events))
+        done = [reading is not None for reading in readings]
+        for arrival in self.intake.take_in([r for r in readings if r is not None]):
+            self._count("received")
+            record, job = arrival.record, arrival.job
+            if record is None:  # the same upload again (or no free id: intake logged it)
+                self._count("duplicates" if arrival.duplicate else "failed")
+                continue
+            self._count("created")
+            crashpoint("after-create")
+            if job is None:
+                self._count("failed")
+                log.warning("job failed: %s", record.error["message"][:300],
+                            extra={"job_id": record.job_id, "state": FAILED, "stage": "validate"})
+                self.schedule(self.send, record)
+            else:
+                log.info("job received", extra={"job_id": job.id, "state": VALIDATED})
+                self.schedule(self.admit, self._flight(job, record))
+        return done
+
+    def _read(self, event: JobEvent):
+        try:
+            return self.intake.read(event)
+        except Exception:  # a store or S3 blip: unacknowledged, the message comes back after its visibility timeout
+            log.exception("could not read %s; it will be delivered again", event.key)
             return None
-        self._count("created")
-        crashpoint("after-create")
-        if job is None:
-            self._count("failed")
-            log.warning("job failed: %s", record.error["message"][:300],
-                        extra={"job_id": record.job_id, "state": FAILED, "stage": "validate"})
-            self.schedule(self.send, record)
-        else:
-            log.info("job received", extra={"job_id": job.id, "state": VALIDATED})
-            self.schedule(self.admit, self._flight(job, record))
-        return record.job_id
 
     # ------------------------------------------------------------------ admit: VALIDATED → QUEUED
 

@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,6 +106,8 @@ class Store(Protocol):
     def create(self, record: JobRecord) -> bool: ...
     def create_or_get(self, record: JobRecord) -> JobRecord | None:
         """Create the record; when its id is taken, the record that holds it (one request on DynamoDB)."""
+    def create_all(self, records: list[JobRecord]) -> list[JobRecord | None]:
+        """`create_or_get` for records of distinct ids, in one request where the store has one."""
     def get(self, job_id: str) -> JobRecord | None: ...
     def put(self, record: JobRecord, expected_version: int) -> None: ...
     def list(self, state: str | None = None, limit: int = 100, since: str | None = None) -> list[JobRecord]: ...
@@ -208,6 +211,9 @@ class SQLiteStore:
     def create_or_get(self, record: JobRecord) -> JobRecord | None:
         return None if self.create(record) else self.get(record.job_id)
 
+    def create_all(self, records: list[JobRecord]) -> list[JobRecord | None]:
+        return [self.create_or_get(record) for record in records]  # local writes: nothing to save by batching
+
     def get(self, job_id: str) -> JobRecord | None:
         row = self._db().execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return JobRecord.from_json(row[0]) if row else None
@@ -282,15 +288,55 @@ class DynamoStore:
     def create_or_get(self, record: JobRecord) -> JobRecord | None:
         from botocore.exceptions import ClientError
 
+        item = self._item(record)
         try:  # a refused create answers with the item that is there: no second request to read it
-            self.client.put_item(TableName=self.table, Item=self._item(record), ConditionExpression="attribute_not_exists(job_id)",
+            self.client.put_item(TableName=self.table, Item=item, ConditionExpression="attribute_not_exists(job_id)",
                                  ReturnValuesOnConditionCheckFailure="ALL_OLD")
             return None
         except ClientError as exc:
-            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                item = exc.response.get("Item")
-                return self._record(item) if item else self.get(record.job_id)
-            raise
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            return self._holder(record, item, exc.response.get("Item"), exc.response)
+
+    TRANSACTION = 25  # records per transaction (DynamoDB takes 100 items and 4 MB; a new record is a few kB):
+    # the records of a transaction refused for one taken id are created one by one, so smaller is cheaper then
+
+    def create_all(self, records: list[JobRecord]) -> list[JobRecord | None]:
+        """Creates in transactions of `TRANSACTION` (a transaction costs twice the write units of
+        single puts, and saves all but one request: intake creates a received batch at once). A
+        refused transaction says why for each record: an id that is taken answers with its holder;
+        the records it only held back are created one by one."""
+        if len(records) > self.TRANSACTION:
+            return [taken for start in range(0, len(records), self.TRANSACTION)
+                    for taken in self.create_all(records[start:start + self.TRANSACTION])]
+        if len(records) < 2:
+            return [self.create_or_get(record) for record in records]
+        from botocore.exceptions import ClientError
+
+        items = [self._item(record) for record in records]
+        try:
+            self.client.transact_write_items(ClientRequestToken=uuid.uuid4().hex, TransactItems=[
+                {"Put": {"TableName": self.table, "Item": item, "ConditionExpression": "attribute_not_exists(job_id)",
+                         "ReturnValuesOnConditionCheckFailure": "ALL_OLD"}} for item in items])
+            return [None] * len(records)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                raise
+            refused = exc.response
+        reasons = refused.get("CancellationReasons") or [{}] * len(records)
+        return [self._holder(record, item, reason.get("Item"), refused)
+                if reason.get("Code") == "ConditionalCheckFailed" else self.create_or_get(record)
+                for record, item, reason in zip(records, items, reasons)]
+
+    def _holder(self, record: JobRecord, sent: dict[str, Any], held: dict[str, Any] | None,
+                response: dict[str, Any]) -> JobRecord | None:
+        """Who holds the id a create was refused: None when it is the very record sent, which a retry
+        finds after the first try's answer was lost (botocore retries throttling and dropped connections)."""
+        if held is None:
+            return self.get(record.job_id)
+        if response.get("ResponseMetadata", {}).get("RetryAttempts") and held.get("body") == sent["body"]:
+            return None
+        return self._record(held)
 
     def get(self, job_id: str) -> JobRecord | None:
         item = self.client.get_item(TableName=self.table, Key={"job_id": {"S": job_id}}, ConsistentRead=True).get("Item")

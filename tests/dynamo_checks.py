@@ -32,6 +32,52 @@ def test_conditional_create_is_idempotent(store):
     assert store.get("a1").job_key == "jobs/a1.json"
 
 
+def test_a_batch_is_created_in_one_transaction_and_a_taken_id_answers_with_its_holder(store):
+    sent = []
+
+    def count(event_name, **_):
+        sent.append(event_name.rsplit(".", 1)[-1])
+
+    store.client.meta.events.register("before-send.dynamodb", count)
+    try:
+        assert store.create_all([JobRecord(job_id=f"t{i}", job_key=f"jobs/t{i}.json") for i in range(3)]) == [None] * 3
+        assert sent == ["TransactWriteItems"]
+        # t1 is taken: the transaction is refused whole, says who holds t1, and t8 and t9 are created after it
+        sent.clear()
+        taken = store.create_all([JobRecord(job_id=i, job_key=f"jobs/{i}-again.json") for i in ("t8", "t1", "t9")])
+        assert taken[0] is None and taken[2] is None and taken[1].job_key == "jobs/t1.json"
+        assert sent == ["TransactWriteItems", "PutItem", "PutItem"]
+        assert [store.get(i).job_key for i in ("t8", "t1", "t9")] == ["jobs/t8-again.json", "jobs/t1.json", "jobs/t9-again.json"]
+        # a batch larger than a transaction takes is sent in several (a message can name many keys)
+        sent.clear()
+        assert store.create_all([JobRecord(job_id=f"u{i}", job_key="jobs/u.json") for i in range(30)]) == [None] * 30
+        assert sent == ["TransactWriteItems"] * 2 and store.get("u29") is not None
+    finally:
+        store.client.meta.events.unregister("before-send.dynamodb", count)
+
+
+@pytest.mark.parametrize("operation", ["PutItem", "TransactWriteItems"])
+def test_a_create_whose_answer_was_lost_is_found_to_be_ours_on_the_retry(store, operation):
+    """The write took, its answer did not come back, botocore sent it again: the record that holds
+    the id is the one sent, so the create succeeded (the job must not be taken for a duplicate)."""
+    tries = []
+
+    def lose_the_first_answer(attempts, **_):
+        tries.append(attempts)
+        return 0 if attempts == 1 else None  # retry at once, as after a dropped connection
+
+    event = f"needs-retry.dynamodb.{operation}"
+    store.client.meta.events.register_first(event, lose_the_first_answer)
+    try:
+        records = [JobRecord(job_id=f"lost-{operation.lower()}-{i}", job_key="jobs/lost.json") for i in range(2)]
+        created = store.create_or_get(records[0]) if operation == "PutItem" else store.create_all(records)
+        assert created in (None, [None, None]) and tries[:2] == [1, 2]
+    finally:
+        store.client.meta.events.unregister(event, lose_the_first_answer)
+    # another record under a taken id is still refused, with its holder
+    assert store.create_or_get(JobRecord(job_id=records[0].job_id, job_key="jobs/other.json")).job_key == "jobs/lost.json"
+
+
 def test_transitions_bump_the_version_and_keep_history(store):
     store.create(JobRecord(job_id="b1", job_key="k"))
     for state, stage in ((VALIDATED, None), (QUEUED, None), (RUNNING, "preprocess"), (RUNNING, "train"), (SUCCEEDED, None)):

@@ -18,6 +18,9 @@ And where moto's cost would be the rig's, not AWS's: SQS ReceiveMessage judged e
 retention by computing every queue attribute, three scans of the whole queue per message
 (`SQSBackend.is_message_valid_based_on_retention_period`), so a receive from a queue of a thousand
 messages held moto's one interpreter for tens of milliseconds; it reads the one attribute.
+DynamoDB TransactWriteItems backed up every table it writes with a deep copy (a whole table per
+transaction, which also raced writes from other threads and failed with a 500); it backs up the
+items the transaction writes, and a cancelled one puts back just those, on the live table.
 
     python tests/moto_launcher.py --port 5000 --control-port 5001
 """
@@ -97,6 +100,54 @@ def fill_in_sqs() -> None:
     SQSBackend.is_message_valid_based_on_retention_period = retained
 
 
+def fill_in_dynamodb() -> None:
+    import copy
+    import types
+
+    from moto.dynamodb import models
+    from moto.dynamodb.models.dynamo_type import DynamoType
+    from moto.dynamodb.models.table import Table
+
+    writing = threading.local()  # the hash keys the running transaction writes, by table name
+
+    def backup(value, memo=None):  # transact_write_items' `copy.deepcopy(table)`: just the items it writes
+        keys = getattr(writing, "keys", None)
+        if keys is None or not isinstance(value, Table):
+            return copy.deepcopy(value, memo)
+        clone = copy.copy(value)
+        clone.items = {h: copy.deepcopy(value.items[h]) for h in keys.get(value.name, ()) if h in value.items}
+        return clone
+
+    models.copy = types.SimpleNamespace(deepcopy=backup)
+    transact = models.DynamoDBBackend.transact_write_items
+
+    def transact_write_items(self, transact_items):
+        keys: dict[str, set] = {}
+        for entry in transact_items:
+            op = next(iter(entry.values()), {})
+            table = self.tables.get(op.get("TableName"))
+            key = op.get("Key") or op.get("Item") or {}
+            if table is not None and table.hash_key_attr in key:
+                keys.setdefault(table.name, set()).add(DynamoType(key[table.hash_key_attr]))
+        live = {name: self.tables[name] for name in keys}
+        writing.keys = keys
+        try:
+            return transact(self, transact_items)
+        except Exception:  # moto put its backups in place of the tables: back to the live ones, undoing the writes
+            for name, table in live.items():
+                kept, self.tables[name] = self.tables[name], table
+                for h in keys[name]:
+                    if h in kept.items:
+                        table.items[h] = kept.items[h]
+                    else:
+                        table.items.pop(h, None)
+            raise
+        finally:
+            writing.keys = None
+
+    models.DynamoDBBackend.transact_write_items = transact_write_items
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -120,6 +171,7 @@ def main() -> None:
     sagemaker.FakeTrainingJob.__init__ = init
     fill_in_sagemaker(sagemaker)
     fill_in_sqs()
+    fill_in_dynamodb()
 
     def training_job(name):
         for account in sagemaker.sagemaker_backends.values():

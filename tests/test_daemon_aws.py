@@ -105,6 +105,35 @@ def test_unreadable_messages_are_recorded_then_dead_lettered(aws):
     assert "Unreadable queue message: message body is not JSON" in record.error["message"]
 
 
+def test_a_received_batch_is_created_in_one_request_and_taken_ids_are_renumbered(aws):
+    """Intake against DynamoDB: the batch's records in one transaction; an id taken by another
+    document, or twice in the batch, is renumbered; the same upload again is a duplicate."""
+    from codsplat.orchestrator.backends import Backends
+    from codsplat.orchestrator.events import JobEvent
+    from codsplat.orchestrator.intake import Intake
+
+    backends = Backends(aws["settings"], None)
+    intake = Intake(backends.store, backends.blobs, backends.policy, aws["settings"], "daemon-a")
+    documents = {"jobs/a/old.json": "kept", "jobs/b/one.json": "scan", "jobs/b/two.json": "scan",
+                 "jobs/b/three.json": "kept", "jobs/b/four.json": "fresh"}
+    for key, job_id in documents.items():
+        aws["s3"].put_object(Bucket=aws["bucket"], Key=key, Body=json.dumps(
+            {"version": 1, "id": job_id, "input": f"uploads/{key.split('/')[1]}/x.mp4"}))
+    event = lambda key, upload: JobEvent(aws["bucket"], key, upload=upload)  # noqa: E731
+    [old] = intake.take_in([intake.read(event("jobs/a/old.json", "u0"))])
+    assert old.record.job_id == "kept", old.record.error
+    before = backends.calls.operations()
+    batch = [event(key, "u1") for key in list(documents)[1:]] + [event("jobs/a/old.json", "u0")]  # the last: delivered again
+    arrivals = intake.take_in([intake.read(e) for e in batch])
+    assert [a.record.job_id if a.record else None for a in arrivals] == ["scan", "scan-r2", "kept-r2", "fresh", None]
+    assert arrivals[-1].duplicate and all(a.job.id == a.record.job_id for a in arrivals[:4])
+    sent = {k: v - before.get(k, 0) for k, v in backends.calls.operations().items() if v != before.get(k, 0)}
+    # the transaction (refused: "kept" is taken, and it says by whom), a create for each record it held
+    # back (2), the second "scan" and its renumbering (2), "kept" renumbered (1), the redelivery (1)
+    assert sent == {"s3 GetObject": 5, "dynamodb TransactWriteItems": 1, "dynamodb PutItem": 6}, sent
+    assert [backends.store.get(i).job_key for i in ("scan", "scan-r2", "kept-r2", "fresh")] == list(documents)[1:]
+
+
 def test_acknowledging_deletes_in_batches_and_names_a_message_the_queue_kept(moto_server, caplog):
     sqs = boto3.client("sqs", endpoint_url=moto_server.url, region_name="us-east-1")
     queue = sqs.create_queue(QueueName=f"ack-{time.time_ns()}")["QueueUrl"]
@@ -247,10 +276,16 @@ def test_many_jobs_at_once_each_run_once_within_the_bound(aws, standin):
     assert calls["sns"] == jobs
     # its document, read once per event (the duplicate too, and any delivered again), and its media once
     assert calls["s3"] <= daemon.stats["received"] + jobs, daemon.operations()
-    # create, the duplicate's refused create, RUNNING, SUCCEEDED, sent; shared by every job: the seven
-    # queries of the start's recovery, two per cancel sweep and the daemon's heartbeats (one write each)
+    # RUNNING, SUCCEEDED, sent for each job, one write per heartbeat; the creates of a received batch go
+    # in one transaction (a create goes alone when a receive brought one job, or a transaction was
+    # refused for an id that was taken: the duplicates here); shared by every job: the seven queries of
+    # the start's recovery and two per cancel sweep
+    operations = daemon.operations()
     assert daemon.stats["beats"] >= 1
-    assert calls["dynamodb"] - 2 * sweeps - daemon.stats["beats"] - 7 <= 5 * jobs
+    creates_alone = operations["dynamodb PutItem"] - 3 * jobs - daemon.stats["beats"]
+    assert 0 <= creates_alone <= jobs // 2, operations
+    assert 1 <= operations["dynamodb TransactWriteItems"] <= daemon.stats["received"] // 2, operations
+    assert operations.get("dynamodb Query", 0) <= 2 * sweeps + 7, operations
     assert calls["sqs"] <= jobs  # receives and deletes, ten messages a call
     ops = {k.removeprefix("bacalhau "): v for k, v in daemon.operations().items() if k.startswith("bacalhau ")}
     assert ops.pop("PUT /api/v1/orchestrator/jobs") == jobs, ops  # each submitted once

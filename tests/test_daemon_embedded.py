@@ -99,7 +99,7 @@ def test_embedded_flow_from_upload_to_notification(home):
 def test_duplicate_events_run_once_and_notify_once(home):
     daemon = build_daemon(Settings(media_wait_seconds=1.0), home)
     a, b = write_job(home, "twice", QUICK_JOB), write_job(home, "tentimes", QUICK_JOB)
-    threads = [threading.Thread(target=daemon.handle, args=(Delivery([JobEvent(None, key)]),))
+    threads = [threading.Thread(target=daemon.handle, args=([Delivery([JobEvent(None, key)])],))
                for key in [a] * 2 + [b] * 10]
     for t in threads:
         t.start()

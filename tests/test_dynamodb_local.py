@@ -32,4 +32,4 @@ def test_dynamo_store_against_dynamodb_local():
     proc = subprocess.run(["unshare", "-rn", "sh", "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "DYNAMO_ENDPOINT": "http://127.0.0.1:8000"}, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "10 passed" in proc.stdout
+    assert "13 passed" in proc.stdout
