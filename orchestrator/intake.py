@@ -1,5 +1,6 @@
-"""Intake: a job event in, the record its document ends as out. Every document ends as a record (a
-refused one saying why) except the same upload delivered again. A document is bounded before it is
+"""Intake: a batch of job events in, the records their documents end as out (read one by one, created
+in one store request). Every document ends as a record (a refused one saying why) except the same
+upload delivered again. A document is bounded before it is
 read (`config.parse_document`), and nothing it says is trusted until it validates: a refused one is
 recorded under an id made from its file name, with its addresses only if they validate."""
 
