@@ -73,6 +73,13 @@ def test_health_endpoint_and_sigterm(tmp_path):
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.2)
         assert health["status"] == "ok" and health["inflight"] == 0
+        (tmp_path / "jobs").mkdir(exist_ok=True)
+        (tmp_path / "jobs" / "broken.json").write_text("{not json")
+        while health["created"] == 0:  # taken in (and refused): intake's CPU is counted apart from the process's
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.2)
+            health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert 0 < health["cpu_seconds"]["intake"] < health["cpu_seconds"]["process"]
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
