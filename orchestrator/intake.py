@@ -1,8 +1,8 @@
 """Intake: a batch of job events in, the records their documents end as out (read one by one, created
 in one store request). Every document ends as a record (a refused one saying why) except the same
-upload delivered again. A document is bounded before it is
-read (`config.parse_document`), and nothing it says is trusted until it validates: a refused one is
-recorded under an id made from its file name, with its addresses only if they validate."""
+upload delivered again. A document is bounded before it is read (`config.parse_document`), and
+nothing it says is trusted until it validates: a refused one is recorded under an id made from its
+file name, with its addresses only if they validate."""
 
 from __future__ import annotations
 
@@ -50,10 +50,6 @@ class Intake:
     settings: Settings
     owner: str  # the daemon creating records: it holds the job, and sends a refused one's message
 
-    def read(self, event: JobEvent) -> Reading:
-        """Read and validate one document (one request; the daemon reads a batch's documents at once)."""
-        return Reading(event, *self._read(event))
-
     def take_in(self, readings: list[Reading]) -> list[Arrival]:
         """Create the records of a batch of documents: one store request for all (`Store.create_all`),
         then one for each id that was taken. A taken id (another document's, or an earlier upload of
@@ -91,20 +87,20 @@ class Intake:
         log.error("no free id for %s: %s and its renumberings are all taken", event.key, wanted)
         return Arrival(None)
 
-    def _read(self, event: JobEvent) -> tuple[JobDocument | None, str | None, dict[str, Any]]:
-        """(the job, None, its data) or (None, why it was refused, what could be read of it)."""
+    def read(self, event: JobEvent) -> Reading:
+        """Read and validate one document (one request; the daemon reads a batch's documents at once)."""
         try:
             event.key.encode("utf-8")
         except UnicodeEncodeError:  # a file name of undecodable bytes
             shown = event.key.encode("utf-8", "backslashreplace").decode()
-            return None, (f"The file name {shown[:200]} is not UTF-8 text; rename the job document "
-                          "(letters, digits, - and _ are safe)."), {}
+            return Reading(event, None, (f"The file name {shown[:200]} is not UTF-8 text; rename the job "
+                                         "document (letters, digits, - and _ are safe)."), {})
         try:  # the size and the first bytes in one request: a document too big is never read further
             head = self.blobs.head(event.key, MAX_DOCUMENT_BYTES + 1)
         except Refused as exc:
-            return None, f"{event.key} cannot be read as a job document: {exc}.", {}
+            return Reading(event, None, f"{event.key} cannot be read as a job document: {exc}.", {})
         if head is None:
-            return None, f"{event.key} was deleted before it could be read; upload it again.", {}
+            return Reading(event, None, f"{event.key} was deleted before it could be read; upload it again.", {})
         raw, size = head
         data: dict[str, Any] = {}
         try:
@@ -112,10 +108,10 @@ class Intake:
                 raise InputError(f"{event.key} is {size:,} bytes; a job document may be at most "
                                  f"{MAX_DOCUMENT_BYTES // 1024} KiB.")
             data = parse_document(raw, event.key)
-            return parse_job(data, self.policy, default_id=job_id_from_key(event.key),
-                             owner=owner_of(event.key, self.settings)), None, data
+            return Reading(event, parse_job(data, self.policy, default_id=job_id_from_key(event.key),
+                                            owner=owner_of(event.key, self.settings)), None, data)
         except InputError as exc:
-            return None, exc.message, data
+            return Reading(event, None, exc.message, data)
 
     def _record(self, event: JobEvent, job_id: str, job: JobDocument | None, problem: str | None,
                 notify: list[str]) -> JobRecord:

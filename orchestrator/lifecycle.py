@@ -37,7 +37,7 @@ from .events import JobEvent
 from .faults import crashpoint
 from .job import JobDocument, owner_of, parse_job
 from .notify import Notifier, compose
-from .intake import MAX_ERROR_CHARS, Intake
+from .intake import MAX_ERROR_CHARS, Intake, Reading
 from .ownership import Holds
 from .records import (CANCELLED, FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, InvalidTransition,
                       JobRecord, Store, change, claim, now, success_result)
@@ -143,7 +143,7 @@ class Lifecycle:
                 self.schedule(self.admit, self._flight(job, record))
         return done
 
-    def _read(self, event: JobEvent):
+    def _read(self, event: JobEvent) -> Reading | None:
         try:
             return self.intake.read(event)
         except Exception:  # a store or S3 blip: unacknowledged, the message comes back after its visibility timeout
