@@ -86,14 +86,21 @@ class Candidate:
 # ---------------------------------------------------------------- video
 
 
+# FFmpeg guesses a format from a file's bytes, among hundreds of demuxers. Only the containers our
+# suffixes name are let in: random bytes then cannot pass for a raw H.263 stream (1 in 400 did),
+# and a text file named .mp4 cannot be an ffconcat list or playlist that reads other files.
+DEMUXERS = {"format_whitelist": "mov,matroska,avi", "protocol_whitelist": "file"}
+
+
 def _open_video(path: Path):
     import av
 
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), options=DEMUXERS)
     except (av.error.InvalidDataError, av.error.FFmpegError, OSError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise InputError(f"Input {path} is not a readable video ({reason}).") from None
+        raise InputError(f"Input {path} is not a readable video ({reason}).",
+                         hint="codsplat reads MP4/MOV/M4V, MKV/WebM and AVI files.") from None
     if not container.streams.video:
         container.close()
         raise InputError(f"Input {path} has no video stream.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import struct
 import zipfile
 import zlib
@@ -168,7 +169,7 @@ def zip_with_undecodable_names(folder: Path, sample_video: Path) -> Path:
 
 def not_a_zip(folder: Path, sample_video: Path) -> Path:
     path = folder / "fake.zip"
-    path.write_bytes(os.urandom(4096))
+    path.write_bytes(random.Random(1).randbytes(4096))
     return path
 
 
@@ -187,21 +188,38 @@ def empty_video(folder: Path, sample_video: Path) -> Path:
 
 def noise_video(folder: Path, sample_video: Path) -> Path:
     path = folder / "noise.mov"
-    path.write_bytes(os.urandom(64 * 1024))
+    path.write_bytes(random.Random(0).randbytes(64 * 1024))
+    return path
+
+
+def raw_h263_named_mov(folder: Path, sample_video: Path) -> Path:
+    """What 1 in 400 noise files used to be probed as: an elementary stream, no container."""
+    return _encode(folder / "raw.mov", "h263", frames=5, format="h263", size=(128, 96))
+
+
+def ffconcat_named_mp4(folder: Path, sample_video: Path) -> Path:
+    """A text list that FFmpeg would follow to read other files beside it."""
+    (folder / "other.mp4").write_bytes(sample_video.read_bytes())
+    path = folder / "list.mp4"
+    path.write_text("ffconcat version 1.0\nfile other.mp4\nfile other.mp4\n")
     return path
 
 
 def one_frame_video(folder: Path, sample_video: Path) -> Path:
+    return _encode(folder / "one.mp4", "mpeg4", frames=1)
+
+
+def _encode(path: Path, codec: str, frames: int, format: str | None = None, size=(64, 48)) -> Path:
     import av
     import numpy as np
 
-    path = folder / "one.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=1)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), dtype=np.uint8), format="rgb24")
-        for packet in stream.encode(frame):
-            out.mux(packet)
+    with av.open(str(path), "w", format=format) as out:
+        stream = out.add_stream(codec, rate=1)
+        (stream.width, stream.height), stream.pix_fmt = size, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 40 * i, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
     return path
@@ -249,5 +267,6 @@ def truncated_photos(folder: Path, sample_video: Path) -> Path:
 
 MEDIA = {f.__name__: f for f in (
     zip_of_zeros, zip_of_many_entries, zip_that_claims_terabytes, zip_with_traversal_names, zip_of_mac_droppings,
-    zip_with_undecodable_names, not_a_zip, truncated_video, empty_video, noise_video, one_frame_video, tiny_images,
+    zip_with_undecodable_names, not_a_zip, truncated_video, empty_video, noise_video, raw_h263_named_mov,
+    ffconcat_named_mp4, one_frame_video, tiny_images,
     gigapixel_claims, photos_with_a_link_out, photos_with_undecodable_names, no_photos, truncated_photos)}
