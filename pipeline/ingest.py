@@ -87,8 +87,8 @@ class Candidate:
 
 
 # FFmpeg guesses a format from a file's bytes, among hundreds of demuxers. Only the containers our
-# suffixes name are let in: random bytes then cannot pass for a raw H.263 stream (1 in 400 did),
-# and a text file named .mp4 cannot be an ffconcat list or playlist that reads other files.
+# suffixes name are let in: random bytes then cannot pass for a raw H.263 stream or LRC lyrics (17
+# in 3,000 did), and a text file named .mp4 cannot be an ffconcat list that reads other files.
 DEMUXERS = {"format_whitelist": "mov,matroska,avi", "protocol_whitelist": "file"}
 
 

@@ -193,7 +193,7 @@ def noise_video(folder: Path, sample_video: Path) -> Path:
 
 
 def raw_h263_named_mov(folder: Path, sample_video: Path) -> Path:
-    """What 1 in 400 noise files used to be probed as: an elementary stream, no container."""
+    """What 7 in 3,000 noise files used to be probed as: an elementary stream, no container."""
     return _encode(folder / "raw.mov", "h263", frames=5, format="h263", size=(128, 96))
 
 
