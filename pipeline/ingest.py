@@ -86,8 +86,8 @@ class Candidate:
 # ---------------------------------------------------------------- video
 
 
-# FFmpeg guesses a format from a file's bytes, among hundreds of demuxers. Only the containers our
-# suffixes name are let in: random bytes then cannot pass for a raw H.263 stream or LRC lyrics (17
+# FFmpeg guesses a format from a file's bytes, among hundreds of demuxers. Only the containers of
+# VIDEO_SUFFIXES are let in: random bytes then cannot pass for a raw H.263 stream or LRC lyrics (17
 # in 3,000 did), and a text file named .mp4 cannot be an ffconcat list that reads other files.
 DEMUXERS = {"format_whitelist": "mov,matroska,avi", "protocol_whitelist": "file"}
 
@@ -100,7 +100,7 @@ def _open_video(path: Path):
     except (av.error.InvalidDataError, av.error.FFmpegError, OSError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise InputError(f"Input {path} is not a readable video ({reason}).",
-                         hint="codsplat reads MP4/MOV/M4V, MKV/WebM and AVI files.") from None
+                         hint=f"codsplat reads videos in these containers: {' '.join(VIDEO_SUFFIXES)}.") from None
     if not container.streams.video:
         container.close()
         raise InputError(f"Input {path} has no video stream.")

@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from codsplat.pipeline import ingest
 from codsplat.pipeline.config import build_config
+from codsplat.pipeline.contract import VIDEO_SUFFIXES
 from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.stages import StageContext
 
@@ -21,9 +22,9 @@ def texture(seed, w=160, h=120):
     return np.asarray(Image.fromarray(small).resize((w, h), Image.NEAREST))
 
 
-def write_video(path: Path, frames, fps=10):
+def write_video(path: Path, frames, fps=10, codec="libx264"):
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
         stream.options = {"crf": "10"}
         for img in frames:
@@ -100,6 +101,16 @@ def test_zip_of_images_skips_unreadable_members(tmp_path):
     stats, record = run_ingest(tmp_path, archive)
     assert stats["kind"] == "zip" and stats["kept"] == 3
     assert [r["source"] for r in record["rejected"]] == ["set/broken.jpg"]
+
+
+@pytest.mark.parametrize("suffix", VIDEO_SUFFIXES)
+def test_every_video_suffix_we_accept_opens(tmp_path, suffix):
+    """Videos open only with the demuxers `ingest.DEMUXERS` lets in: each suffix we accept must be one."""
+    video = tmp_path / f"clip{suffix}"
+    write_video(video, [np.roll(texture(8), 4 * i, axis=1) for i in range(6)],
+                codec="libvpx-vp9" if suffix == ".webm" else "libx264")
+    stats, _ = run_ingest(tmp_path, video, max=3, min_difference=0.0)
+    assert stats["decoded_frames"] == 6
 
 
 @pytest.mark.parametrize("make,message", [

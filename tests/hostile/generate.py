@@ -194,7 +194,7 @@ def noise_video(folder: Path, sample_video: Path) -> Path:
 
 def raw_h263_named_mov(folder: Path, sample_video: Path) -> Path:
     """What 7 in 3,000 noise files used to be probed as: an elementary stream, no container."""
-    return _encode(folder / "raw.mov", "h263", frames=5, format="h263", size=(128, 96))
+    return _encode(folder / "raw.mov", "h263", frames=5, container="h263", size=(128, 96))
 
 
 def ffconcat_named_mp4(folder: Path, sample_video: Path) -> Path:
@@ -209,11 +209,11 @@ def one_frame_video(folder: Path, sample_video: Path) -> Path:
     return _encode(folder / "one.mp4", "mpeg4", frames=1)
 
 
-def _encode(path: Path, codec: str, frames: int, format: str | None = None, size=(64, 48)) -> Path:
+def _encode(path: Path, codec: str, frames: int, container: str | None = None, size=(64, 48)) -> Path:
     import av
     import numpy as np
 
-    with av.open(str(path), "w", format=format) as out:
+    with av.open(str(path), "w", format=container) as out:
         stream = out.add_stream(codec, rate=1)
         (stream.width, stream.height), stream.pix_fmt = size, "yuv420p"
         for i in range(frames):
