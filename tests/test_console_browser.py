@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from codsplat.pipeline.contract import MEDIA_SUFFIXES
 from conftest import ROOT, SAMPLE
 from PIL import Image
 from selenium import webdriver
@@ -103,7 +104,9 @@ def fill(driver, form: str, values: dict) -> None:
 def submit_sample(driver, url, preset="tiny", settings=None) -> str:
     driver.get(url + "/")
     wait(lambda: driver.find_elements(By.ID, "media"), 30, "the new-job form")
-    driver.find_element(By.ID, "media").send_keys(str(SAMPLE))
+    picker = driver.find_element(By.ID, "media")
+    assert picker.get_attribute("accept") == ",".join(MEDIA_SUFFIXES)  # the files the worker reads, .avi too
+    picker.send_keys(str(SAMPLE))
     if preset:
         Select(driver.find_element(By.CSS_SELECTOR, '[data-field="preset"]')).select_by_value(preset)
     fill(driver, "#new-job", settings or {})

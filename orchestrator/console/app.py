@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from codsplat.pipeline.config import parse_document
+from codsplat.pipeline.contract import MEDIA_SUFFIXES
 from codsplat.pipeline.errors import PipelineError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -138,7 +139,7 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
 
     def page(request: Request, name: str, job: str = "") -> HTMLResponse:
         values = {"csrf": guard.csrf_token(request.state.session), "page": name, "job": job, "title": title,
-                  "login": "1" if guard.token else ""}
+                  "login": "1" if guard.token else "", "media": ",".join(MEDIA_SUFFIXES)}
         text = shell
         for key, value in values.items():  # every value escaped: ids and titles come from outside
             text = text.replace("{{" + key + "}}", html.escape(value, quote=True))

@@ -163,7 +163,7 @@ async function upload(files, onProgress) {
 async function jobsPage(main) {
   const schema = await api("/api/schema");
   const settings = settingsForm(schema);
-  const files = h("input", { type: "file", id: "media", multiple: true, accept: ".mp4,.mov,.mkv,.webm,.zip,.jpg,.jpeg,.png" });
+  const files = h("input", { type: "file", id: "media", multiple: true, accept: body.dataset.media }); // the suffixes the worker reads
   const name = h("input", { type: "text", id: "job-name", placeholder: "from the file name" });
   const bar = h("progress", { id: "upload-progress", max: 1, value: 0, hidden: true });
   const message = h("div", { id: "form-message" });
