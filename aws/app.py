@@ -7,7 +7,8 @@ and (with `-c gpu_nodes=N`) Bacalhau GPU nodes that join it.
 Context: `bacalhau_sha256` (required: the SHA-256 of `bacalhau_<version>_linux_amd64.tar.gz`, from
 the release page; every instance checks its download against it), `bacalhau_version`, `emails`
 (comma-separated, each gets only its own jobs' messages), `image_tag` (the worker image), `package`
-(what the host pip-installs), `gpu_nodes` (0 = no GPU stack), `gpu_instance_type`.
+(what the host pip-installs), `gpu_nodes` (0 = no GPU stack), `gpu_instance_type`, `next_image_tag`
+(the image GPU nodes pull ahead of a roll-out; defaults to `image_tag`).
 Synthesis needs no network and no AWS account; `synth()` is what the tests and CI call.
 """
 
@@ -45,6 +46,7 @@ def build(app: App) -> list:
     gpu_nodes = int(ctx("gpu_nodes", 0))
     if gpu_nodes:
         stacks.append(GpuNodesStack(app, "CodsplatGpuNodes", base=base, host=host, count=gpu_nodes,
+                                    next_image_tag=str(ctx("next_image_tag", ctx("image_tag", "latest"))),
                                     bacalhau_version=version, bacalhau_sha256=sha256,
                                     instance_type=str(ctx("gpu_instance_type", "g5.xlarge")),
                                     description="codsplat: Bacalhau compute nodes on GPU instances"))

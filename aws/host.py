@@ -68,12 +68,15 @@ def grant_secrets(role: iam.Role, *secrets: secretsmanager.ISecret) -> None:
 
 
 def group_of(scope: Construct, vpc: ec2.IVpc, role: iam.Role, instance_type: str, image: ec2.IMachineImage,
-             user_data: ec2.UserData, count: int, disk_gb: int, group_sg: ec2.ISecurityGroup) -> autoscaling.AutoScalingGroup:
-    """Instances in private subnets: IMDSv2 only, encrypted disks, no key pair."""
+             user_data: ec2.UserData, count: int, disk_gb: int, group_sg: ec2.ISecurityGroup,
+             root_device: str) -> autoscaling.AutoScalingGroup:
+    """Instances in private subnets: IMDSv2 only, encrypted disks, no key pair. `root_device` is the AMI's
+    root device name: the size given to any other name is a second, unused volume, and the root keeps
+    the AMI's own size."""
     template = ec2.LaunchTemplate(
         scope, "LaunchTemplate", instance_type=ec2.InstanceType(instance_type), machine_image=image, role=role,
         user_data=user_data, security_group=group_sg, require_imdsv2=True, detailed_monitoring=True,
-        block_devices=[ec2.BlockDevice(device_name="/dev/xvda" if "nvidia" not in instance_type else "/dev/sda1",
+        block_devices=[ec2.BlockDevice(device_name=root_device,
                                        volume=ec2.BlockDeviceVolume.ebs(disk_gb, encrypted=True,
                                                                         volume_type=ec2.EbsDeviceVolumeType.GP3))])
     group = autoscaling.AutoScalingGroup(
@@ -160,4 +163,4 @@ class HostStack(Stack):
             "systemctl enable --now codsplat-daemon",
         )
         self.group = group_of(self, self.vpc, role, instance_type, ec2.MachineImage.latest_amazon_linux2023(),
-                              user_data, count=1, disk_gb=30, group_sg=host_sg)
+                              user_data, count=1, disk_gb=30, group_sg=host_sg, root_device="/dev/xvda")

@@ -43,7 +43,14 @@ class BadRequest(BacalhauError):
 
 
 class Unauthorized(BacalhauError):
-    pass
+    """401 "Request Unauthorized" or 403 "Request Forbidden" (pkg/publicapi/middleware/authz.go at
+    v1.9.3): the credentials are wrong, or their user lacks the route's capability. The message says
+    which setting to fix."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, request_id: str | None = None):
+        super().__init__(status, f"Bacalhau refused this deployment's credentials ({status} {message}): check "
+                         "bacalhau_api_key (BACALHAU_API_KEY, or the secret bacalhau_api_key_secret names) and that its "
+                         "user may read:job, write:job and read:node", code, request_id)
 
 
 class NotFound(BacalhauError):

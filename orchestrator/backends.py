@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import re
 import sys
 import threading
@@ -19,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from codsplat.pipeline.errors import InputError
+from codsplat.pipeline.errors import EnvironmentProblem, InputError
 
 from .blobs import Blobs, FolderBlobs, S3Blobs
+from .compute import Misconfigured
 from .daemon import Daemon, JsonLogFormatter, Scheduler, STEP_WORKERS
 from .events import FolderSource, SqsSource
 from .lifecycle import Lifecycle
@@ -140,7 +142,11 @@ class Backends:
 def hold_folder(embedded: Path) -> IO:
     """One daemon per embedded folder: two would both resume the same unfinished jobs. A second one
     (a console restarted while the old daemon still winds down) waits for the first to let go."""
-    lock = open(embedded / "daemon.lock", "w")
+    try:  # never through a link planted at daemon.lock: the lock file would be opened for writing elsewhere
+        lock = os.fdopen(os.open(embedded / "daemon.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "w")
+    except OSError as exc:
+        raise InputError(f"{embedded / 'daemon.lock'} cannot be opened as the daemon's lock ({exc.strerror}); "
+                         "it must be a plain file (remove a link there).") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -158,6 +164,11 @@ def build_daemon(settings: Settings, embedded: Path | None = None) -> Daemon:
     backends = Backends(settings, embedded)
     lock = hold_folder(backends.embedded) if embedded is not None else None
     executors, default, fallback = backends.executors()
+    if "bacalhau" in executors:
+        try:
+            executors["bacalhau"].check_credentials()
+        except Misconfigured as exc:
+            raise EnvironmentProblem(str(exc)) from None
     scheduler = Scheduler(STEP_WORKERS)
     lifecycle = Lifecycle(backends.store, backends.blobs, backends.notifier(), executors, settings, backends.policy,
                           default, fallback, scheduler, others_alive=embedded is None)

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 import yaml
@@ -27,10 +27,13 @@ from rich.table import Table
 
 from codsplat.pipeline.contract import EXIT_CANNOT_RUN, EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, SPLIT, exit_code
 from codsplat.pipeline.errors import CannotRun as CannotRunError
-from codsplat.pipeline.errors import PipelineError, usage_error
+from codsplat.pipeline.errors import EnvironmentProblem, PipelineError, usage_error
 
 from .job import load_job
 from .settings import load_settings
+
+if TYPE_CHECKING:  # the client loads only for the commands that talk to Bacalhau
+    from .bacalhau import BacalhauError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="codsplat: video or photos in, 3D Gaussian splat out; on this machine, Bacalhau or SageMaker.")
@@ -119,6 +122,16 @@ def _client(settings_path: Path | None = None):
     return BacalhauClient.from_settings(load_settings(settings_path))
 
 
+def bacalhau_failure(exc: BacalhauError) -> PipelineError:
+    """A Bacalhau refusal as the command line reports it: a key it refuses is the deployment's to fix
+    (exit 5); anything else means Bacalhau cannot run the job (exit 6)."""
+    from .bacalhau import Unauthorized
+
+    if isinstance(exc, Unauthorized):
+        return EnvironmentProblem(exc.message)
+    return CannotRunError(f"Bacalhau: {exc.message}")
+
+
 @app.command()
 def submit(
     job: Path = typer.Argument(..., help="The job document (JSON or YAML); its input must already be in S3."),
@@ -130,8 +143,8 @@ def submit(
     Exits with the worker's own code (2 input, 3 reconstruction, 4 quality gate), or 6 when Bacalhau
     cannot run it."""
     from .bacalhau import BacalhauError
-    from .compute import Attempt, CannotRun, Done, Fail, Stopped, Submit, decide, first_step, upstream_of
-    from .executors.bacalhau import BacalhauExecutor, result_of
+    from .compute import Attempt, CannotRun, Done, Fail, Misconfigured, Stopped, Submit, decide, first_step, upstream_of
+    from .executors.bacalhau import BacalhauExecutor, exhausted, result_of, stop_exhausted
 
     if backend != "bacalhau":
         fail(usage_error(f"--backend must be 'bacalhau' here, got {backend!r}.", hint="The daemon runs the other backends."))
@@ -161,15 +174,17 @@ def submit(
                     attempt = Attempt.new("bacalhau", doc.id, step.stage, step.number)
                     executor.submit(doc, attempt, upstream_of(attempts))
                     attempts.append(attempt)
-                    while True:  # follow it: one describe per poll
-                        info = client.describe(attempt.remote_id, executions=False)
+                    while True:  # follow it: one describe per poll, with its executions (exhausted() reads them)
+                        info = client.describe(attempt.remote_id, executions=True)
                         rows[attempt.name] = [attempt.stage, str(attempt.number), attempt.remote_id, info.state.value,
                                               f"{time.monotonic() - started:.0f} s"]
                         live.update(render())
                         if info.state.terminal:
                             break
+                        if exhausted(info, doc.compute.retries + 1):
+                            stop_exhausted(client, info)
+                            break
                         time.sleep(poll)
-                    info.executions = client.executions(attempt.remote_id)
                     result = result_of(info)
                     attempt.state, attempt.ending = result.ending.state, result.ending.value
                     attempt.exit_code, attempt.executions, attempt.error = result.exit_code, result.executions, result.message
@@ -179,8 +194,10 @@ def submit(
                     step = decision
         except CannotRun as exc:
             decision = exc
+        except Misconfigured as exc:
+            fail(EnvironmentProblem(str(exc)))
         except BacalhauError as exc:
-            fail(CannotRunError(f"Bacalhau: {exc.message}"))
+            fail(bacalhau_failure(exc))
         except KeyboardInterrupt:
             err.print(f"[yellow]interrupted[/yellow]; the Bacalhau jobs go on: codsplat status {doc.id}")
             raise typer.Exit(EXIT_INTERRUPTED)
@@ -216,7 +233,7 @@ def nodes(
     except PipelineError as exc:
         fail(exc, as_json)
     except BacalhauError as exc:
-        fail(CannotRunError(f"Bacalhau: {exc.message}"), as_json)
+        fail(bacalhau_failure(exc), as_json)
     fits, problems = placement(doc, conf, found) if doc else ({}, [])
     if as_json:
         print(json.dumps({"nodes": [{"id": n.id, "connected": n.connected, "approved": n.approved, "labels": n.labels,
@@ -319,6 +336,8 @@ def console(
     run_daemon: bool = typer.Option(True, "--daemon/--no-daemon", help="Embedded mode: also run the daemon that runs the jobs."),
     allowed_hosts: list[str] = typer.Option([], "--allowed-host", help="Host names the console answers to (repeat; behind a load balancer, its name)."),
     secure_cookies: bool = typer.Option(False, "--secure-cookies", help="Behind HTTPS: send cookies only over HTTPS."),
+    trusted_proxies: list[str] = typer.Option([], "--trusted-proxy", help="Address of a proxy or load balancer whose "
+                                              "X-Forwarded-For names the client (repeat). Without one, no such header is believed."),
 ) -> None:
     """Serve the web console: upload a capture, watch jobs, look at splats in the browser."""
     import secrets
@@ -364,7 +383,10 @@ def console(
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     err.print(f"codsplat console on [bold]http://{shown}:{port}/[/bold]" + (f"  login token: [bold]{token}[/bold]" if token else ""))
     try:
-        uvicorn.run(web, host=host, port=port, log_level="warning", proxy_headers=True)
+        # the login's rate limit is keyed on the client's address: a header that names it is believed
+        # only from a proxy the operator named (uvicorn would otherwise believe any local process)
+        uvicorn.run(web, host=host, port=port, log_level="warning", proxy_headers=bool(trusted_proxies),
+                    forwarded_allow_ips=",".join(trusted_proxies) or None)
     finally:
         if child is not None:
             child.send_signal(signal.SIGTERM)

@@ -132,6 +132,12 @@ class CannotRun(Exception):
         self.reason, self.stage = reason, stage
 
 
+class Misconfigured(Exception):
+    """The backend refused this deployment's credentials: the operator's to fix, never the job's fault,
+    and never a reason to hand the job to another backend (a wrong key would send every job to
+    SageMaker without a word)."""
+
+
 class Executor(Protocol):
     """A backend. Bacalhau, SageMaker and local processes are executors alike."""
 

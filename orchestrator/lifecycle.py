@@ -32,10 +32,11 @@ from codsplat.pipeline.config import MAX_DOCUMENT_BYTES, parse_document
 from codsplat.pipeline.contract import ADVICE, EXIT_CANNOT_RUN, EXIT_INTERNAL, exit_code
 
 from .blobs import Blobs, Refused
-from .compute import Attempt, CannotRun, Done, Ending, Executor, Fail, Result, Stopped, Submit, decide, first_step, upstream_of
+from .compute import (Attempt, CannotRun, Done, Ending, Executor, Fail, Misconfigured, Result, Stopped, Submit, decide, first_step,
+                      upstream_of)
 from .events import JobEvent
 from .faults import crashpoint
-from .job import JobDocument, owner_of, parse_job
+from .job import JobDocument, job_of_record, owner_of
 from .notify import Notifier, compose
 from .intake import MAX_ERROR_CHARS, Intake, Reading
 from .ownership import Holds
@@ -105,6 +106,7 @@ class Lifecycle:
         self.flights: dict[str, Flight] = {}
         self._lock = threading.Lock()
         self._stopped: set[str] = set()  # handed-over attempts already told to stop
+        self._resuming: set[str] = set()  # records being resumed, before their flight exists
         self._swept = now()
         self._beat: float | None = None  # when the last heartbeat was written (None: never)
         self._looked = time.monotonic()  # takeovers, on their own interval
@@ -201,6 +203,8 @@ class Lifecycle:
                 self.executors[backend].preflight(flight.job)
             except CannotRun as exc:
                 return self.cannot_run(flight, backend, exc.reason, exc.stage)
+            except Misconfigured as exc:
+                return self.fail(flight, step.stage, str(exc), exit_code(EXIT_INTERNAL).kind, code=EXIT_INTERNAL)
             self.submit(flight, backend, step)
 
     def submit(self, flight: Flight, backend: str, step: Submit, reason: str | None = None,
@@ -216,6 +220,8 @@ class Lifecycle:
             self.executors[backend].submit(job, attempt, upstream_of([Attempt.from_dict(a) for a in flight.record.attempts]))
         except CannotRun as exc:
             return self.cannot_run(flight, backend, exc.reason, exc.stage, mutate)
+        except Misconfigured as exc:
+            return self.fail(flight, step.stage, str(exc), exit_code(EXIT_INTERNAL).kind, mutate, EXIT_INTERNAL)
         crashpoint("after-submit")
         self._running(flight, attempt, mutate, note=reason or "")
 
@@ -389,8 +395,10 @@ class Lifecycle:
 
     def _claim(self, record: JobRecord | None) -> JobRecord | None:
         """Take the message: one conditional put on the version read, never retried over another writer.
-        A claim is left alone while its owner may be alive and it is younger than `claim_seconds`."""
-        return claim(self.store, record, lambda r: not r.terminal or bool(r.notified_at)
+        A claim is left alone while its owner may be alive and it is younger than `claim_seconds`, and
+        always when the owner is this daemon: its own send is under way (or waits to be tried again),
+        and a second claim would send the message twice (a cancel's end raced the sweep so)."""
+        return claim(self.store, record, lambda r: not r.terminal or bool(r.notified_at) or r.notify_claimed_by == self.owner
                      or self.holds.elsewhere(r.notify_claimed_by, r.notify_claimed_at), self._stamp)
 
     def send(self, record: JobRecord, retry: int = 0) -> None:
@@ -421,12 +429,23 @@ class Lifecycle:
         (by its labels on Bacalhau) before anything is sent."""
         if record.terminal:
             return self.announce(record)
+        with self._lock:  # one follower a job: a take-over can see a record again before its resume made a flight
+            if record.job_id in self.flights or record.job_id in self._resuming:
+                return
+            self._resuming.add(record.job_id)
+        try:
+            self._resume(record)
+        finally:
+            with self._lock:
+                self._resuming.discard(record.job_id)
+
+    def _resume(self, record: JobRecord) -> None:
         record = self.holds.take(record)
         if record is None:
             return  # another daemon is working on it
         try:
-            job = parse_job(parse_document(self.blobs.read(record.job_key, limit=MAX_DOCUMENT_BYTES + 1), record.job_key),
-                            self.policy, default_id=record.job_id, owner=owner_of(record.job_key, self.settings))
+            job = job_of_record(parse_document(self.blobs.read(record.job_key, limit=MAX_DOCUMENT_BYTES + 1), record.job_key),
+                                record.job_id, self.policy, owner=owner_of(record.job_key, self.settings))
         except Exception as exc:  # the document went bad or away: the job cannot go on
             flight = self._flight(JobDocument.model_construct(id=record.job_id), record)
             message = getattr(exc, "message", None) or f"Its job document {record.job_key} can no longer be read ({exc.__class__.__name__})."

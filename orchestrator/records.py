@@ -155,7 +155,9 @@ def change(store: Store, job_id: str, mutate: Callable[[JobRecord], None], *, to
             raise KeyError(job_id)
         hops = [s for s in passing if ORDER[s] > ORDER[record.state]] + ([to] if to is not None else [])
         path = [record.state, *hops]
-        if to is not None and not all(b in ALLOWED[a] or (a == b == to and stage == record.stage)
+        # a move to the state and stage the record is at already is a no-op write, except at an end:
+        # a second ending of an ended job (a second follower of it) must be refused, not written again
+        if to is not None and not all(b in ALLOWED[a] or (a == b == to and stage == record.stage and to not in TERMINAL)
                                       for a, b in zip(path, path[1:])):
             if from_copy:
                 continue  # the copy may be behind the store: judge the move on the stored record

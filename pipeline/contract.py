@@ -117,11 +117,23 @@ def run_summary(metrics: dict[str, Any], device: str | None) -> dict[str, Any]:
 
 
 def outcome_line(outcome: dict[str, Any]) -> str:
-    """The worker's last stdout line: a run summary, or `{"ok": false, ...}` with the error (its
-    message cut so the line fits Bacalhau's RunOutput)."""
-    if isinstance(outcome.get("message"), str):
-        outcome = {**outcome, "message": outcome["message"][:MAX_MESSAGE_CHARS]}
-    return json.dumps(outcome, separators=(",", ":"))[:MAX_OUTCOME_CHARS]
+    """The worker's last stdout line: a run summary, or `{"ok": false, ...}` with the error. It is
+    always whole JSON within Bacalhau's 2 KiB: the message is cut first, then the list of files, and
+    the text itself never (a cut line would not parse, and the outcome would be lost)."""
+    message = outcome.get("message")
+    limit = MAX_MESSAGE_CHARS
+    while True:
+        if isinstance(message, str):
+            outcome = {**outcome, "message": message[:limit]}
+        line = json.dumps(outcome, separators=(",", ":"))
+        if len(line) <= MAX_OUTCOME_CHARS:
+            return line
+        if "files" in outcome:
+            outcome = {k: v for k, v in outcome.items() if k != "files"}
+        elif isinstance(message, str) and limit > 0:
+            limit //= 2
+        else:
+            return json.dumps({k: outcome[k] for k in ("ok", "exit_code", "stage") if k in outcome}, separators=(",", ":"))
 
 
 def parse_outcome(stdout: str) -> dict[str, Any] | None:

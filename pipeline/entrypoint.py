@@ -11,9 +11,10 @@ so each stage publishes its own folder and nothing twice:
     codsplat-entrypoint bacalhau --stage train  --upstream /inputs/preprocess --settings '{...}' --out /outputs
     codsplat-entrypoint bacalhau --stage export --upstream /inputs/preprocess --upstream /inputs/train --settings '{...}' --out /outputs
 
-Its stdout is one JSON line at the end, the run's outcome (`contract.summary_line` on success, the
-error on failure), because Bacalhau keeps only the first 2 KiB of stdout in the execution's
-RunOutput; progress goes to stderr.
+Its stdout is one JSON line, the run's outcome (`contract.run_summary` on success, the error on
+failure), because Bacalhau keeps only the first 2 KiB of stdout in the execution's RunOutput. Everything
+else the process prints, ours or a native library's, goes to stderr: file descriptor 1 is pointed at
+stderr for the run, and the outcome is written to the real stdout.
 
 SageMaker (`codsplat-entrypoint train`, which is how SageMaker starts an image): the media channel is
 `/opt/ml/input/data/media`, settings come from `/opt/ml/input/config/hyperparameters.json` (string
@@ -24,7 +25,8 @@ copied to `/opt/ml/model`, and the outcome line is written to `outcome.json` bes
 for the fallback state machine to record. On failure the reason, with `[exit N]`, goes to
 `/opt/ml/output/failure`, which SageMaker shows as the job's FailureReason.
 
-Every failure also leaves `error.json` in the output folder with the stage, message and exit code.
+Every failure also leaves `error.json` with the stage, message and exit code: in Bacalhau mode in the
+folder of the failed stage (or the first stage run here), since only stage folders are published.
 In the image the work runs as the unprivileged `codsplat` user (pipeline/privileges.py says why the
 image starts as root and how it stops being root).
 """
@@ -37,6 +39,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from .config import build_config, load_pipeline_config
@@ -97,16 +101,36 @@ def assemble_work(scratch: Path, upstream: list[Path], out: Path, stages: tuple[
     return work
 
 
-def _write_error(out: Path, exc: PipelineError) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ERROR_FILE).write_text(json.dumps(exc.to_dict(), indent=2))
+def _write_error(folder: Path, exc: PipelineError) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ERROR_FILE).write_text(json.dumps(exc.to_dict(), indent=2))
+
+
+@contextmanager
+def stdout_for_outcome() -> Iterator[Callable[[str], None]]:
+    """Point file descriptor 1 at stderr while the run goes on, and hand back a writer to the real
+    stdout, so that nothing printed during the run can push the outcome line out of the first 2 KiB."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield lambda line: os.write(saved, (line + "\n").encode())
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def bacalhau(args: argparse.Namespace) -> int:
+    with stdout_for_outcome() as say:
+        return _bacalhau(args, say)
+
+
+def _bacalhau(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     out = Path(args.out)
+    stages = stages_for(args.stage)
     try:
-        drop_privileges([out])
-        stages = stages_for(args.stage)
+        drop_privileges([out], readable=[Path(p) for p in [args.input, *args.upstream] if p])
         if args.settings is not None:
             config = build_config(decode_settings(args.settings, "--settings"), args.preset)
         else:
@@ -121,11 +145,11 @@ def bacalhau(args: argparse.Namespace) -> int:
             device = (summary.manifest("train") or {}).get("stats", {}).get("device")
             outcome = (run_summary(json.loads((work / METRICS).read_text()), device) if "export" in stages
                        else {"ok": True, "stages": [r.stage for r in summary.results]})
-        print(outcome_line(outcome), flush=True)
+        say(outcome_line(outcome))
         return 0
-    except PipelineError as exc:
-        _write_error(out, exc)
-        print(outcome_line({"ok": False, **exc.to_dict()}), flush=True)
+    except PipelineError as exc:  # in the failed stage's folder: only stage folders are result paths
+        _write_error(out / (exc.stage if exc.stage in stages else stages[0]), exc)
+        say(outcome_line({"ok": False, **exc.to_dict()}))
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 
@@ -134,7 +158,7 @@ def sagemaker(root: Path) -> int:
     failure = root / "output" / "failure"
     model = root / "model"
     try:
-        drop_privileges([model, failure.parent, root / "checkpoints"])
+        drop_privileges([model, failure.parent, root / "checkpoints"], readable=[root / "input"])
         hp_path = root / "input" / "config" / "hyperparameters.json"
         hp = json.loads(hp_path.read_text()) if hp_path.is_file() else {}
         unknown = set(hp) - {"preset", "stage", "settings"}

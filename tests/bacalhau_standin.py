@@ -9,7 +9,7 @@ tests/test_bacalhau_conformance.py checks each one against a scenario.
 - Job listing: label selectors (`k=v`, `k`, `!k`, `k in (a,b)`), `order_by` created_at or
   modified_at, `reverse`, paging by `next_token` (job.go listJobs, pkg/jobstore/boltdb/store.go).
 - States: job states as strings; execution ComputeState as integers, numbered as v1.6 does, or v1.5
-  before it (pkg/models/execution_state.go).
+  before it (pkg/models/execution.go).
 - Nodes: `NodeState` JSON, capacities in CPU units and bytes, GPUs as `models.GPU` with no json tags
   (`Name`, `Memory` in MiB, `Vendor`, `Index`: pkg/models/resource.go), automatic labels `GPU-<i>`
   (the model with dashes for spaces) and `GPU-<i>-Memory` (pkg/compute/capacity/labels.go); a node
@@ -37,7 +37,7 @@ tests/test_bacalhau_conformance.py checks each one against a scenario.
   DOCKER_PASSWORD, and only for names with fewer than two slashes; a private registry image it does
   not hold is a pull error (pkg/docker/docker.go PullImage, getAuthToken).
 
-    python tests/bacalhau_standin.py --port 1234 [--version 1.7.0] [--api-key KEY[:cap,cap]] [--basic USER:PASS]
+    python tests/bacalhau_standin.py --port 1234 [--version 1.9.3] [--api-key KEY[:cap,cap]] [--basic USER:PASS]
 
 Test knobs (POST /standin/knobs, not part of the real API): `nodes` (a list of machines:
 `{id, cpu, memory_gib, disk_gb, gpus: [{name, memory_mib}], labels, connected, images}`; `images`:
@@ -77,6 +77,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
+
+# The host variables a stand-in "image" keeps: where programs and temporary files are, the locale, and
+# this machine's OpenBLAS settings (it crashes on some processors without them).
+IMAGE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 JOB_TYPES = {"batch", "ops", "service", "daemon"}
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -557,8 +561,11 @@ class Orchestrator:
                 return str(fs) + arg if arg.startswith("/") and top and (fs / top).exists() else arg
 
             argv = [remap(a) for a in (ci_get(engine, "Entrypoint") or []) + (ci_get(engine, "Parameters") or [])]
-            env = {**os.environ, **self.knobs["env"], **dict(e.split("=", 1) for e in ci_get(engine, "EnvironmentVariables") or []),
-                   **(ci_get(task, "Env") or {})}
+            # what the image's own ENV would hold, the `env` knob (the image), then the spec's variables:
+            # never the node's environment, whose S3 credentials a container must not see
+            # (pkg/executor/docker/executor.go passes only the spec's EnvironmentVariables and Env)
+            env = {**{k: os.environ[k] for k in IMAGE_ENV if k in os.environ}, **self.knobs["env"],
+                   **dict(e.split("=", 1) for e in ci_get(engine, "EnvironmentVariables") or []), **(ci_get(task, "Env") or {})}
             env["PATH"] = os.pathsep.join(filter(None, [image_bin, os.path.dirname(sys.executable), env.get("PATH", "")]))
             with self.lock:
                 crash, oom = self.knobs["crash_next"] > 0, self.knobs["oom_next"] > 0
@@ -793,7 +800,7 @@ def build_app(orch: Orchestrator) -> Starlette:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--version", default="1.7.0")
+    ap.add_argument("--version", default="1.9.3")  # the pinned release (aws/bacalhau.py)
     ap.add_argument("--api-key", help="KEY or KEY:capability,capability (an API key user, pkg/authz)")
     ap.add_argument("--basic", help="USER:PASSWORD (a basic-auth user)")
     ap.add_argument("--s3-endpoint")

@@ -36,6 +36,26 @@ def entrypoint(*args: str, env: dict | None = None, timeout: int = 900) -> subpr
     )
 
 
+def photo_set(video: Path, folder: Path, count: int = 24) -> Path:
+    """`count` stills of a video as a folder of JPEGs someone took around the subject; every third is
+    stored on its side with the EXIF orientation that turns it upright, as phones write portraits."""
+    import av
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    with av.open(str(video)) as source:
+        stills = [frame.to_image() for frame in source.decode(video=0)]
+    for i in range(count):
+        still = stills[int(i * len(stills) / count)]
+        if i % 3:
+            still.save(folder / f"IMG_{i:04d}.jpg", quality=92)
+            continue
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90° clockwise to view"
+        still.transpose(Image.Transpose.ROTATE_90).save(folder / f"IMG_{i:04d}.jpg", quality=92, exif=exif.tobytes())
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sample_video() -> Path:
     assert SAMPLE.is_file(), "examples/sample.mp4 is missing: run python examples/make_sample.py"
@@ -104,6 +124,31 @@ def standin(moto_server):
     server = start_standin(moto_server.url)
     yield server
     server.stop()
+
+
+def aws_deployment(moto_server, visibility_timeout: int = 1, **settings) -> dict:
+    """A deployment's AWS side provisioned in moto as the daemon's boto3 provisioning makes it (bucket,
+    queue with its dead-letter queue, table, topic, state machine), a mailbox queue subscribed to the
+    topic for the messages u@example.com gets, and the daemon's Settings for it (`settings` completes
+    them: the Bacalhau endpoint, polls)."""
+    import boto3
+
+    from codsplat.orchestrator.provision import provision
+    from codsplat.orchestrator.settings import Settings
+
+    prefix = f"t{time.time_ns() % 10**10}"
+    names = provision(boto3.Session(), prefix, endpoint=moto_server.url, max_receive_count=2,
+                      visibility_timeout=visibility_timeout)
+    client = lambda s: boto3.client(s, endpoint_url=moto_server.url, region_name="us-east-1")  # noqa: E731
+    sqs, sns = client("sqs"), client("sns")
+    mailbox = sqs.create_queue(QueueName=f"{prefix}-mailbox")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=mailbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=names["topic_arn"], Protocol="sqs", Endpoint=arn,
+                  Attributes={"FilterPolicy": json.dumps({"recipient": ["u@example.com"]})})
+    config = Settings(bucket=names["bucket"], queue_url=names["queue_url"], table=names["table"],
+                      topic_arn=names["topic_arn"], aws_endpoint=moto_server.url, s3_endpoint=moto_server.url,
+                      queue_wait_seconds=1, media_wait_seconds=2, **settings)
+    return {**names, "settings": config, "s3": client("s3"), "sqs": sqs, "mailbox": mailbox}
 
 
 def sagemaker_did_its_work(s3, bucket: str, job_id: str) -> dict:

@@ -242,15 +242,36 @@ def config(lines: list[str], **values: str) -> dict:
 def test_the_bacalhau_configs_use_upstream_keys():
     """Keys as pkg/config/types/{api,auth,orchestrator,compute}.go spell them (v1.7.0+ for API users);
     capabilities as pkg/authz/capabilities.go names them."""
-    orchestrator = config(bacalhau.orchestrator("arn:token", "arn:key", "us-east-1"), NODE_TOKEN="t0k", API_KEY="k3y")
+    orchestrator = config(bacalhau.orchestrator("arn:token", "arn:key", "us-east-1"), NODE_TOKEN="0123", API_KEY="k3y")
     assert orchestrator["API"]["Host"] == "127.0.0.1" and orchestrator["API"]["Port"] == bacalhau.API_PORT
     [user] = orchestrator["API"]["Auth"]["Users"]
     assert user["APIKey"] == "k3y" and user["Capabilities"] == [{"Actions": ["read:job", "write:job", "read:node"]}]
-    assert orchestrator["Orchestrator"] == {"Enabled": True, "Port": bacalhau.ORCHESTRATOR_PORT, "Auth": {"Token": "t0k"}}
+    assert orchestrator["Orchestrator"] == {"Enabled": True, "Host": "0.0.0.0", "Port": bacalhau.ORCHESTRATOR_PORT,
+                                            "Auth": {"Token": "0123"}}  # a token of digits stays a string
     compute = config(bacalhau.compute("arn:token", "us-east-1", {"codsplat": "gpu"}), NODE_TOKEN="t0k")
     assert compute["Compute"]["Orchestrators"] == [f"nats://{bacalhau.ORCHESTRATOR_NAME}:{bacalhau.ORCHESTRATOR_PORT}"]
     assert compute["Compute"]["Auth"] == {"Token": "t0k"} and compute["Compute"]["AllowListedLocalPaths"] == []
-    assert compute["Labels"] == {"codsplat": "gpu"}
+    assert compute["Labels"] == {"codsplat": "gpu"} and compute["API"]["Host"] == "127.0.0.1"
+    for node in (orchestrator, compute):  # what test_bacalhau_network runs upstream Bacalhau with
+        assert node == {**node, **bacalhau.QUIET}
+
+
+def test_gpu_nodes_keep_the_amis_docker_a_200_gb_root_and_their_images_before_they_join(assembly):
+    _, templates = assembly
+    gpu = templates["CodsplatGpuNodes"]
+    [launch] = resources(gpu, "AWS::EC2::LaunchTemplate").values()
+    [device] = launch["Properties"]["LaunchTemplateData"]["BlockDeviceMappings"]
+    assert device["DeviceName"] == "/dev/sda1" and device["Ebs"]["VolumeSize"] == 200  # the Deep Learning AMI's root
+    text = user_data(gpu)
+    assert "docker.io" not in text  # the AMI's own engine stays
+    assert f"ExecStartPre={bacalhau.IMAGE_SYNC}" in text and "docker image prune" in text
+    assert text.index(f"cat > {bacalhau.IMAGE_SYNC}") < text.index("systemctl enable --now bacalhau-compute")
+    assert bacalhau.NEXT_IMAGE_PARAMETER in text and f"{SSM_PATH}/image" in text
+    readable = [r for p in resources(gpu, "AWS::IAM::Policy").values() for s in p["Properties"]["PolicyDocument"]["Statement"]
+                if "ssm:GetParameter" in s["Action"] for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])]
+    assert any(bacalhau.NEXT_IMAGE_PARAMETER.strip("/") in json.dumps(r) for r in readable)
+    [host_launch] = resources(templates["CodsplatOrchestrator"], "AWS::EC2::LaunchTemplate").values()
+    assert host_launch["Properties"]["LaunchTemplateData"]["BlockDeviceMappings"][0]["DeviceName"] == "/dev/xvda"
 
 
 def test_the_daemon_reads_its_settings_from_the_parameters_the_stack_writes(assembly, moto_server, monkeypatch):

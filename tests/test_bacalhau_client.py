@@ -17,7 +17,8 @@ from codsplat.orchestrator.translate import translate_all
 from codsplat.pipeline.errors import InputError
 from servers import free_port, start_standin
 
-SWAGGER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bacalhau" / "swagger.json"
+# upstream's pkg/swagger/swagger.json at the pinned release (aws/bacalhau.py), shipped with the tests
+SWAGGER = Path(__file__).resolve().parent / "data" / "bacalhau-swagger-v1.9.3.json"
 
 
 def python_job(code: str, name: str, labels=None, **task) -> dict:
@@ -39,7 +40,7 @@ def wait(client, job_id, timeout=30):
 def test_agent_and_nodes(standin):
     with BacalhauClient(standin.url) as client:
         assert client.alive()
-        assert client.version().tuple == (1, 7)
+        assert client.version().tuple == (1, 9)
         [node] = client.nodes()
         assert node.connected and node.approved and node.max.gpu == 1
         assert [(g.name, g.memory_mib) for g in node.gpus] == [("NVIDIA A10G", 23028)]  # the wire's own spelling
@@ -220,6 +221,32 @@ def test_the_watcher_follows_jobs_by_listing_and_describes_only_one_no_listing_s
         assert described == [first, "j-forgotten"], described
 
 
+def test_the_watcher_stops_and_ends_a_job_whose_executions_all_failed_while_it_waits_for_a_node(standin):
+    """Seen on the real network (tests/test_bacalhau_network.py): a container killed for memory fails
+    its execution, Bacalhau places it once more on the same node, then the job waits Queued until its
+    queue timeout ("job already executed on this node more than once"). The watcher reads a waiting
+    job's executions; one that used its allowed executions is stopped and ends with their reason."""
+    from codsplat.orchestrator.bacalhau import ExecutionState
+    from codsplat.orchestrator.executors.bacalhau import LABEL, Watcher, result_of
+
+    standin.knobs(oom_next=2)
+    with BacalhauClient(standin.url) as client:
+        watcher = Watcher(client, poll_seconds=0.05, reconcile_seconds=0.4)
+        ended: dict[str, object] = {}
+        spec = python_job("print('ran')", "w-oom", labels={LABEL: "w-oom"}, Timeouts={"QueueTimeout": 600})
+        job_id = client.submit(spec).job_id
+        watcher.track(job_id, lambda job: ended.setdefault(job_id, job), allowed=2)
+        deadline = time.monotonic() + 20
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watcher.stop()
+        job = ended[job_id]
+        assert [e.state for e in job.executions] == [ExecutionState.FAILED] * 2
+        result = result_of(job)
+        assert result.ending.value == "crashed" and result.executions == 2 and "memory" in result.message.lower()
+        assert client.describe(job_id).state == JobState.STOPPED  # no longer holds its place in the queue
+
+
 def test_a_preflight_shares_one_node_reading_and_reads_again_before_it_refuses(standin):
     """Preflights share one node listing (a burst of jobs costs one call). A job that reading would
     refuse is judged again on a fresh one, so a node that joined since is found."""
@@ -244,3 +271,21 @@ def test_a_preflight_shares_one_node_reading_and_reads_again_before_it_refuses(s
         time.sleep(0.15)
         executor.preflight(h100)  # the kept reading would refuse it; the fresh one holds the new node
         assert len(listings) == 3
+
+
+def test_an_attempt_sent_or_found_again_after_a_restart_knows_where_it_publishes(standin):
+    """The next stage of a split job reads what this one published: an attempt found again by its
+    labels (a daemon died between sending and recording) must name the same prefix as when it was sent."""
+    from codsplat.orchestrator.compute import Attempt
+    from codsplat.orchestrator.executors.bacalhau import BacalhauExecutor
+
+    job = parse_job({"version": 1, "id": "pub", "input": "s3://codsplat-data/uploads/a.mp4",
+                     "compute": {"split_stages": True}}, default_id="pub")
+    standin.knobs(hold=True)  # accepted, never run
+    with BacalhauClient(standin.url) as client:
+        executor = BacalhauExecutor(client, Settings())
+        sent = Attempt.new("bacalhau", job.id, "preprocess", 1)
+        executor.submit(job, sent, {})
+        found = Attempt.new("bacalhau", job.id, "preprocess", 1)
+        assert executor.find(job, found) and found.remote_id == sent.remote_id
+    assert sent.published == found.published == "results/pub/work/codsplat-pub-preprocess-a1/"

@@ -6,6 +6,8 @@ client would prove nothing. The facts are in shared/reference/bacalhau/NOTES.md,
 the compute node", and were checked against those files.
 """
 
+import json
+import os
 import sys
 import time
 
@@ -87,6 +89,20 @@ def test_a_non_zero_exit_completes_the_job_with_its_exit_code(standin, s3):
     assert execution["ComputeState"]["StateType"] == 9  # Completed, v1.6+ numbering
     assert execution["RunOutput"]["ExitCode"] == 3 and "error: bad input" in execution["RunOutput"]["stderr"]
     assert "conf/exit3/o/f" in keys(s3, "conf/exit3/")
+
+
+def test_a_task_sees_the_specs_variables_and_never_the_nodes_credentials(standin):
+    """pkg/executor/docker/executor.go: the container's environment is the image's ENV and the spec's
+    EnvironmentVariables and Env; the node's own (its S3 credentials) never reach it."""
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY")  # what the node (here the test process) holds
+    code = "import json, os; print(json.dumps(sorted(os.environ)))"
+    spec = job(code, "env")
+    spec["Tasks"][0]["Engine"]["Params"]["EnvironmentVariables"] = ["FROM_SPEC=1"]
+    spec["Tasks"][0]["Env"] = {"FROM_TASK": "2"}
+    body = finished(standin.url, submit(standin.url, spec))
+    seen = httpx.get(f"{standin.url}/api/v1/orchestrator/jobs/{body['Job']['ID']}/executions").json()["Items"][0]
+    names = set(json.loads(seen["RunOutput"]["Stdout"]))
+    assert {"FROM_SPEC", "FROM_TASK"} <= names and not {n for n in names if n.startswith(("AWS_", "CODSPLAT_"))}
 
 
 def test_a_system_error_fails_the_execution_and_the_orchestrator_places_it_again(standin):
@@ -198,7 +214,7 @@ def test_an_api_key_needs_the_capability_of_the_route(moto_server):
 
 
 def test_execution_states_are_numbered_as_the_server_version_numbers_them(moto_server):
-    """pkg/models/execution_state.go: v1.6 inserted Running and Publishing, so Completed is 9 from
+    """pkg/models/execution.go: v1.6 inserted Running and Publishing, so Completed is 9 from
     v1.6 on and 7 before."""
     old = start_standin(moto_server.url, "--version", "1.5.2")
     try:

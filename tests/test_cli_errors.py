@@ -88,7 +88,10 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(tmp_path, sample_video, quick
     out = tmp_path / "out"
     args = [sys.executable, "-m", "codsplat.pipeline.cli", "run", str(sample_video), "--preset", "tiny",
             "--config", str(quick_config), "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child: a shell that starts pytest in the background ignores it, and
+    # the child would inherit that and never be interrupted
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:

@@ -12,6 +12,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "container" / "Dockerfile"
 HADOLINT = ROOT / ".venv-checks" / "bin" / "hadolint"
@@ -37,15 +39,27 @@ def ignored(patterns: list[str]):
     return lambda relative: any(r.match(relative) for r in compiled)
 
 
-def replay_copies(stage_end: str, fs: Path) -> None:
-    """Every COPY from the context up to the RUN line containing `stage_end`, into `fs` as the image root."""
+def replay_copies(stage: str, stage_end: str | None, fs: Path) -> None:
+    """Every COPY into the build stage `stage` up to its RUN line containing `stage_end` (None: the
+    whole stage), into `fs` as the image root: from the context, or, for `COPY --from=<a stage of
+    ours> /src /src`, that stage's own COPYs."""
     rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     excluded = ignored(rules)
+    current = None
     for name, args in instructions(DOCKERFILE.read_text()):
-        if name == "RUN" and stage_end in args:
+        if name == "FROM":
+            current = args.split()[-1] if " AS " in args.upper() else None
+        if current != stage:
+            continue
+        if name == "RUN" and stage_end is not None and stage_end in args:
             return
-        if name != "COPY" or "--from" in args:
+        if name == "COPY" and args.startswith("--from="):
+            source_stage, *paths = args.removeprefix("--from=").split()
+            if paths == ["/src", "/src"]:  # one of the source stages; other copies between stages are not source
+                replay_copies(source_stage, None, fs)
+            continue
+        if name != "COPY":
             continue
         *sources, dest = shlex.split(args)
         for source in sources:
@@ -63,7 +77,8 @@ def replay_copies(stage_end: str, fs: Path) -> None:
                 target = target / origin.name if dest.endswith("/") else target
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(origin, target)
-    raise AssertionError(f"no RUN line with {stage_end!r}")
+    if stage_end is not None:
+        raise AssertionError(f"no RUN line with {stage_end!r} in stage {stage}")
 
 
 def test_hadolint_finds_nothing():
@@ -72,16 +87,21 @@ def test_hadolint_finds_nothing():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_the_build_context_holds_what_the_install_step_needs(tmp_path):
+@pytest.mark.parametrize("stage", ["cpu", "build"])
+def test_the_build_context_holds_what_the_install_step_needs(tmp_path, stage):
+    """Both variants' install (the CPU image and the CUDA image's build stage) from what they copy."""
     fs, site = tmp_path / "fs", tmp_path / "site"
-    replay_copies("pip install /src", fs)
-    assert (fs / "tmp" / "build-requirements.txt").is_file()
+    replay_copies(stage, "install.sh project", fs)
+    assert (fs / "src" / "container" / "install.sh").is_file() and (fs / "src" / "container" / "check_image.py").is_file()
+    assert stage != "build" or (fs / "tmp" / "build-requirements.txt").is_file()
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                            "--target", site, fs / "src"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    for package in project["tool"]["setuptools"]["packages"]:
-        assert list((site / package.replace(".", "/")).glob("*.py")), f"{package} was not installed"
+    sources = {Path("codsplat", p.relative_to(ROOT)) for root in ("pipeline", "orchestrator", "jobspecs", "aws")
+               for p in (ROOT / root).rglob("*.py")}
+    missing = sorted(str(p) for p in sources if not (site / p).is_file())
+    assert not missing, f"not installed: {missing}"  # every module, found without a hand-kept list
     for package, globs in project["tool"]["setuptools"]["package-data"].items():
         for pattern in globs:
             if "dist" not in pattern:  # the console's bundle is built by npm, not shipped in the worker image

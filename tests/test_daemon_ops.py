@@ -135,6 +135,30 @@ def test_a_message_claimed_by_another_sender_is_left_to_it_until_its_claim_goes_
     assert store.get("handed").notified_at and store.get("handed").notify_claimed_by == lifecycle.owner
 
 
+def test_a_message_this_daemon_is_sending_is_not_claimed_again_by_its_own_sweep(tmp_path):
+    """A cancel ends the record and claims its message in one write, then sends it; the sweep that
+    runs meanwhile finds the record ended and unsent. Seen on a real Bacalhau network (a cancel
+    during training told the user twice): the sweep must leave this daemon's own claim alone."""
+    from codsplat.orchestrator.blobs import FolderBlobs
+    from codsplat.orchestrator.lifecycle import Lifecycle
+    from codsplat.orchestrator.notify import FileNotifier
+    from codsplat.orchestrator.records import JobRecord, SQLiteStore, now
+    from codsplat.orchestrator.settings import Settings
+
+    store, later = SQLiteStore(tmp_path / "db.sqlite"), []
+    settings = Settings(claim_seconds=60)
+    for others_alive in (True, False):  # AWS, and the embedded folder (one daemon)
+        lifecycle = Lifecycle(store, FolderBlobs(tmp_path), FileNotifier(tmp_path / "sent"), {}, settings, settings.policy,
+                              "bacalhau", None, schedule=lambda fn, *a, delay=0.0: later.append((fn, a, delay)),
+                              others_alive=others_alive)
+        job_id = f"mine-{others_alive}"
+        store.create(JobRecord(job_id=job_id, job_key=f"jobs/{job_id}.json", state="CANCELLED", notify_claimed_at=now(),
+                               notify_claimed_by=lifecycle.owner))
+        lifecycle.announce(store.get(job_id))
+        assert not (tmp_path / "sent" / f"{job_id}.json").exists()
+        assert store.get(job_id).notify_claimed_by == lifecycle.owner and not store.get(job_id).notified_at
+
+
 def test_a_daemon_holds_its_jobs_with_one_heartbeat_and_another_takes_them_only_once_it_stops(tmp_path):
     """Two daemons share a store. The first holds three jobs whose own hold stamps are old: its one
     heartbeat write keeps all three its own (no job's record is written). Once it lets go at
@@ -178,3 +202,60 @@ def test_a_daemon_holds_its_jobs_with_one_heartbeat_and_another_takes_them_only_
     first._beat -= settings.claim_seconds  # a lapse: the first daemon was paused past its holds' life
     first.heartbeat()
     assert "job-b" not in first.flights and {"job-a", "job-c"} <= set(first.flights)
+
+
+def test_a_job_taken_over_is_followed_once_even_when_the_take_over_sees_it_again_before_its_resume_ran(tmp_path):
+    """A take-over schedules a resume of a dead daemon's job; the next look, before that resume has
+    made the job's flight, finds the record again. Seen with two daemons on one queue (one killed):
+    two followers of one Bacalhau job each ended it, and its user was told twice."""
+    from codsplat.orchestrator.blobs import FolderBlobs
+    from codsplat.orchestrator.compute import Attempt
+    from codsplat.orchestrator.lifecycle import Lifecycle
+    from codsplat.orchestrator.notify import FileNotifier
+    from codsplat.orchestrator.records import JobRecord, SQLiteStore
+    from codsplat.orchestrator.settings import Settings
+
+    watched = []
+    follower = type("Follower", (), {"finishes_record": False,
+                                     "watch": lambda self, job, attempt, done, resumed=False: watched.append(attempt.name)})()
+    store, later, settings = SQLiteStore(tmp_path / "db.sqlite"), [], Settings(claim_seconds=60)
+    lifecycle = Lifecycle(store, FolderBlobs(tmp_path), FileNotifier(tmp_path / "sent"), {"bacalhau": follower}, settings,
+                          settings.policy, "bacalhau", None, schedule=lambda fn, *a, delay=0.0: later.append((fn, a)),
+                          others_alive=True)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "held.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
+    attempt = Attempt.new("bacalhau", "held", "all", 1, remote_id="j-1", state="Running")
+    store.create(JobRecord(job_id="held", job_key="jobs/held.json", state="RUNNING", stage="all", backend="bacalhau",
+                           attempts=[attempt.to_dict()], owner="gone:1:x", owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+    for _ in range(2):  # two looks before the pool ran either resume
+        lifecycle._looked -= settings.claim_seconds
+        lifecycle.take_over()
+    assert [fn.__name__ for fn, _ in later] == ["resume", "resume"]
+    for fn, args in later:
+        fn(*args)
+    assert watched == [attempt.name] and list(lifecycle.flights) == ["held"]
+    assert store.get("held").owner == lifecycle.owner
+
+
+def test_a_restart_tells_a_finished_job_only_if_it_was_never_told(tmp_path):
+    """Recovery looks at recently finished records: one already told stays told (no second message
+    after every restart); one that ended unsent is told once."""
+    from codsplat.orchestrator.backends import build_daemon
+    from codsplat.orchestrator.records import JobRecord, SQLiteStore, now
+    from codsplat.orchestrator.settings import Settings
+
+    store, stale = SQLiteStore(tmp_path / "codsplat.db"), "2020-01-01T00:00:00.000+00:00"
+    error = {"stage": "sfm", "message": "too few frames registered", "advice": "capture again", "kind": "reconstruction"}
+    store.create(JobRecord(job_id="told", job_key="jobs/told.json", state="FAILED", error=error, notified_at=now(),
+                           notify_claimed_by="a-daemon-long-gone", notify_claimed_at=stale))
+    store.create(JobRecord(job_id="untold", job_key="jobs/untold.json", state="FAILED", error=error,
+                           notify_claimed_by="a-daemon-long-gone", notify_claimed_at=stale))
+    daemon = build_daemon(Settings(), tmp_path)
+    for _ in range(2):  # two restarts' worth of recovery
+        daemon.recover()
+        deadline = time.monotonic() + 20
+        while not store.get("untold").notified_at and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    log = tmp_path / "notifications" / "sent.jsonl"
+    assert [json.loads(line)["attributes"]["job_id"] for line in log.read_text().splitlines()] == ["untold"]

@@ -33,15 +33,59 @@ def test_bacalhau_three_stage_job_publishes_each_stage_once(tmp_path, sample_vid
     assert json.loads((export / "export" / "metrics.json").read_text())["gaussians"] > 0
 
 
-def test_bacalhau_failure_leaves_error_json(tmp_path):
+def test_bacalhau_failure_leaves_error_json_where_bacalhau_publishes_it(tmp_path):
+    """Only the job spec's result paths leave the container, so the error file must be inside one."""
+    from pathlib import PurePosixPath
+
+    from codsplat.orchestrator.translate import template
+
     media = tmp_path / "media"
     media.mkdir()
     one_frame_video(media / "clip.mp4")
     out = tmp_path / "out"
     proc = entrypoint("bacalhau", "--stage", "preprocess", "--input", media, "--out", out)
     assert proc.returncode == 2
-    error = json.loads((out / "error.json").read_text())
+    [found] = list(out.rglob("error.json"))
+    published = [PurePosixPath(r["Path"]).relative_to("/outputs") for r in template("preprocess")["Tasks"][0]["ResultPaths"]]
+    assert any(PurePosixPath(found.relative_to(out).as_posix()).is_relative_to(p) for p in published), found
+    error = json.loads(found.read_text())
     assert error["exit_code"] == 2 and "only 1 frame" in error["message"]
+    assert json.loads(proc.stdout) == {**error, "ok": False}
+
+
+def test_the_outcome_line_is_all_of_stdout_whatever_the_run_prints(tmp_path):
+    """Bacalhau keeps the first 2 KiB of stdout: a library that prints (Python, or C through fd 1)
+    must not push the outcome out of it."""
+    import subprocess
+    import sys
+
+    media = tmp_path / "media.mp4"
+    media.write_bytes(b"\0")
+    script = f"""
+import os
+from codsplat.pipeline import entrypoint as ep
+def noisy(*args, **kwargs):
+    print("x" * 5000)
+    os.write(1, b"y" * 5000 + b"\\n")
+    raise ep.InputError("the capture is empty")
+ep.run_pipeline = noisy
+ep.main(["bacalhau", "--input", {str(media)!r}, "--settings", "{{}}", "--out", {str(tmp_path / "out")!r}])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["message"] == "the capture is empty"  # the whole of stdout: one line
+    assert "x" * 5000 in proc.stderr and "y" * 5000 in proc.stderr
+
+
+def test_an_outcome_line_is_whole_json_within_2_kib_however_long_its_parts():
+    from codsplat.pipeline.contract import outcome_line
+
+    long = outcome_line({"ok": False, "exit_code": 3, "stage": "sfm", "message": "é∂" * 3000})
+    short = outcome_line({"ok": True, "psnr": 27.1, "files": [f"previews/view_{i:04d}.png" for i in range(500)]})
+    for line in (long, short):
+        assert len(line.encode()) <= 2000 and json.loads(line)
+    assert json.loads(long)["exit_code"] == 3 and json.loads(long)["message"].startswith("é∂")
+    assert json.loads(short)["psnr"] == 27.1
 
 
 def sagemaker_layout(root, video, hyperparameters):
@@ -105,10 +149,15 @@ def test_the_worker_hands_its_output_folders_to_the_image_user_and_drops_root(mo
     tmp_path = Path(tempfile.mkdtemp(prefix="codsplat-drop-"))  # pytest's own is 0700: the user could not reach it
     monkeypatch.chdir(tmp_path)
     out, checkpoints, outside = tmp_path / "outputs", tmp_path / "checkpoints", tmp_path / "outside"
-    for folder in (out, checkpoints / "sfm", outside):
+    media = tmp_path / "s3-input-123"  # as Bacalhau downloads an input: a 0700 root folder, 0644 files in 0755 folders
+    for folder in (out, checkpoints / "sfm", outside, media / "sub"):
         folder.mkdir(parents=True)
+    (media / "sub" / "clip.mp4").write_text("frames")
+    (media / "link").symlink_to(outside / "secret")
+    os.chmod(media, 0o700)
     (checkpoints / "sfm" / "manifest.json").write_text("{}")
     (outside / "secret").write_text("root's")
+    os.chmod(outside / "secret", 0o600)
     (checkpoints / "link").symlink_to(outside / "secret")
     monkeypatch.setenv(RUN_AS_ENV, "nobody")
     if os.geteuid() != 0:
@@ -121,7 +170,8 @@ def test_the_worker_hands_its_output_folders_to_the_image_user_and_drops_root(mo
     if pid == 0:  # the child: reports what it saw through the pipe
         try:
             os.setgroups([0, 4])  # a container's root holds groups besides its own
-            drop_privileges([out, checkpoints, tmp_path / "absent"])
+            drop_privileges([out, checkpoints, tmp_path / "absent"], readable=[media])
+            assert (media / "sub" / "clip.mp4").read_text() == "frames"
             (out / "result").write_text("ok")
             try:
                 (outside / "secret").write_text("changed")
@@ -140,6 +190,7 @@ def test_the_worker_hands_its_output_folders_to_the_image_user_and_drops_root(mo
     assert (checkpoints / "sfm" / "manifest.json").stat().st_uid == user.pw_uid
     assert (checkpoints / "link").lstat().st_uid == user.pw_uid and (outside / "secret").stat().st_uid == 0
     assert (outside / "secret").read_text() == "root's"
+    assert (outside / "secret").stat().st_mode & 0o777 == 0o600 and media.stat().st_uid == 0  # read, not taken; links not followed
     shutil.rmtree(tmp_path)
 
 
@@ -150,8 +201,8 @@ def test_both_modes_drop_root_before_reading_anything(tmp_path, monkeypatch):
 
     asked = []
 
-    def refuse(folders):
-        asked.append(list(folders))
+    def refuse(folders, readable=()):
+        asked.append((list(folders), list(readable)))
         raise CannotRun("no such user")
 
     monkeypatch.setattr(ep, "drop_privileges", refuse)
@@ -159,7 +210,8 @@ def test_both_modes_drop_root_before_reading_anything(tmp_path, monkeypatch):
     out.mkdir()
     args = type("Args", (), {"out": str(out), "stage": "all", "settings": None, "config": None, "preset": None,
                              "input": str(tmp_path / "nothing-here"), "upstream": []})()
-    assert ep.bacalhau(args) == 6 and json.loads((out / "error.json").read_text())["message"] == "no such user"
+    assert ep.bacalhau(args) == 6 and json.loads((out / "frames" / "error.json").read_text())["message"] == "no such user"
     root = tmp_path / "opt_ml"
     assert ep.sagemaker(root) == 6 and (root / "output" / "failure").read_text().startswith("no such user What to try")
-    assert asked == [[out], [root / "model", root / "output", root / "checkpoints"]]
+    assert asked == [([out], [tmp_path / "nothing-here"]),
+                     ([root / "model", root / "output", root / "checkpoints"], [root / "input"])]

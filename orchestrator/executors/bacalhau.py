@@ -10,12 +10,16 @@ How a Bacalhau job ends, by upstream's semantics (`result_of`):
   new executions itself (at most two per node: pkg/orchestrator/selection/ranking/previous_executions.go),
   and every one of them counts against `compute.retries`.
 - Failed with no execution: never placed (no node fits, queue timeout): the job's `State.Message`.
+- Queued or Pending, with failed executions only (`exhausted`): what upstream does once every node
+  that would take the job has failed it twice; it would wait until its queue timeout. Seen on a real
+  network (tests/test_bacalhau_network.py): we stop it, and it counts as its failed executions.
 - Stopped: stopped (for a cancel).
 
 The watcher follows every running job of this daemon with one list call per poll: the jobs that
 carry our label, most recently modified first (`order_by=modified_at`), read until the previous
 poll's high-water mark. A job that ends costs one more call, for its executions. A job the listings
-have not shown for `reconcile_seconds` is described once (the server may have forgotten it).
+have not shown for `reconcile_seconds` is described once (the server may have forgotten it), and a
+job waiting for a node once every quarter of that (it may be exhausted).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from typing import Callable
 
 from codsplat.pipeline.contract import parse_outcome
 
-from ..bacalhau import BacalhauClient, BacalhauError, ExecutionState, Job, JobState, Node, NotFound, Unavailable, gpu_label
-from ..compute import Attempt, CannotRun, Ending, Result, stages_of
+from ..bacalhau import (BacalhauClient, BacalhauError, ExecutionState, Job, JobState, Node, NotFound, Unauthorized, Unavailable,
+                        gpu_label)
+from ..compute import Attempt, CannotRun, Ending, Misconfigured, Result, stages_of
 from ..job import JobDocument
 from ..settings import Settings
 from ..translate import gpus_for, publish_key, published, translate
@@ -39,6 +44,8 @@ from ..translate import gpus_for, publish_key, published, translate
 log = logging.getLogger("codsplat.bacalhau")
 LABEL = "codsplat-job"
 RAN = (ExecutionState.COMPLETED, ExecutionState.FAILED)  # executions that were placed and ended
+OVER = RAN + (ExecutionState.CANCELLED, ExecutionState.BID_REJECTED, ExecutionState.ASK_FOR_BID_REJECTED)
+WAITING = (JobState.PENDING, JobState.QUEUED)
 SLACK_NS = 5 * 10**9  # re-read what was modified this long before the previous poll's newest job
 RECONCILE_SECONDS = 60.0  # a job no listing showed for this long is described on its own
 NODES_SECONDS = 30.0  # the nodes a preflight judges by are at most this old (read again before a refusal)
@@ -65,6 +72,17 @@ def result_of(job: Job) -> Result:
     failed = [e for e in sorted(ran, key=lambda e: e.create_time) if e.state == ExecutionState.FAILED]
     message = (failed[-1].failure if failed else "") or job.message or "the execution failed"
     return Result(Ending.CRASHED, message, executions=len(ran))
+
+
+def exhausted(job: Job, allowed: int) -> bool:
+    """Bacalhau will not end this job by itself, and waiting would not run it: at least `allowed`
+    executions failed (a system error: the image is missing, the container was killed for memory, an
+    input could not be fetched), none is live, and the job waits for a node. Bacalhau places a job
+    again after a failed execution, but never on a node that ran it twice (pkg/orchestrator/selection/
+    ranking/previous_executions.go), so on a network of one suitable node the job then sits Queued or
+    Pending until its queue timeout, which may be hours. `job` carries its executions."""
+    failed = [e for e in job.executions if e.state == ExecutionState.FAILED]
+    return job.state in WAITING and len(failed) >= allowed and all(e.state in OVER for e in job.executions)
 
 
 # ------------------------------------------------------------------ placement
@@ -143,7 +161,9 @@ def placement(job: JobDocument, settings: Settings, nodes: list[Node]) -> tuple[
 @dataclass
 class Tracked:
     on_end: Callable[[Job], None]
+    allowed: int  # failed executions after which a job that waits for a node has ended (see exhausted())
     seen_at: float = field(default_factory=time.monotonic)  # when a listing (or the track) last showed it
+    looked_at: float = field(default_factory=time.monotonic)  # when its executions were last read
 
 
 class Watcher:
@@ -162,9 +182,10 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self.polls = 0
 
-    def track(self, bacalhau_id: str, on_end: Callable[[Job], None], check_now: bool = False) -> None:
-        """Call `on_end(job)` once the job is terminal. `check_now`: it may have ended already (a
-        job found again after a restart, or the first one this watcher follows): describe it once."""
+    def track(self, bacalhau_id: str, on_end: Callable[[Job], None], check_now: bool = False, allowed: int = 1) -> None:
+        """Call `on_end(job)` once the job is terminal, or exhausted (`allowed` failed executions and
+        waiting for a node; it is then stopped). `check_now`: it may have ended already (a job found
+        again after a restart, or the first one this watcher follows): describe it once."""
         if self._mark is None:
             with self._first:
                 if self._mark is None:
@@ -179,7 +200,7 @@ class Watcher:
                 self._endings.submit(on_end, job)
                 return
         with self._lock:
-            self._tracked[bacalhau_id] = Tracked(on_end)
+            self._tracked[bacalhau_id] = Tracked(on_end, allowed)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="bacalhau-watch", daemon=True)
             self._thread.start()
@@ -204,7 +225,7 @@ class Watcher:
                 return
             tracked = set(self._tracked)
         self.polls += 1
-        mark, newest, ended, seen = self._mark or 0, self._mark or 0, [], []
+        mark, newest, ended, seen, waiting = self._mark or 0, self._mark or 0, [], [], []
         for job in self.client.iter_jobs(LABEL, order_by="modified_at", namespace=self.namespace):
             if job.modify_time < mark - SLACK_NS:
                 break
@@ -213,6 +234,8 @@ class Watcher:
                 seen.append(job.id)
                 if job.state.terminal:
                     ended.append(job)
+                elif job.state in WAITING:
+                    waiting.append(job.id)
         self._mark = newest
         at = time.monotonic()
         with self._lock:
@@ -220,7 +243,9 @@ class Watcher:
                 if bacalhau_id in self._tracked:
                     self._tracked[bacalhau_id].seen_at = at
             unseen = [i for i, t in self._tracked.items() if at - t.seen_at >= self.reconcile_seconds]
-        ended += self._reconcile(unseen)
+            # a waiting job's executions are read now and then: it may be exhausted (see exhausted())
+            stale = [i for i in waiting if i in self._tracked and at - self._tracked[i].looked_at >= self.reconcile_seconds / 4]
+        ended += self._reconcile(unseen + stale)
         for job in ended:
             with self._lock:
                 entry = self._tracked.pop(job.id, None)
@@ -228,23 +253,37 @@ class Watcher:
                 self._endings.submit(entry.on_end, job)
 
     def _reconcile(self, unseen: list[str]) -> list[Job]:
-        """Jobs no listing showed for `reconcile_seconds`, described one by one (then not again for
-        as long): one the server no longer knows (its store was reset) ends as a crash instead of
-        being followed for ever."""
+        """Jobs no listing showed for `reconcile_seconds`, and waiting jobs not looked at for a quarter
+        of it, described one by one with their executions: one the server no longer knows (its store
+        was reset) ends as a crash instead of being followed for ever, and one that is exhausted is
+        stopped and ends with its executions' failure."""
         ended = []
         for bacalhau_id in unseen:
             with self._lock:
-                if bacalhau_id in self._tracked:
-                    self._tracked[bacalhau_id].seen_at = time.monotonic()
+                entry = self._tracked.get(bacalhau_id)
+                if entry is not None:
+                    entry.seen_at = entry.looked_at = time.monotonic()
             try:
-                job = self.client.describe(bacalhau_id, executions=False)
+                job = self.client.describe(bacalhau_id, executions=True)
             except NotFound:
                 job = Job(bacalhau_id, "", JobState.FAILED, f"Bacalhau no longer knows job {bacalhau_id}", {}, {}, 0)
             except Unavailable:
                 continue
             if job.state.terminal:
                 ended.append(job)
+            elif entry is not None and exhausted(job, entry.allowed):
+                stop_exhausted(self.client, job)
+                ended.append(job)
         return ended
+
+
+def stop_exhausted(client: BacalhauClient, job: Job) -> None:
+    """Stop an exhausted job (it would otherwise hold its place in the queue until its timeout). Its
+    result is read from `job` as described, never again: once stopped, it would read as a cancel."""
+    try:
+        client.stop(job.id, "codsplat: every execution failed and no node will run it again")
+    except (NotFound, Unavailable) as exc:
+        log.warning("could not stop exhausted job %s: %s", job.id, exc.message)
 
 
 # ------------------------------------------------------------------ the executor
@@ -283,15 +322,29 @@ class BacalhauExecutor:
             _, problems = placement(job, self.settings, nodes)
             if problems and age >= self.settings.bacalhau_poll_seconds:
                 _, problems = placement(job, self.settings, self.nodes(max_age=0)[0])
+        except Unauthorized as exc:
+            raise Misconfigured(exc.message) from None
         except BacalhauError as exc:
             raise CannotRun(f"Bacalhau is unreachable: {exc.message}") from None
         if problems:
             raise CannotRun("; ".join(problems), stage=needs(job, self.settings)[0].stage)
 
+    def check_credentials(self) -> None:
+        """At the daemon's start: a key Bacalhau refuses stops the daemon before it takes a job. An
+        unreachable Bacalhau does not (jobs go to the fallback until it is back)."""
+        try:
+            self.nodes(max_age=0)
+        except Unauthorized as exc:
+            raise Misconfigured(exc.message) from None
+        except Unavailable:
+            log.warning("Bacalhau is unreachable at start; jobs are handed to the fallback until it answers")
+
     def submit(self, job: JobDocument, attempt: Attempt, upstream: dict[str, str]) -> None:
         spec = translate(job, self.settings, attempt.stage, attempt.number, upstream)
         try:
             attempt.remote_id = self.client.submit(spec).job_id
+        except Unauthorized as exc:
+            raise Misconfigured(exc.message) from None
         except Unavailable as exc:
             raise CannotRun(f"Bacalhau is unreachable: {exc.message}", attempt.stage) from None
         attempt.published = published(spec)
@@ -306,9 +359,9 @@ class BacalhauExecutor:
 
     def watch(self, job: JobDocument, attempt: Attempt, done: Callable[[Result], None], resumed: bool = False) -> None:
         def ended(summary: Job) -> None:
-            done(result_of(self._describe(summary)))
+            done(result_of(summary if summary.executions else self._describe(summary)))
 
-        self.watcher.track(attempt.remote_id, ended, check_now=resumed)
+        self.watcher.track(attempt.remote_id, ended, check_now=resumed, allowed=job.compute.retries + 1)
 
     def _describe(self, summary: Job) -> Job:
         try:
