@@ -6,8 +6,10 @@ does not care which one it talks to.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -23,11 +25,55 @@ def inside(root: Path, path: Path) -> Path:
     """`path` resolved, if it stays inside `root` (links followed); Refused otherwise."""
     try:
         resolved = path.resolve()
-    except (RuntimeError, OSError) as exc:  # a link loop
-        raise Refused(f"{path.name} cannot be resolved ({exc.__class__.__name__})") from None
+    except (RuntimeError, OSError, ValueError) as exc:  # a link loop, a NUL in the name
+        raise Refused(f"{path.name[:200]!r} cannot be resolved ({exc.__class__.__name__})") from None
     if resolved != root and root not in resolved.parents:
         raise Refused(f"{path.name} leads outside {root}")
     return resolved
+
+
+def walk_beneath(root: Path, rel: str, create: bool = False) -> int:
+    """A descriptor of the folder `rel` beneath `root`, reached one name at a time from `root`'s own
+    descriptor without following any link (`O_NOFOLLOW`), so a link planted on the way, or swapped
+    in after a check, cannot lead elsewhere; `create` makes the missing folders. Refused otherwise."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in PurePosixPath(rel).parts if rel not in ("", ".") else ():
+            if name in ("..", "/"):
+                raise Refused(f"{rel[:200]} is not a path beneath {root}")
+            if create:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                step = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:  # a link (ELOOP, or ENOTDIR for a link to a folder), or a file where a folder goes
+                link = exc.errno == errno.ELOOP or stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+                raise Refused(f"{rel[:200]}: {name[:100]} is {'a link' if link else 'not a folder'}") from None
+            os.close(fd)
+            fd = step
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_beneath(root: Path, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """Open the file `rel` beneath `root` with no link followed on the way or at the end (see
+    `walk_beneath`); with `os.O_CREAT` in `flags`, its folders are made."""
+    parent, name = os.path.split(rel)
+    if not name or name in (".", ".."):
+        raise Refused(f"{rel[:200]} is not a file name")
+    folder = walk_beneath(root, parent, create=bool(flags & os.O_CREAT))
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Refused(f"{rel[:200]} is a link") from None
+        raise
+    finally:
+        os.close(folder)
 
 
 class Blobs(Protocol):
@@ -181,7 +227,7 @@ class FolderBlobs:
     def exists(self, key: str) -> bool:
         try:
             return self._path(key).is_file()
-        except Refused:
+        except (Refused, OSError):  # a name the disk refuses (over 255 bytes) names nothing here
             return False
 
     def size(self, key: str) -> int | None:

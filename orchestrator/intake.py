@@ -17,7 +17,7 @@ from codsplat.pipeline.errors import InputError
 from .blobs import Blobs, Refused
 from .events import JobEvent
 from .faults import crashpoint
-from .job import MAX_RENUMBER, JobDocument, job_id_from_key, next_id, owner_of, parse_job, valid_notify
+from .job import MAX_RENUMBER, RANDOM_TRIES, JobDocument, job_id_from_key, job_of_record, next_id, owner_of, parse_job, valid_notify
 from .records import FAILED, RECEIVED, VALIDATED, JobRecord, Store, now
 from .settings import Policy, Settings
 
@@ -54,8 +54,7 @@ class Intake:
         """Create the records of a batch of documents: one store request for all (`Store.create_all`),
         then one for each id that was taken. A taken id (another document's, or an earlier upload of
         this one) is renumbered `<id>-r2`, `-r3`, ...; the same upload delivered again is a duplicate."""
-        records = [self._record(r.event, r.job.id if r.job else job_id_from_key(r.event.key), r.job, r.problem,
-                                r.job.notify.email if r.job else valid_notify(r.data)) for r in readings]
+        records = [self._record_of(r) for r in readings]
         first: dict[str, int] = {}  # one create per id in the batch: a second document wanting it waits its turn
         batch = [i for i, record in enumerate(records) if first.setdefault(record.job_id, i) == i]
         crashpoint("before-create")
@@ -63,22 +62,32 @@ class Intake:
         return [self._settle(reading, record, taken[i] if i in taken else self.store.create_or_get(record))
                 for i, (reading, record) in enumerate(zip(readings, records))]
 
+    def _record_of(self, reading: Reading) -> JobRecord:
+        """The record a reading is created as. The folder may have changed since the document was read
+        (a link planted): then this document alone is refused."""
+        if reading.job is not None:
+            try:
+                return self._record(reading.event, reading.job.id, reading.job, None, reading.job.notify.email)
+            except (Refused, ValueError, OSError) as exc:
+                reading.job, reading.problem = None, self._unwritable(reading.job, exc)
+        return self._record(reading.event, job_id_from_key(reading.event.key), None, reading.problem, valid_notify(reading.data))
+
     def _settle(self, reading: Reading, record: JobRecord, taken: JobRecord | None) -> Arrival:
         """Given what holds the id `record` was created under (None: it was created), renumber until
         an id is free, or see the same upload again."""
         event, job, problem, data = reading.event, reading.job, reading.problem, reading.data
         wanted = record.job_id
-        for renumbered in range(MAX_RENUMBER + 1):
+        for renumbered in range(MAX_RENUMBER + RANDOM_TRIES + 1):
             if taken is None:
                 return Arrival(record, job)
             if same_upload(taken, event):
                 return Arrival(None, duplicate=True)
-            if renumbered == MAX_RENUMBER:
+            if renumbered == MAX_RENUMBER + RANDOM_TRIES:
                 break
             job_id = next_id(wanted, renumbered)
             if job is not None:
                 try:  # the job under its new id (an explicit output under the old one no longer fits)
-                    job = parse_job({**data, "id": job_id}, self.policy, owner=owner_of(event.key, self.settings))
+                    job = self._writable(job_of_record(data, job_id, self.policy, owner=owner_of(event.key, self.settings)))
                 except InputError as exc:
                     job, problem = None, f"The id {wanted} is taken, and as {job_id}: {exc.message}"
             record = self._record(event, job_id, job, problem, record.notify)
@@ -108,10 +117,23 @@ class Intake:
                 raise InputError(f"{event.key} is {size:,} bytes; a job document may be at most "
                                  f"{MAX_DOCUMENT_BYTES // 1024} KiB.")
             data = parse_document(raw, event.key)
-            return Reading(event, parse_job(data, self.policy, default_id=job_id_from_key(event.key),
-                                            owner=owner_of(event.key, self.settings)), None, data)
+            return Reading(event, self._writable(parse_job(data, self.policy, default_id=job_id_from_key(event.key),
+                                                           owner=owner_of(event.key, self.settings))), None, data)
         except InputError as exc:
             return Reading(event, None, exc.message, data)
+
+    def _writable(self, job: JobDocument) -> JobDocument:
+        """The job, if the store of results can hold its output (a folder refuses a link out of itself,
+        or a name its disk cannot hold): decided here, per document, so that no document can cost the
+        others read with it their records."""
+        try:
+            self.blobs.uri(job.output_uri(self.policy).key)
+        except (Refused, ValueError, OSError) as exc:
+            raise InputError(self._unwritable(job, exc)) from None
+        return job
+
+    def _unwritable(self, job: JobDocument, exc: Exception) -> str:
+        return f"output: {job.output_uri(self.policy)} cannot be written: {exc}."
 
     def _record(self, event: JobEvent, job_id: str, job: JobDocument | None, problem: str | None,
                 notify: list[str]) -> JobRecord:

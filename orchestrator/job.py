@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -43,6 +44,9 @@ FORBIDDEN = {
 }
 
 
+MAX_SEGMENT_BYTES = 255
+
+
 @dataclass(frozen=True)
 class S3Uri:
     bucket: str
@@ -68,6 +72,11 @@ def parse_s3(value: str, what: str) -> S3Uri:
         raise ValueError(f"has an absolute or malformed key {show(key)}")
     if any(part in ("..", ".") for part in PurePosixPath(key).parts):
         raise ValueError(f"may not contain '..' or '.' path segments, got {show(key)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ValueError(f"may not contain control characters (a NUL, a newline, ...), got {show(key)}")
+    longest = max((len(part.encode()) for part in key.split("/")), default=0)
+    if longest > MAX_SEGMENT_BYTES:  # what a file name may be on the nodes' and the embedded folder's disks
+        raise ValueError(f"has a path segment of {longest:,} bytes; each may be at most {MAX_SEGMENT_BYTES}")
     return S3Uri(bucket, key)
 
 
@@ -212,6 +221,13 @@ class JobDocument(PipelineConfig):
         return encode_settings(sections)
 
 
+def job_of_record(data: Any, job_id: str, policy: Policy | None = None, owner: str | None = None) -> JobDocument:
+    """A stored job document as the job of the record `job_id`: after intake the record's id is the
+    only id, whatever id the document asks for (intake renumbers a taken one `<id>-r2`, ...; a job
+    resumed or shown under the document's own id would run in, or stop, another job's)."""
+    return parse_job({**data, "id": job_id} if isinstance(data, dict) else data, policy, owner=owner)
+
+
 def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = None,
               owner: str | None = None) -> JobDocument:
     """Validate a job document (a dict) against the deployment's policy, with every error at once.
@@ -235,15 +251,17 @@ def parse_job(data: Any, policy: Policy | None = None, default_id: str | None = 
         ) from None
 
 
-MAX_RENUMBER = 50  # `<id>-r2` ... `<id>-r51`: a taken id is renumbered this many times at most
+MAX_RENUMBER = 50  # `<id>-r2` ... `<id>-r51`: a taken id is renumbered this many times, then given a random suffix
+RANDOM_TRIES = 3  # random suffixes tried after that (a 32-bit suffix is taken by chance about never)
 
 
-def next_id(job_id: str, renumbered: int) -> str | None:
-    """The id to try after `job_id` was taken (`scan` → `scan-r2` → `scan-r3`), None past MAX_RENUMBER."""
-    if renumbered >= MAX_RENUMBER:
-        return None
+def next_id(job_id: str, renumbered: int) -> str:
+    """The id to try after `job_id` was taken: `scan` → `scan-r2` → ... → `scan-r51`, then `scan-<8 hex>`:
+    ids squatted past the renumbering (someone uploading scan.json … scan-r51.json) cost no job."""
     stem = re.sub(r"-r\d+$", "", job_id) if renumbered else job_id
-    return f"{stem[:63 - 4]}-r{renumbered + 2}"
+    if renumbered < MAX_RENUMBER:
+        return f"{stem[:63 - 4]}-r{renumbered + 2}"
+    return f"{stem[:63 - 9]}-{secrets.token_hex(4)}"
 
 
 def owner_of(key: str, settings: Settings) -> str | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from codsplat.pipeline.errors import InputError
+
 from .records import JobRecord
 
 log = logging.getLogger("codsplat.notify")
@@ -79,6 +81,8 @@ class FileNotifier:
     email cannot be unsent: on AWS that window stays, milliseconds wide)."""
 
     def __init__(self, folder: Path):
+        if folder.is_symlink():  # messages would be written wherever it leads
+            raise InputError(f"{folder} is a link; the embedded folder's notifications/ must be a plain folder.")
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -88,12 +92,15 @@ class FileNotifier:
         target = self.folder / name
         if "/" in name or name.startswith(".") or target.parent != self.folder:  # ids are slugs; refuse anything else
             raise ValueError(f"not a file name for a message: {name[:80]!r}")
-        if target.exists() and json.loads(target.read_text()).get("attributes") == body["attributes"]:
+        if target.is_file() and not target.is_symlink() and json.loads(target.read_text()).get("attributes") == body["attributes"]:
             return name  # sent before a crash
         tmp = self.folder / f".{name}.tmp"
-        tmp.write_text(json.dumps(body, indent=2))
-        os.replace(tmp, target)
-        with open(self.folder / "sent.jsonl", "a") as fh:  # one short O_APPEND write: whole lines
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as fh:
+            fh.write(json.dumps(body, indent=2))
+        os.replace(tmp, target)  # replaces a link planted at the target, never writes through it
+        # one short O_APPEND write: whole lines; O_NOFOLLOW: never appended through a planted link
+        with os.fdopen(os.open(self.folder / "sent.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a") as fh:
             fh.write(json.dumps(body) + "\n")
         log.info("notification", extra={"job_id": message.attributes["job_id"], "subject": message.subject})
         return name

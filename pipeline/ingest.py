@@ -76,11 +76,23 @@ def fit(img: Image.Image, max_side: int) -> Image.Image:
 
 @dataclass
 class Candidate:
-    image: Image.Image
+    """A frame kept so far, held as the JPEG it will be written as (at `frames.max_side`), with the
+    thumbnail near-duplicates are judged on: a thousand kept frames cost megabytes, not gigabytes."""
+
+    jpeg: bytes
+    size: tuple[int, int]
+    thumb: np.ndarray
     source: str
     time: float | None
     sharpness: float
     reason: str
+
+    @classmethod
+    def of(cls, img: Image.Image, max_side: int, source: str, time: float | None, sharpness: float, reason: str) -> "Candidate":
+        img = fit(img, max_side)
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=JPEG_QUALITY)
+        return cls(out.getvalue(), img.size, _gray(img, THUMB), source, time, sharpness, reason)
 
 
 # ---------------------------------------------------------------- video
@@ -104,21 +116,32 @@ def _open_video(path: Path):
     if not container.streams.video:
         container.close()
         raise InputError(f"Input {path} has no video stream.")
+    width, height = container.streams.video[0].codec_context.width, container.streams.video[0].codec_context.height
+    if width * height > MAX_PIXELS:  # the photo cap: each decoded frame is held whole while it is scored
+        container.close()
+        raise InputError(f"Input {path} has {width}×{height} frames, over {MAX_PIXELS // 10**6} megapixels.",
+                         hint="Scale the video down (8K is 33 megapixels) before uploading it.")
     return container
 
 
-def _decode(path: Path) -> Iterator[tuple[float, Image.Image]]:
+def _decode(path: Path, max_side: int | None = None) -> Iterator[tuple[float, Image.Image]]:
+    """Each frame's time and picture, scaled by FFmpeg to fit `max_side` (a 4K frame never becomes a
+    whole RGB picture in Python)."""
     import av
 
     container = _open_video(path)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     rate = float(stream.average_rate or 30)
+    width, height = stream.codec_context.width, stream.codec_context.height
+    scale = min(1.0, max_side / max(width, height, 1)) if max_side else 1.0
+    size = {"width": max(1, round(width * scale)), "height": max(1, round(height * scale)),
+            "interpolation": "LANCZOS"} if scale < 1 else {}
     index = 0
     try:
         for index, frame in enumerate(container.decode(stream)):
             t = float(frame.time) if frame.time is not None else index / rate
-            yield t, frame.to_image()
+            yield t, frame.to_image(**size)
     except av.error.FFmpegError as exc:
         raise InputError(f"Input {path} could not be decoded past {index} frames ({exc}).") from None
     finally:
@@ -149,18 +172,30 @@ def sample_video(path: Path, cfg: FramesConfig, progress) -> tuple[list[Candidat
         raise InputError(f"frames.start ({start} s) is past the end of {path} ({duration:.2f} s long).")
     span = max(stop - start, 1e-6)
     windows = cfg.max
-    best: dict[int, Candidate] = {}
+    picked: list[Candidate] = []
+    best = None  # (window, score, t, frame shrunk to max_side): the current window's sharpest so far
     decoded = 0
-    for t, img in _decode(path):
+
+    def close(best) -> None:  # frames arrive in time order: a window's best is final once the next one starts
+        window, score, t, img = best
+        picked.append(Candidate.of(img, cfg.max_side, f"{path.name}@{t:.3f}s", t, score,
+                                   f"sharpest frame of window {window + 1}/{windows}"))
+
+    for t, img in _decode(path, cfg.max_side):
         decoded += 1
         if t < start or t >= stop:
             continue
         window = min(int((t - start) / span * windows), windows - 1)
         score = sharpness(_gray(img, 512))
-        if window not in best or score > best[window].sharpness:
-            best[window] = Candidate(img, f"{path.name}@{t:.3f}s", t, score, f"sharpest frame of window {window + 1}/{windows}")
+        if best is not None and window != best[0]:
+            close(best)
+            best = None
+        if best is None or score > best[1]:
+            best = (window, score, t, img)
         if decoded % 10 == 0:
             progress(min(0.95, (t - start) / span), f"decoding {t:.1f}/{stop:.1f} s")
+    if best is not None:
+        close(best)
     if decoded == 0:
         raise InputError(f"Input {path} holds no decodable video frames.")
     if decoded == 1:
@@ -168,7 +203,6 @@ def sample_video(path: Path, cfg: FramesConfig, progress) -> tuple[list[Candidat
             f"Input {path} has only 1 frame; a reconstruction needs the camera to move through many views.",
             hint="Record a few seconds while walking around the subject.",
         )
-    picked = [best[k] for k in sorted(best)]
     return picked, {"decoded_frames": decoded, "duration_s": round(duration, 3), "windows": windows,
                     "start_s": start, "stop_s": round(stop, 3)}
 
@@ -249,7 +283,7 @@ def load_images(path: Path, kind: str, cfg: FramesConfig, progress) -> tuple[lis
                 zipfile.BadZipFile, EOFError) as exc:
             skipped.append({"source": name, "kept": False, "reason": f"unreadable image ({str(exc)[:200]})"})
             continue
-        picked.append(Candidate(img, name, None, sharpness(_gray(img, 512)), "photo"))
+        picked.append(Candidate.of(img, cfg.max_side, name, None, sharpness(_gray(img, 512)), "photo"))
         progress(0.9 * (i + 1) / len(sources), f"reading {name}")
     return picked, {"files": len(sources), "skipped": skipped}
 
@@ -262,7 +296,7 @@ def drop_near_duplicates(frames: list[Candidate], min_difference: float) -> tupl
     dropped = []
     last = None
     for cand in frames:
-        thumb = _gray(cand.image, THUMB)
+        thumb = cand.thumb
         if last is not None and thumb.shape == last.shape:
             diff = float(np.abs(thumb - last).mean())
             if diff < min_difference:
@@ -300,12 +334,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     records = []
     sizes = set()
     for i, cand in enumerate(kept):
-        img = fit(cand.image, cfg.max_side)
         name = f"frame_{i:05d}.jpg"
-        img.save(out / name, quality=JPEG_QUALITY)
-        sizes.add(img.size)
+        (out / name).write_bytes(cand.jpeg)
+        sizes.add(cand.size)
         records.append({"file": name, "source": cand.source, "time_s": cand.time, "kept": True,
-                        "sharpness": round(cand.sharpness, 2), "reason": cand.reason, "size": list(img.size)})
+                        "sharpness": round(cand.sharpness, 2), "reason": cand.reason, "size": list(cand.size)})
     (ctx.dir("frames") / "frames.json").write_text(
         json.dumps({"input": str(path), "kind": kind, **info, "frames": records, "rejected": rejected}, indent=2)
     )

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import resource
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -127,6 +128,20 @@ def fingerprint(ctx: StageContext, stage: str) -> str:
     return hash_json({"v": FORMAT_VERSION, "stage": stage, "settings": ctx.config.section(stage), "upstream": upstream})
 
 
+def process_peak_rss() -> int:
+    """This process's peak resident memory in bytes: the kernel's high-water mark of its own address
+    space (VmHWM). getrusage's ru_maxrss is not that: Linux carries into it the parent's resident memory
+    at the fork before exec, so a worker started by a large process (a test run, a daemon) reports the
+    parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, which has /proc anyway
+
+
 class PeakMemory:
     """Peak resident memory of this process while a block runs, sampled in a thread.
 
@@ -190,7 +205,7 @@ def run_stage(name: str, fn: StageFn, ctx: StageContext, force: bool = False) ->
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(mem.peak / 2**20, 1),
         "peak_gpu_mb": round(gpu.max_memory_allocated() / 2**20, 1) if gpu else None,
-        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "process_peak_rss_mb": round(process_peak_rss() / 2**20, 1),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "outputs": outputs,
     }
@@ -204,9 +219,10 @@ def run_stage(name: str, fn: StageFn, ctx: StageContext, force: bool = False) ->
 
 
 def _cuda():
-    import torch
-
-    return torch.cuda if torch.cuda.is_available() else None
+    """torch's CUDA module if this process has loaded torch (a stage that trains has, with its module)
+    and sees a GPU; a frames or sfm stage does not load torch only to ask."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() else None
 
 
 @dataclass

@@ -88,6 +88,8 @@ def test_transitions_bump_the_version_and_keep_history(store):
         (VALIDATED, None), (QUEUED, None), (RUNNING, "preprocess"), (RUNNING, "train"), (SUCCEEDED, None)]
     with pytest.raises(InvalidTransition):
         change(store, "b1", lambda r: None, to=RUNNING, stage="train")
+    with pytest.raises(InvalidTransition):  # ending an ended job again: its second follower must not tell it twice
+        change(store, "b1", lambda r: None, to=SUCCEEDED, current=record)
 
 
 def test_a_stale_write_is_refused(store):

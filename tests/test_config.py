@@ -62,3 +62,24 @@ def test_files_json_yaml_and_job_documents(tmp_path):
 def test_each_stage_section_is_separate_for_fingerprints():
     cfg = PipelineConfig()
     assert set(cfg.section("export")) == {"formats", "min_psnr", "previews"}
+
+
+@pytest.mark.parametrize("text", [
+    '{"version": 1, "train": {"x": [' + ",".join(["0"] * 20_000) + ']}}',  # a flat list, inside a section
+    '{"notify": {"email": [' + ",".join(['{"a": [0, 0]}'] * 4_000) + ']}}',  # objects inside a list
+], ids=["list", "objects-in-a-list"])
+def test_a_document_is_bounded_by_the_values_its_lists_hold(text):
+    """The value bound walks lists as it walks objects: a list of 20,000 values fits in 64 KiB."""
+    from codsplat.pipeline.config import parse_document
+
+    with pytest.raises(InputError, match=r"expands to more than 10,000 values"):
+        parse_document(text.encode(), "jobs/big-list.json")
+
+
+def test_yaml_aliases_are_counted_each_time_they_are_used():
+    from codsplat.pipeline.config import parse_document
+
+    laughs = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(4))
+    with pytest.raises(InputError, match=r"expands to more than"):
+        parse_document(laughs.encode(), "settings.yaml", yaml_ok=True)

@@ -302,3 +302,79 @@ def test_a_session_ends_when_it_expires(home, monkeypatch):
         reply = c.get("/api/jobs", headers=sent)
         assert reply.status_code == 401
         assert c.get("/", headers={"Cookie": f"{SESSION_COOKIE}={session}"}, follow_redirects=False).headers["location"].startswith("/login")
+
+
+def test_the_login_limit_keys_on_the_peer_unless_an_operator_named_proxy_says_otherwise(tmp_path):
+    """A guesser who changes X-Forwarded-For on every try is still one peer: its sixth wrong token waits,
+    and so does the right one. Behind `--trusted-proxy 127.0.0.1` the header names the client, so two
+    clients behind the proxy are limited apart."""
+    from servers import free_port, start
+
+    def console(*extra: str):
+        port = free_port()
+        return start(f"console-login-{port}", [sys.executable, "-m", "codsplat.orchestrator.cli", "console", "--embedded",
+                                               str(tmp_path / "home"), "--no-daemon", "--port", str(port), *extra],
+                     f"http://127.0.0.1:{port}", "/health", env={"CODSPLAT_CONSOLE_TOKEN": TOKEN})
+
+    def login(url: str, token: str, forwarded: str) -> int:
+        return httpx.post(url + "/login", data={"token": token, "next": "/"}, headers={"X-Forwarded-For": forwarded}).status_code
+
+    server = console()
+    try:
+        assert [login(server.url, "nope", f"203.0.113.{i}") for i in range(6)] == [401] * 5 + [429]
+        assert login(server.url, TOKEN, "198.51.100.7") == 429  # the lockout holds for the right token too
+    finally:
+        server.stop()
+    server = console("--trusted-proxy", "127.0.0.1")
+    try:
+        assert [login(server.url, "nope", "203.0.113.1") for _ in range(6)] == [401] * 5 + [429]
+        assert login(server.url, TOKEN, "203.0.113.2") == 303  # another client behind the proxy
+    finally:
+        server.stop()
+
+
+def test_wrong_tokens_from_many_addresses_spend_one_budget(monkeypatch):
+    """Guesses spread over many addresses (a botnet, or a proxy that passes any header on) stop once
+    LOGIN_BUDGET of them failed within the window: every address then waits."""
+    from codsplat.orchestrator.console import auth
+
+    monkeypatch.setattr(auth, "LOGIN_BUDGET", 8)
+    guard = auth.Guard(token=TOKEN)
+    for i in range(7):
+        assert guard.login_wait(f"10.0.0.{i}") == 0
+        guard.login_failed(f"10.0.0.{i}")
+    assert guard.login_wait("10.0.0.99") == 0
+    guard.login_failed("10.0.0.99")
+    assert guard.login_wait("10.0.1.1") > 55 and guard.login_wait("10.0.0.3") > 55
+
+
+def test_a_part_sent_twice_at_once_lands_whole_and_complete_checks_each_etag(home):
+    """Ten PUTs of one part at once (a browser's retry racing its first try) each land whole: the
+    last one wins and none is a 500. `complete` refuses an ETag the upload never answered, as S3 does."""
+    import asyncio
+
+    from codsplat.orchestrator.console.uploads import FolderUploads
+    from codsplat.pipeline.errors import InputError
+
+    home.mkdir(exist_ok=True)
+    uploads = FolderUploads(home, lambda path, seconds: path)
+    plan = uploads.start("uploads/console/t/clip.mp4", 5)
+
+    async def send(payload: bytes):
+        async def chunks():
+            for i in range(0, len(payload), 2):
+                await asyncio.sleep(0)  # the other sends interleave between chunks
+                yield payload[i:i + 2]
+        return await uploads.receive_part(plan["upload_id"], 1, chunks())
+
+    async def all_at_once():
+        return await asyncio.gather(*(send(b"%05d" % n) for n in range(10)))
+
+    etags = asyncio.run(all_at_once())
+    stored = (home / ".uploads" / plan["upload_id"] / "00001.part").read_bytes()
+    assert stored in {b"%05d" % n for n in range(10)} and len(set(etags)) == 10
+    with pytest.raises(InputError, match="part 1's ETag is not the one its upload answered with"):
+        uploads.complete(plan["key"], plan["upload_id"], [{"part": 1, "etag": '"0123456789abcdef0123456789abcdef"'}])
+    right = etags[[b"%05d" % n for n in range(10)].index(stored)]
+    uploads.complete(plan["key"], plan["upload_id"], [{"part": 1, "etag": right}])
+    assert (home / "uploads" / "console" / "t" / "clip.mp4").read_bytes() == stored

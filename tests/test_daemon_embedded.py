@@ -233,6 +233,33 @@ def test_killed_inside_compute_the_run_resumes_and_each_stage_runs_once(home, po
     assert sorted(stage_runs(home, "crash")) == sorted(STAGES)
 
 
+def test_a_renumbered_job_killed_mid_run_resumes_under_its_own_id(home):
+    """Two documents ask for the id `twin`: the second runs as `twin-r2`. The daemon is killed while
+    both are under way; the next one resumes each under its record's id (not the document's), in its own
+    results folder, and each ends with one message (issue 25: `twin-r2` resumed as `twin`)."""
+    write_job(home, "a", {**QUICK_JOB, "id": "twin"})
+    write_job(home, "b", {**QUICK_JOB, "id": "twin"})
+    slow = {"CODSPLAT_LOCAL_WORKER": f"{sys.executable},{Path(__file__).with_name('slow_worker.py')}"}
+    first = daemon_process(home, slow)
+    store = SQLiteStore(home / "codsplat.db")
+    try:
+        wait_for(lambda: (r := store.get("twin-r2")) is not None and r.state in ("QUEUED", "RUNNING")
+                 and store.get("twin").state in ("QUEUED", "RUNNING"), timeout=60)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    second = daemon_process(home, {"CODSPLAT_LOCAL_WORKER": STUB})
+    try:
+        wait_for(lambda: all(store.get(i).notified_at for i in ("twin", "twin-r2")), timeout=90)
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(timeout=60)
+    assert [store.get(i).state for i in ("twin", "twin-r2")] == ["SUCCEEDED", "SUCCEEDED"], daemon_logs(home)
+    assert sorted(m["attributes"]["job_id"] for m in sent(home)) == ["twin", "twin-r2"]
+    assert store.get("twin-r2").output.rstrip("/").endswith("results/twin-r2")
+    assert sorted(stage_runs(home, "twin-r2")) == sorted(STAGES)  # its own folder, every stage once
+
+
 def test_sigterm_while_a_job_runs_gives_it_the_grace_then_leaves_it_to_the_next_start(home):
     """shutdown_grace_seconds: on SIGTERM the daemon stops taking jobs, gives a running local job the
     grace, and exits; the job stays RUNNING and the next start finishes it, with one message."""
@@ -253,3 +280,24 @@ def test_sigterm_while_a_job_runs_gives_it_the_grace_then_leaves_it_to_the_next_
         os.killpg(second.pid, signal.SIGTERM)
         second.wait(timeout=60)
     assert store.get("graceful").state == "SUCCEEDED" and len(sent(home)) == 1
+
+
+def test_a_run_that_cannot_start_or_whose_folder_goes_ends_failed_and_told(home):
+    """A file where the job's results folder goes (the OS refuses the run's start), and a run that
+    removes its own logs folder (its wait cannot read them): each job still ends FAILED with a
+    sentence and is told, instead of staying VALIDATED or RUNNING with no message."""
+    (home / "results").mkdir()
+    (home / "results" / "blocked").write_text("a file where the results folder goes")
+    vanish = "import shutil, sys; shutil.rmtree(sys.argv[sys.argv.index('--out') + 1] + '/logs')"
+    daemon, thread = run_daemon(home, local_worker=[sys.executable, "-c", vanish])
+    try:
+        write_job(home, "blocked", QUICK_JOB)
+        write_job(home, "vanishing", QUICK_JOB)
+        wait_for(lambda: {m["attributes"]["job_id"] for m in sent(home)} == {"blocked", "vanishing"}, timeout=120)
+    finally:
+        stop(daemon, thread)
+    store = SQLiteStore(home / "codsplat.db")
+    blocked, vanishing = store.get("blocked"), store.get("vanishing")
+    assert blocked.state == "FAILED" and "its run could not start" in blocked.error["message"], blocked.error
+    assert "results/blocked" in blocked.error["message"]
+    assert vanishing.state == "FAILED" and "could not be read after it ended" in vanishing.error["message"], vanishing.error

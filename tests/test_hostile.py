@@ -6,6 +6,7 @@ takes the next good job; every document ends as a record (or is not a document a
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -170,7 +171,9 @@ def console(tmp_path):
     (home / "jobs").mkdir()
     (home / "jobs" / "done.json").write_text(json.dumps({"version": 1, "input": "uploads/k.mp4"}))
     store = SQLiteStore(home / "codsplat.db")
-    outputs = [f"results/done/export/{n}" for n in ("metrics.json", "linked.ply", "looped.ply")]
+    (export / "sub").symlink_to(home, target_is_directory=True)  # a link to a folder on the way
+    os.link(home / "codsplat.db", export / "db.ply")  # a second name for the database
+    outputs = [f"results/done/export/{n}" for n in ("metrics.json", "linked.ply", "looped.ply", "db.ply")]
     store.create(JobRecord(job_id="done", job_key="jobs/done.json", state="SUCCEEDED", result={"outputs": outputs}))
     guard = Guard(token="t0ken", allowed_hosts=frozenset({"testserver"}))
     with TestClient(build_console(Settings(), guard, home), raise_server_exceptions=False) as client:
@@ -179,7 +182,8 @@ def console(tmp_path):
 
 def send(client, case, csrf, upload):
     req = case["request"]
-    fill = lambda text: text.replace("{key}", upload["key"]).replace("{upload_id}", upload["upload_id"])  # noqa: E731
+    fill = lambda text: (text.replace("{key}", upload["key"]).replace("{upload_id}", upload["upload_id"])  # noqa: E731
+                         .replace("{long_name}", "n" * 300))
     headers = {"x-csrf-token": csrf} if csrf else {}
     for name, value in (req.get("headers") or {}).items():
         headers[name] = value.encode("utf-8") if not value.isascii() else value
@@ -201,6 +205,10 @@ def send(client, case, csrf, upload):
                                         "parts": [{"part": 1, "etag": "x"}] * req["parts_repeated"]}).encode()
     elif "form" in req:
         kwargs["data"] = req["form"]
+    elif "chunked" in req:  # no Content-Length: httpx sends a generator's bytes chunked
+        kwargs["content"] = (b"x" * 65536 for _ in range(req["chunked"]))
+    elif "multipart" in req:
+        kwargs["files"] = {name: (None, value) for name, value in req["multipart"].items()}
     if "content" in kwargs:
         headers.setdefault("content-type", "application/json")
     if "cookie" in {h.lower() for h in headers}:
@@ -248,15 +256,31 @@ def test_every_capture_is_refused_with_a_sentence_or_read_within_bounds(tmp_path
     capture = generate.media(tmp_path / "capture", case["make"], sample_video)
     work = tmp_path / "work"
     before = tree(tmp_path, tmp_path / "work")
-    tracemalloc.start()
-    try:
-        run_pipeline(capture, work, build_config({"frames": {"max": 10}}), stage="frames")
-        error = None
-    except PipelineError as exc:  # anything else is a traceback: the test fails on it
-        error = str(exc)
-    finally:
-        peak = tracemalloc.get_traced_memory()[1] / 2**20
-        tracemalloc.stop()
+    settings = {"frames": {"max": case.get("frames_max", 10)}}
+    if "max_rss_mb" in case:  # in a process of its own, whose peak resident memory is the stage's
+        code = ("import json, sys\nfrom pathlib import Path\nfrom codsplat.pipeline.config import build_config\n"
+                "from codsplat.pipeline.errors import PipelineError\nfrom codsplat.pipeline.run import run_pipeline\n"
+                "from codsplat.pipeline.stages import process_peak_rss\n"
+                "try:\n    run_pipeline(Path(sys.argv[1]), Path(sys.argv[2]), build_config(json.loads(sys.argv[3])), stage='frames')\n"
+                "    error = None\nexcept PipelineError as exc:\n    error = str(exc)\n"
+                "print(json.dumps({'error': error, 'rss_mb': process_peak_rss() / 2**20,\n"
+                "                  'torch': 'torch' in sys.modules}))\n")
+        proc = subprocess.run([sys.executable, "-c", code, capture, work, json.dumps(settings)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ran = json.loads(proc.stdout.splitlines()[-1])
+        error, peak = ran["error"], None
+        assert ran["rss_mb"] < case["max_rss_mb"], f"peak RSS {ran['rss_mb']:.0f} MB, torch loaded: {ran['torch']}"
+        assert not ran["torch"], "the frames stage loaded torch (half a gigabyte it never uses)"
+    else:
+        tracemalloc.start()
+        try:
+            run_pipeline(capture, work, build_config(settings), stage="frames")
+            error = None
+        except PipelineError as exc:  # anything else is a traceback: the test fails on it
+            error = str(exc)
+        finally:
+            peak = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
     if "error" in case:
         assert error and all(words in error for words in case["error"]), error
     elif case.get("error_or_kept"):
@@ -274,3 +298,46 @@ def test_every_capture_is_refused_with_a_sentence_or_read_within_bounds(tmp_path
     assert tree(tmp_path, tmp_path / "work") == before  # nothing beside the capture and the work folder
     for name in case.get("outside", []):
         assert not list(tmp_path.rglob(name)) or all(work in p.parents for p in tmp_path.rglob(name))
+
+
+# ------------------------------------------------------------------ door 4: the embedded folder itself
+
+
+@pytest.mark.parametrize("planted", ["notifications", "daemon.lock", ".uploads", "uploads/console"])
+def test_a_link_planted_in_the_embedded_folder_is_never_written_through(tmp_path, planted):
+    """A link where the daemon or the console writes its own files (messages, its lock, upload parts,
+    the joined upload) is refused with a sentence naming it, and nothing is written where it leads."""
+    import re
+
+    from starlette.testclient import TestClient
+
+    from codsplat.orchestrator.console import build_console
+    from codsplat.orchestrator.console.auth import Guard
+    from codsplat.pipeline.errors import InputError
+
+    home, outside = tmp_path / "home", tmp_path / "outside"
+    (home / "uploads").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "victim").write_text("untouched")
+    (outside / "old").mkdir()  # what clearing abandoned uploads would remove, were it followed there
+    os.utime(outside / "old", (time.time() - 3 * 86400,) * 2)
+    (home / planted).symlink_to(outside / "victim" if planted == "daemon.lock" else outside)
+    before = tree(tmp_path, home)
+    if planted in ("notifications", "daemon.lock"):
+        with pytest.raises(InputError, match=re.escape(planted)):
+            build_daemon(Settings(), home)
+    else:
+        guard = Guard(token="t0ken", allowed_hosts=frozenset({"testserver"}))
+        with TestClient(build_console(Settings(), guard, home), raise_server_exceptions=False) as client:
+            client.post("/login", data={"token": "t0ken", "next": "/"})
+            csrf = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/").text).group(1)
+            plan = client.post("/api/uploads", json={"files": [{"name": "a.mp4", "size": 5}]}, headers={"x-csrf-token": csrf})
+            if planted == ".uploads":
+                assert plan.status_code == 422 and ".uploads" in plan.json()["error"] and "link" in plan.json()["error"]
+            else:
+                upload = plan.json()["files"][0]
+                assert client.put(upload["urls"][0], content=b"media").status_code == 200
+                done = client.post("/api/uploads/complete", headers={"x-csrf-token": csrf}, json={
+                    "key": upload["key"], "upload_id": upload["upload_id"], "parts": [{"part": 1, "etag": "x"}]})
+                assert done.status_code == 422 and "console is a link" in done.json()["error"], done.text
+    assert tree(tmp_path, home) == before and (outside / "victim").read_text() == "untouched"

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import html
 import logging
+import mimetypes
+import os
 import re
+import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,17 +34,17 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import (
-    FileResponse,
     HTMLResponse,
     JSONResponse,
     PlainTextResponse,
     RedirectResponse,
     Response,
+    StreamingResponse,
 )
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..blobs import Refused
+from ..blobs import Refused, open_beneath
 from ..job import JOB_ID, json_schema
 from .auth import CSRF_HEADER, SESSION_COOKIE, Guard
 from .service import ConsoleService, NotFound
@@ -85,6 +88,9 @@ class GuardMiddleware(BaseHTTPMiddleware):
         if not guard.host_allowed(request.headers.get("host")):
             return PlainTextResponse("This console does not serve that host name.", status_code=400)
         length = request.headers.get("content-length", "0")
+        if not path.startswith(STREAMED) and "transfer-encoding" in request.headers:  # a body of no stated length
+            return problem(411, "A request body must state its length (Content-Length); chunked bodies are refused.",
+                           "Send the body whole, as a browser's form or fetch does.")
         if not path.startswith(STREAMED) and (not (length.isascii() and length.isdecimal()) or int(length) > MAX_BODY):
             return problem(413, f"The request body is over {MAX_BODY // 2**20} MiB (or its length is not stated).",
                            "Send a smaller JSON object; media go through the upload links.")
@@ -117,6 +123,28 @@ class GuardMiddleware(BaseHTTPMiddleware):
             return False
         origin = request.headers.get("origin")
         return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+
+
+def served(root: Path, key: str, name: str) -> Response:
+    """A file the pipeline wrote beneath the embedded folder, read from the descriptor that was checked:
+    no link on the way or at the end (a folder link would reach the database), and one name only (a
+    hard link made to another file, such as codsplat.db, has two)."""
+    try:
+        fd = open_beneath(root, key)
+    except (Refused, OSError):
+        raise NotFound(name) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise NotFound(name)
+
+    def chunks():
+        with os.fdopen(fd, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                yield chunk
+
+    kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return StreamingResponse(chunks(), media_type=kind, headers={"Content-Length": str(info.st_size)})
 
 
 def set_session(response: Response, session: str, guard: Guard) -> None:
@@ -170,10 +198,12 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
 
         if request.method == "GET":
             return login_page(request.query_params.get("next", "/"))
-        client = request.client.host if request.client else "?"
+        client = request.client.host if request.client else "?"  # the peer, or what a --trusted-proxy says
         wait = guard.login_wait(client)
         if wait:
             return login_page("/", f'<p class="error">Too many wrong tokens; try again in {wait:.0f} s.</p>', 429)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+            return login_page("/", '<p class="error">The login is a form (application/x-www-form-urlencoded).</p>', 415)
         form = await request.form()
         if not guard.token_matches(str(form.get("token", ""))):
             guard.login_failed(client)
@@ -242,12 +272,9 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
 
     async def files(request: Request):
         key = service.file_key(job_id(request), request.path_params["name"])
-        local = service.blobs.local_path(key)
-        if local is not None:
-            if (service.blobs.root / key).is_symlink():  # only files the pipeline wrote, never a link it did not
-                raise NotFound(request.path_params["name"])
-            return FileResponse(local)
-        return RedirectResponse(service.blobs.link(key, FILE_SECONDS), status_code=302)
+        if service.blobs.local_path(key) is None:
+            return RedirectResponse(service.blobs.link(key, FILE_SECONDS), status_code=302)
+        return served(service.blobs.root, key, request.path_params["name"])
 
     async def health(request: Request):
         return JSONResponse({"ok": True})

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 SESSION_COOKIE = "codsplat_session"
 CSRF_HEADER = "x-csrf-token"
 LOGIN_FAILURES = 5  # failed logins from one address within LOGIN_WINDOW before it must wait
+LOGIN_BUDGET = 50  # failed logins from all addresses together within LOGIN_WINDOW before every one must wait
 LOGIN_WINDOW = 60.0
 
 
@@ -28,6 +29,13 @@ def same(a: str | None, b: str | None) -> bool:
     """Constant-time equality of two strings of any characters (hmac.compare_digest refuses non-ASCII
     str, which a hostile cookie or header would otherwise turn into a 500)."""
     return a is not None and b is not None and hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
+
+
+def _wait(failures: deque, limit: int) -> float:
+    """Seconds until the oldest of `limit` failures within LOGIN_WINDOW leaves it (0: fewer than `limit`)."""
+    while failures and time.monotonic() - failures[0] > LOGIN_WINDOW:
+        failures.popleft()
+    return LOGIN_WINDOW - (time.monotonic() - failures[0]) if len(failures) >= limit else 0.0
 
 
 def is_loopback(host: str) -> bool:
@@ -48,6 +56,7 @@ class Guard:
     secure_cookies: bool = False  # set behind HTTPS (a load balancer): cookies never go over plain HTTP
     _ended: dict[str, float] = field(default_factory=dict)  # sessions logged out, until they would have expired
     _failures: dict[str, deque] = field(default_factory=dict)  # failed logins by client address
+    _all_failures: deque = field(default_factory=lambda: deque(maxlen=LOGIN_BUDGET))  # by every address together
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _sign(self, text: str) -> str:
@@ -60,18 +69,18 @@ class Guard:
         return self.token is None or same(offered, self.token)
 
     def login_wait(self, client: str) -> float:
-        """Seconds this address must wait before trying again (0: it may try now)."""
+        """Seconds this address must wait before trying again (0: it may try now): after LOGIN_FAILURES
+        wrong tokens from it, or LOGIN_BUDGET from all addresses together (guesses spread over many
+        addresses), within LOGIN_WINDOW."""
         with self._lock:
-            recent = self._failures.get(client, deque())
-            while recent and time.monotonic() - recent[0] > LOGIN_WINDOW:
-                recent.popleft()
-            return LOGIN_WINDOW - (time.monotonic() - recent[0]) if len(recent) >= LOGIN_FAILURES else 0.0
+            return max(_wait(self._failures.get(client, deque()), LOGIN_FAILURES), _wait(self._all_failures, LOGIN_BUDGET))
 
     def login_failed(self, client: str) -> None:
         with self._lock:
             if len(self._failures) > 10_000:  # many addresses: forget the oldest rather than grow without end
                 self._failures.pop(next(iter(self._failures)))
             self._failures.setdefault(client, deque(maxlen=LOGIN_FAILURES)).append(time.monotonic())
+            self._all_failures.append(time.monotonic())
 
     def end_session(self, cookie: str | None) -> None:
         """Logout: the session stops working here and now, not when its cookie would expire."""

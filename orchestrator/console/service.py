@@ -22,7 +22,7 @@ from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.validation import show
 
 from ..blobs import Blobs
-from ..job import MAX_RENUMBER, JobDocument, job_id_from_key, owner_of, parse_job
+from ..job import MAX_RENUMBER, JobDocument, job_id_from_key, job_of_record, owner_of, parse_job
 from ..pricing import running
 from ..records import RUNNING, InvalidTransition, JobRecord, Store, request_cancel
 from ..settings import Policy, Settings
@@ -158,8 +158,8 @@ class ConsoleService:
     def _document(self, record: JobRecord) -> tuple[dict[str, Any], str]:
         """The job document as written, and its output prefix."""
         raw = parse_document(self.blobs.read(record.job_key, limit=MAX_DOCUMENT_BYTES + 1), record.job_key)
-        return raw, parse_job(raw, self.policy, default_id=record.job_id,
-                              owner=owner_of(record.job_key, self.settings)).output_uri(self.policy).key
+        return raw, job_of_record(raw, record.job_id, self.policy,
+                                  owner=owner_of(record.job_key, self.settings)).output_uri(self.policy).key
 
     def summary(self, record: JobRecord) -> dict[str, Any]:
         """A row of the job list: state, stage, time so far and estimated cost."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import secrets
 import shutil
@@ -21,6 +22,8 @@ from codsplat.pipeline.contract import ARCHIVE_SUFFIXES, MEDIA_SUFFIXES, VIDEO_S
 from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.validation import show
 from starlette.concurrency import run_in_threadpool
+
+from ..blobs import Refused, open_beneath, walk_beneath
 
 MIN_PART = 8 * 2**20  # S3 parts are at least 5 MiB (but the last); 8 MiB keeps the count low
 MAX_PARTS = 10_000  # S3's limit
@@ -87,6 +90,11 @@ class S3Uploads:
             MultipartUpload={"Parts": [{"PartNumber": int(p["part"]), "ETag": str(p["etag"])} for p in parts]})
 
 
+def unwritable(exc: Exception) -> InputError:
+    return InputError(f"The upload cannot be written in the embedded folder: {exc}.",
+                      hint="The folder's .uploads and uploads/ must be plain folders; remove the link.")
+
+
 class FolderUploads:
     """Parts land in `<root>/.uploads/<upload id>/`; `complete` joins them into the key's file."""
 
@@ -94,13 +102,24 @@ class FolderUploads:
         self.root, self.sign_path, self.link_seconds = root, sign_path, link_seconds
         self.staging = root / ".uploads"
 
+    def _write(self, rel: str, data: bytes) -> None:
+        """A new file beneath the folder, through no link (a planted `.uploads` or `uploads/console`
+        link would otherwise take the write elsewhere)."""
+        with os.fdopen(self._open(rel), "wb") as fh:
+            fh.write(data)
+
+    def _open(self, rel: str) -> int:
+        try:
+            return open_beneath(self.root, rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        except Refused as exc:
+            raise unwritable(exc) from None
+
     def start(self, key: str, size: int) -> dict:
         self.clear_abandoned()
         upload_id = secrets.token_hex(12)
         step = part_size(size)
-        (self.staging / upload_id).mkdir(parents=True)
-        (self.staging / upload_id / "key").write_text(key)
-        (self.staging / upload_id / "parts").write_text(str(math.ceil(size / step)))
+        self._write(f".uploads/{upload_id}/key", key.encode())
+        self._write(f".uploads/{upload_id}/parts", str(math.ceil(size / step)).encode())
         urls = [self.sign_path(f"/api/local-upload/{upload_id}/{n}", self.link_seconds)
                 for n in range(1, math.ceil(size / step) + 1)]
         return {"key": key, "upload_id": upload_id, "part_size": step, "urls": urls}
@@ -109,7 +128,9 @@ class FolderUploads:
         """Remove uploads started more than ABANDONED_SECONDS ago and never completed."""
         cleared = []
         now = time.time() if now is None else now
-        for folder in self.staging.iterdir() if self.staging.is_dir() else []:
+        if self.staging.is_symlink() or not self.staging.is_dir():  # never clear out where a planted link leads
+            return cleared
+        for folder in self.staging.iterdir():
             if folder.is_dir() and not folder.is_symlink() and now - folder.stat().st_mtime > ABANDONED_SECONDS:
                 shutil.rmtree(folder, ignore_errors=True)
                 cleared.append(folder.name)
@@ -124,7 +145,8 @@ class FolderUploads:
         """Write one part as it streams in; the ETag is its MD5, as S3's is."""
         digest = hashlib.md5()
         target = self._dir(upload_id) / f"{number:05d}.part"
-        fh = await run_in_threadpool(open, target.with_suffix(".tmp"), "wb")
+        tmp = target.with_name(f"{number:05d}.{secrets.token_hex(6)}.tmp")  # its own: a part may be sent twice at once
+        fh = os.fdopen(await run_in_threadpool(self._open, f".uploads/{upload_id}/{tmp.name}"), "wb")
         received = 0
         try:
             async for chunk in chunks:
@@ -135,10 +157,10 @@ class FolderUploads:
                 await run_in_threadpool(fh.write, chunk)  # disk writes stay off the event loop
         except BaseException:
             fh.close()
-            target.with_suffix(".tmp").unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         fh.close()
-        target.with_suffix(".tmp").replace(target)
+        tmp.replace(target)  # the last whole part sent wins
         return f'"{digest.hexdigest()}"'
 
     def complete(self, key: str, upload_id: str, parts: list[dict]) -> None:
@@ -153,12 +175,26 @@ class FolderUploads:
         missing = [n for n, f in zip(numbers, files) if not f.is_file()]
         if not numbers or missing:
             raise InputError(f"parts: part {missing[0] if missing else 1} of upload {upload_id} never arrived.")
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        with open(tmp, "wb") as out:
-            for f in files:
-                with open(f, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-        tmp.replace(target)  # the media appear whole, never half-written
+        parent, name = os.path.split(key)
+        try:
+            dest = walk_beneath(self.root, parent, create=True)  # no link on the way to the key's folder
+        except Refused as exc:
+            raise unwritable(exc) from None
+        try:
+            out_fd = os.open(f".{name}.part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dest)
+            with os.fdopen(out_fd, "wb") as out:
+                for number, f, part in zip(numbers, files, sorted(parts, key=lambda p: int(p["part"]))):
+                    digest = hashlib.md5()
+                    with open(f, "rb") as src:
+                        while chunk := src.read(1 << 20):
+                            digest.update(chunk)
+                            out.write(chunk)
+                    if str(part.get("etag", "")).strip('"') != digest.hexdigest():  # as S3 refuses a stale or wrong ETag
+                        os.unlink(f".{name}.part", dir_fd=dest)
+                        raise InputError(f"parts: part {number}'s ETag is not the one its upload answered with; "
+                                         "send each part's ETag as the upload returned it.")
+            # the media appear whole, never half-written, in the folder that was checked
+            os.replace(f".{name}.part", name, src_dir_fd=dest, dst_dir_fd=dest)
+        finally:
+            os.close(dest)
         shutil.rmtree(folder, ignore_errors=True)

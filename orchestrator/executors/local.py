@@ -21,8 +21,8 @@ from typing import Callable
 
 from codsplat.pipeline.contract import METRICS, parse_outcome, run_summary
 
-from ..blobs import Blobs
-from ..compute import Attempt, Ending, Result
+from ..blobs import Blobs, Refused
+from ..compute import Attempt, CannotRun, Ending, Result
 from ..faults import crashpoint
 from ..job import JobDocument
 from ..settings import Policy
@@ -72,6 +72,15 @@ class LocalExecutor:
         pass
 
     def submit(self, job: JobDocument, attempt: Attempt, upstream: dict[str, str]) -> None:
+        try:
+            self._start(job, attempt)
+        except OSError as exc:  # a folder in the way, a name the disk refuses, no process to start: the job ends
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise CannotRun(f"its run could not start: {exc.strerror or exc}{where}") from None
+        except Refused as exc:  # its folder became a link out of the embedded folder after it was checked
+            raise CannotRun(f"its run could not start: {exc}") from None
+
+    def _start(self, job: JobDocument, attempt: Attempt) -> None:
         work = self._work(job)
         work.mkdir(parents=True, exist_ok=True)
         media = self.blobs.local_path(job.input_uri.key) or self.blobs.download(job.input_uri.key, self.cache / job.id / "media")
@@ -110,16 +119,24 @@ class LocalExecutor:
                 self._runs.pop(attempt.name, None)
                 stopped = attempt.name in self._stopping
                 self._stopping.discard(attempt.name)
-            work = Path(attempt.published)
-            (work / ".run.pid").unlink(missing_ok=True)
             if stopped:
                 return done(Result(Ending.STOPPED))
-            stdout = (work / "logs" / f"attempt-{attempt.number}.out").read_text(errors="replace")
-            outcome = run_outcome(work / METRICS) if code == 0 else parse_outcome(stdout)
-            tail = (work / "logs" / f"attempt-{attempt.number}.log").read_text(errors="replace").strip().splitlines()
-            done(Result.of_exit(code, outcome, tail[-1] if tail else ""))
+            try:
+                result = self._result(attempt, code)
+            except Exception as exc:  # noqa: BLE001 - the run ended, whatever became of its folder: it is told
+                result = Result.of_exit(code or 1, None, f"the run's folder could not be read after it ended ({exc})"[:500])
+            done(result)
 
         threading.Thread(target=wait, name=f"local-{attempt.name}", daemon=True).start()
+
+    @staticmethod
+    def _result(attempt: Attempt, code: int) -> Result:
+        work = Path(attempt.published)
+        (work / ".run.pid").unlink(missing_ok=True)
+        stdout = (work / "logs" / f"attempt-{attempt.number}.out").read_text(errors="replace")
+        outcome = run_outcome(work / METRICS) if code == 0 else parse_outcome(stdout)
+        tail = (work / "logs" / f"attempt-{attempt.number}.log").read_text(errors="replace").strip().splitlines()
+        return Result.of_exit(code, outcome, tail[-1] if tail else "")
 
     def stop(self, attempt: Attempt, reason: str) -> None:
         """SIGTERM to the run's process group, SIGKILL if it has not gone after 10 s."""

@@ -64,6 +64,13 @@ def _media_link(home, path, case):
     path.write_text(json.dumps({**BASE, **case["json"]}))
 
 
+def _results_link(home, path, case):
+    """The job's own results folder planted as a link out of the embedded folder, before it is read."""
+    (home / "results").mkdir(exist_ok=True)
+    (home / "results" / case["name"]).symlink_to(home.parent / "outside", target_is_directory=True)
+    path.write_text(json.dumps(BASE))
+
+
 def _latin1_name(home, path, case):
     os.makedirs(home / "jobs", exist_ok=True)
     name = os.path.join(os.fsencode(home / "jobs"), b"caf\xe9.json")
@@ -89,7 +96,8 @@ def _folder_json(home, path, case):
 
 DOCUMENTS = {"bom": _bom, "latin1": _latin1, "deep": _deep, "deep-section": _deep_section, "big": _big,
              "long-input": _long_input, "media-link": _media_link, "latin1-name": _latin1_name, "link-out": _link_out,
-             "link-loop": _link_loop, "folder-loop": _folder_loop, "folder-json": _folder_json}
+             "link-loop": _link_loop, "folder-loop": _folder_loop, "folder-json": _folder_json,
+             "results-link": _results_link}
 
 
 # ------------------------------------------------------------------ media
@@ -209,6 +217,12 @@ def one_frame_video(folder: Path, sample_video: Path) -> Path:
     return _encode(folder / "one.mp4", "mpeg4", frames=1)
 
 
+def video_of_4096_square_frames(folder: Path, sample_video: Path) -> Path:
+    """40 frames of 4096×4096 that compress to about 1 MB: each frame decodes to 48 MiB of RGB, and
+    a stage that kept every window's candidate whole held 2.9 GB."""
+    return _encode(folder / "huge.mp4", "mpeg4", frames=40, size=(4096, 4096))
+
+
 def _encode(path: Path, codec: str, frames: int, container: str | None = None, size=(64, 48)) -> Path:
     import av
     import numpy as np
@@ -217,7 +231,7 @@ def _encode(path: Path, codec: str, frames: int, container: str | None = None, s
         stream = out.add_stream(codec, rate=1)
         (stream.width, stream.height), stream.pix_fmt = size, "yuv420p"
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 40 * i, dtype=np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 40 * i % 256, dtype=np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
@@ -268,5 +282,5 @@ def truncated_photos(folder: Path, sample_video: Path) -> Path:
 MEDIA = {f.__name__: f for f in (
     zip_of_zeros, zip_of_many_entries, zip_that_claims_terabytes, zip_with_traversal_names, zip_of_mac_droppings,
     zip_with_undecodable_names, not_a_zip, truncated_video, empty_video, noise_video, raw_h263_named_mov,
-    ffconcat_named_mp4, one_frame_video, tiny_images,
+    ffconcat_named_mp4, one_frame_video, video_of_4096_square_frames, tiny_images,
     gigapixel_claims, photos_with_a_link_out, photos_with_undecodable_names, no_photos, truncated_photos)}
