@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -26,16 +27,37 @@ from .train import CAMERAS
 PREVIEW_MIN_HEIGHT = 240
 
 
-def quality_gate(evaluation: dict[str, Any], params, min_psnr: float) -> None:
+def sfm_weakness(sfm: dict[str, Any] | None) -> str | None:
+    """What is weak about the SfM model training started from, in its own statistics; None when nothing is."""
+    if not sfm:
+        return None
+    registered, total = sfm.get("registered_images", 0), sfm.get("total_images", 0)
+    connected, stray = sfm.get("connected_images", total), len(sfm.get("stray_cameras_dropped") or [])
+    kept = next((t for t in sfm.get("tries", []) if t.get("kept")), None)
+    if registered >= 0.9 * total and not stray and not (kept and kept.get("weak")):
+        return None
+    tries = len(sfm.get("tries", [])) or 1
+    return (f"the SfM model is the weak part: it placed {registered} of {total} frames (the verified matches connect "
+            f"{connected}), dropped {stray} cameras as stray, after {tries} mapping {'try' if tries == 1 else 'tries'} "
+            f"(sfm/sfm.json)")
+
+
+def quality_gate(evaluation: dict[str, Any], params, min_psnr: float, sfm: dict[str, Any] | None = None) -> None:
     n = len(params["means"])
     if n == 0:
         raise QualityError("Training produced no Gaussians; there is nothing to export.", stage="export")
-    if evaluation["psnr"] is None or evaluation["psnr"] < min_psnr:
+    psnr = evaluation["psnr"]
+    if psnr is None or math.isnan(psnr):  # a score that is not one never passes the gate
+        raise QualityError("The splat could not be scored on held-out views (no PSNR), so it was not exported.",
+                           stage="export", hint="Keep more frames (frames.max) so that train.test_every holds some out.")
+    if psnr < min_psnr:
         raise QualityError(
             f"The splat reaches {evaluation['psnr']} dB PSNR on the held-out views, below export.min_psnr "
             f"({min_psnr} dB), so it was not exported.",
             stage="export",
-            hint="Train longer (train.steps), use more frames, or check the SfM statistics in sfm/sfm.json.",
+            hint=(f"Training is not what fell short: {weak}. Capture more views that overlap, or set sfm.mapper "
+                  "or sfm.seed to map again." if (weak := sfm_weakness(sfm)) else
+                  "Train longer (train.steps), use more frames, or check the SfM statistics in sfm/sfm.json."),
         )
 
 
@@ -62,7 +84,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     params, sh_degree = splat_io.load(train_dir / "splats.pt")
     finite = splat_io.finite_mask(params)
     params = {k: v[finite] for k, v in params.items()}
-    quality_gate(evaluation, params, cfg.min_psnr)
+    quality_gate(evaluation, params, cfg.min_psnr, manifests["sfm"].get("stats"))
 
     for old in out.glob("splat.*"):
         old.unlink()

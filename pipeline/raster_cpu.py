@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .cpus import chunked
+
 ALPHA_MIN = np.float32(1.0 / 255.0)
 ALPHA_MAX = np.float32(0.999)
 T_MIN = np.float32(1e-4)
@@ -509,7 +511,8 @@ class Project(torch.autograd.Function):
     def forward(ctx, means, quats, scales, coeffs, viewmat, K, width, height, sh_degree, eps2d, near, far):
         args = (_host(means), _host(quats), _host(scales), NO_SH if coeffs is None else _host(coeffs),
                 -1 if coeffs is None else sh_degree, _host(viewmat), _host(K), width, height, eps2d)
-        means2d, conics, depths, radii, colors = project_forward(*args, near, far)
+        with chunked(len(args[0])):
+            means2d, conics, depths, radii, colors = project_forward(*args, near, far)
         ctx.args, ctx.radii, ctx.has_sh = args, radii, coeffs is not None
         depths, radii = torch.from_numpy(depths), torch.from_numpy(radii)
         ctx.mark_non_differentiable(depths, radii)
@@ -517,9 +520,10 @@ class Project(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v_means2d, v_conics, v_depths, v_radii, v_colors):
-        v_means, v_quats, v_scales, v_coeffs = project_backward(
-            *ctx.args, ctx.radii, _host(v_means2d), _host(v_conics),
-            _host(v_colors) if ctx.has_sh else np.zeros((0, 3), np.float32))
+        with chunked(len(ctx.radii)):
+            v_means, v_quats, v_scales, v_coeffs = project_backward(
+                *ctx.args, ctx.radii, _host(v_means2d), _host(v_conics),
+                _host(v_colors) if ctx.has_sh else np.zeros((0, 3), np.float32))
         return (torch.from_numpy(v_means), torch.from_numpy(v_quats), torch.from_numpy(v_scales),
                 torch.from_numpy(v_coeffs) if ctx.has_sh else None, None, None, None, None, None, None, None, None)
 
@@ -543,9 +547,11 @@ class Composite(torch.autograd.Function):
     def forward(ctx, means2d, conics, opacities, feats, background, radii, depths, width, height, tile_size):
         tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
         offsets, ids = bin_tiles(_host(means2d), _host(radii.int()), _host(depths), tile_size, tiles_x, tiles_y)
-        packed, cuts = _gather(ids, _host(means2d), _host(conics), _host(opacities), _host(feats))
+        with chunked(len(ids)):
+            packed, cuts = _gather(ids, _host(means2d), _host(conics), _host(opacities), _host(feats))
         bg = _host(background) if background is not None else np.zeros(0, np.float32)
-        color, t_final, walked = forward(packed, cuts, offsets, width, height, tile_size, tiles_x, bg)
+        with chunked(tiles_x * tiles_y):  # tiles differ most in cost: where the subject is, or empty sky
+            color, t_final, walked = forward(packed, cuts, offsets, width, height, tile_size, tiles_x, bg)
         ctx.state = (packed, cuts, offsets, ids, bg, t_final, walked, width, height, tile_size, tiles_x, means2d.shape[0])
         ctx.has_background = background is not None
         return torch.from_numpy(color), torch.from_numpy(1.0 - t_final)[..., None]
@@ -553,8 +559,9 @@ class Composite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v_image, v_alpha):
         packed, cuts, offsets, ids, bg, t_final, walked, width, height, tile_size, tiles_x, n = ctx.state
-        grads, v_bg = backward(packed, cuts, offsets, width, height, tile_size, tiles_x, bg, t_final, walked,
-                               _host(v_image), _host(v_alpha[..., 0]))
+        with chunked(len(offsets) - 1):
+            grads, v_bg = backward(packed, cuts, offsets, width, height, tile_size, tiles_x, bg, t_final, walked,
+                                   _host(v_image), _host(v_alpha[..., 0]))
         per_gaussian = torch.from_numpy(scatter(grads, ids, n))
         v_background = torch.from_numpy(v_bg.sum(axis=0)) if ctx.has_background else None
         return (per_gaussian[:, 0:2], per_gaussian[:, 2:5], per_gaussian[:, 5], per_gaussian[:, 6:], v_background,

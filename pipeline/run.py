@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Callable
 
-from . import export, ingest, sfm, train
+from . import cpus, ingest
 from .config import PipelineConfig
 from .errors import InputError
 from .contract import GROUPS, STAGES
 from .stages import ProgressFile, RunSummary, StageContext, run_stage
 
-STAGE_FUNCTIONS = {"frames": ingest.run, "sfm": sfm.run, "train": train.run, "export": export.run}
+# Each stage's module is imported when the stage runs: a frames or sfm stage on its own (a split job's
+# first steps) never loads torch, whose import alone is half a gigabyte of resident memory.
+STAGE_MODULES = {"frames": "ingest", "sfm": "sfm", "train": "train", "export": "export"}
+TORCH_STAGES = ("train", "export")
 STAGE_CHOICES = tuple(GROUPS) + tuple(s for s in STAGES if s not in GROUPS)
 
 
@@ -40,8 +44,10 @@ def run_pipeline(
         raise InputError("INPUT is required for the frames stage: a video, a folder of images or a .zip of images.")
     if input_path is not None:
         ingest.input_kind(input_path)  # fail on a bad input before any work starts
-    if "train" in selected:
-        train.choose_device(config.train)  # and on settings this machine cannot train with (no CUDA GPU)
+    if any(name in TORCH_STAGES for name in selected):
+        cpus.configure()  # threads from the CPUs this process may use, set before torch loads (cpus.py says why)
+    if "train" in selected:  # and on settings this machine cannot train with (no CUDA GPU)
+        importlib.import_module(".train", __package__).choose_device(config.train)
     work.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(work)
     progress_file = ProgressFile(work, selected)
@@ -53,7 +59,8 @@ def run_pipeline(
             recorded(fraction, note)
 
         ctx = StageContext(work=work, config=config, input=input_path, progress=progress)
-        result = run_stage(name, STAGE_FUNCTIONS[name], ctx, force=force)
+        module = importlib.import_module(f".{STAGE_MODULES[name]}", __package__)
+        result = run_stage(name, module.run, ctx, force=force)
         summary.results.append(result)
         on_done(name, result.manifest, result.skipped)
     return summary

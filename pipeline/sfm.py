@@ -3,6 +3,15 @@
 Writes `sfm/sparse/` (the largest model), `sfm/undistorted/{images,sparse}` (what training reads) and
 `sfm/sfm.json` (registration and error statistics). A capture that registers too few frames fails
 here with a clear reason instead of producing a garbage splat later.
+
+The same frames and `sfm.seed` give the same model on every run: every random choice is seeded,
+the images enter the database in name order before the SIFT threads run (their ids otherwise
+follow which thread finished first, and the mappers' choices follow the ids), and the mapper runs
+on one thread (`sfm.deterministic`: bundle adjustment's threads add up in the order they finish,
+and on a busy machine those last-digit differences grew to 2% of the points). A model is judged
+before training sees it: one that places well fewer frames than the verified matches connect, or
+that had many cameras dropped as stray, is mapped again with the other mapper, then another seed,
+and the best try is kept. Each try is in `sfm.json`.
 """
 
 from __future__ import annotations
@@ -16,11 +25,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .cpus import usable
 from .errors import ReconstructionError
 from .stages import StageContext
 
 EXHAUSTIVE_MAX = 60  # `auto` matches photo sets up to this size exhaustively (n² pairs stay cheap)
 LOOP_CANDIDATES = 3
+MIN_PAIR_INLIERS = 15  # a verified pair links two frames (the mappers' own `min_num_matches`)
+WEAK_SHARE = 0.9  # a model placing fewer than this share of the frames the matches connect is weak
+WEAK_STRAY_SHARE = 0.1  # as is one that lost more than this share of its cameras as stray
+MAX_TRIES = 3  # the configured mapper, the other one, then the configured one with the next seed
 
 
 def _device():
@@ -77,6 +91,67 @@ def drop_stray_cameras(model, spread: float = 10.0, reach: float = 3.0) -> list[
     return sorted(img.name for img, bad in zip(images, stray) if bad)
 
 
+def connected(db_path: Path) -> int:
+    """The most frames that one model could place: the largest group of frames linked by verified
+    pairs of at least MIN_PAIR_INLIERS inliers."""
+    import pycolmap
+
+    db = pycolmap.Database.open(str(db_path))
+    try:
+        parent = {image.image_id: image.image_id for image in db.read_all_images()}
+        pair_ids, inliers = db.read_two_view_geometry_num_inliers()
+    finally:
+        db.close()
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for pair_id, count in zip(pair_ids, inliers):
+        if count >= MIN_PAIR_INLIERS:
+            a, b = pycolmap.pair_id_to_image_pair(pair_id)
+            parent[root(a)] = root(b)
+    sizes: dict[int, int] = {}
+    for i in parent:
+        sizes[root(i)] = sizes.get(root(i), 0) + 1
+    return max(sizes.values(), default=0)
+
+
+def map_once(db: Path, image_dir: Path, raw: Path, mapper: str, seed: int, threads: int):
+    """One mapping of the matched database: its largest model (stray cameras dropped), the number
+    of models found, and the names of the strays; (None, 0, []) when nothing was placed."""
+    import pycolmap
+
+    raw.mkdir(parents=True)
+    if mapper == "global":
+        options = pycolmap.GlobalPipelineOptions()
+        m = options.mapper
+        options.random_seed = m.random_seed = m.global_positioning.random_seed = seed
+        m.retriangulation.random_seed = m.rotation_averaging.random_seed = seed
+        options.num_threads = m.num_threads = threads
+        models = pycolmap.global_mapping(db, image_dir, raw, options)
+    else:
+        options = pycolmap.IncrementalPipelineOptions()
+        options.random_seed = options.mapper.random_seed = options.triangulation.random_seed = seed
+        options.num_threads = options.mapper.num_threads = threads
+        models = pycolmap.incremental_mapping(db, image_dir, raw, options)
+    if not models:
+        return None, 0, []
+    model = max(models.values(), key=lambda m: m.num_reg_images())
+    return model, len(models), drop_stray_cameras(model)
+
+
+def weakness(registered: int, stray: int, supported: int) -> str | None:
+    """Why a model should be mapped again, or None when it is as good as its matches allow."""
+    if stray > WEAK_STRAY_SHARE * (registered + stray):
+        return f"dropped {stray} of {registered + stray} cameras as stray"
+    if registered < WEAK_SHARE * supported:
+        return f"placed {registered} of the {supported} frames its matches connect"
+    return None
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     import pycolmap
 
@@ -91,37 +166,40 @@ def run(ctx: StageContext) -> dict[str, Any]:
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     names = sorted(p.name for p in image_dir.glob("*.jpg"))
     db = out / "database.db"
-    device = _device()
+    device, threads = _device(), usable()
 
     ctx.progress(0.05, f"SIFT on {len(names)} frames")
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.sift.max_num_features = cfg.max_features
+    extraction.num_threads = threads
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = cfg.camera_model
     single = cfg.single_camera and frames.get("same_size", True)
-    pycolmap.extract_features(
-        db, image_dir, image_names=names,
-        camera_mode=pycolmap.CameraMode.SINGLE if single else pycolmap.CameraMode.AUTO,
-        reader_options=reader, extraction_options=extraction, device=device,
-    )
+    camera_mode = pycolmap.CameraMode.SINGLE if single else pycolmap.CameraMode.AUTO
+    pycolmap.Database.open(str(db)).close()
+    pycolmap.import_images(db, image_dir, camera_mode=camera_mode, image_names=names, options=reader)  # ids in name order
+    pycolmap.extract_features(db, image_dir, image_names=names, camera_mode=camera_mode,
+                              reader_options=reader, extraction_options=extraction, device=device)
 
-    # Seeded RANSAC and mapping. COLMAP's threads still make runs differ slightly (±2% of the points).
     seed = ctx.config.sfm.seed
     pycolmap.set_random_seed(seed)
     verification = pycolmap.TwoViewGeometryOptions()
     verification.ransac.random_seed = seed
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = threads
     matcher = cfg.matcher
     if matcher == "auto":
         matcher = "exhaustive" if frames["kind"] != "video" and len(names) <= EXHAUSTIVE_MAX else "sequential"
     ctx.progress(0.3, f"{matcher} matching")
     n_loop = 0
     if matcher == "exhaustive":
-        pycolmap.match_exhaustive(db, verification_options=verification, device=device)
+        pycolmap.match_exhaustive(db, matching_options=matching, verification_options=verification, device=device)
     else:
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = cfg.overlap
         pairing.quadratic_overlap = True
-        pycolmap.match_sequential(db, pairing_options=pairing, verification_options=verification, device=device)
+        pycolmap.match_sequential(db, pairing_options=pairing, matching_options=matching,
+                                  verification_options=verification, device=device)
         if cfg.loop_detection:
             pairs = loop_pairs(image_dir, names, cfg.overlap)
             n_loop = len(pairs)
@@ -130,32 +208,41 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 pair_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
                 imported = pycolmap.ImportedPairingOptions()
                 imported.match_list_path = str(pair_file)
-                pycolmap.match_image_pairs(db, pairing_options=imported, verification_options=verification, device=device)
+                pycolmap.match_image_pairs(db, pairing_options=imported, matching_options=matching,
+                                           verification_options=verification, device=device)
 
-    ctx.progress(0.55, f"{cfg.mapper} mapping")
-    raw = out / "raw"
-    raw.mkdir()
-    if cfg.mapper == "global":
-        options = pycolmap.GlobalPipelineOptions()
-        options.random_seed = options.mapper.random_seed = seed
-        models = pycolmap.global_mapping(db, image_dir, raw, options)
-    else:
-        options = pycolmap.IncrementalPipelineOptions()
-        models = pycolmap.incremental_mapping(db, image_dir, raw, options)
+    supported = connected(db)
     total = len(names)
-    if not models:
+    other = "incremental" if cfg.mapper == "global" else "global"
+    plan = [(cfg.mapper, seed), (other, seed), (cfg.mapper, (seed + 1) % 2**31)][:MAX_TRIES]
+    tries, best = [], None
+    for number, (mapper, try_seed) in enumerate(plan, 1):
+        ctx.progress(0.55 + 0.1 * (number - 1), f"{mapper} mapping" + (f" (try {number})" if number > 1 else ""))
+        model, found, stray = map_once(db, image_dir, out / "raw" / f"try-{number}", mapper, try_seed,
+                                       1 if cfg.deterministic else threads)
+        registered = model.num_reg_images() if model is not None else 0
+        why = weakness(registered, len(stray), supported) if model is not None else "placed no frame"
+        tries.append({"mapper": mapper, "seed": try_seed, "registered_images": registered, "models_found": found,
+                      "points3d": model.num_points3D() if model is not None else 0,
+                      "stray_cameras_dropped": stray, "weak": why})
+        if model is not None and (best is None or (registered, model.num_points3D()) > best[1:]):
+            best = (number, registered, model.num_points3D(), model, found, stray)
+        if why is None:
+            break
+    if best is None:
         raise ReconstructionError(
-            f"Structure from motion placed none of the {total} frames in 3D: the frames do not overlap enough.",
+            f"Structure from motion placed none of the {total} frames in 3D with either mapper: the frames do not overlap enough.",
             stage="sfm",
             hint="Move the camera slowly around a textured subject, with each view overlapping the last.",
         )
-    model = max(models.values(), key=lambda m: m.num_reg_images())
-    stray = drop_stray_cameras(model)
-    registered = model.num_reg_images()
+    kept, registered, _, model, found, stray = best
+    for number, attempt in enumerate(tries, 1):
+        attempt["kept"] = number == kept
     need = max(cfg.min_registered, int(np.ceil(cfg.min_registered_fraction * total)))
     if registered < need:
         raise ReconstructionError(
-            f"Only {registered} of {total} frames could be placed in 3D; at least {need} are needed "
+            f"Only {registered} of {total} frames could be placed in 3D (the matches connect {supported}; "
+            f"{len(tries)} mapping tries); at least {need} are needed "
             f"(sfm.min_registered_fraction={cfg.min_registered_fraction}, sfm.min_registered={cfg.min_registered}).",
             stage="sfm",
             hint="The frames may not overlap enough or may be blurred; capture more views with steadier motion.",
@@ -163,7 +250,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     sparse = out / "sparse"
     sparse.mkdir()
     model.write(sparse)
-    shutil.rmtree(raw)
+    shutil.rmtree(out / "raw")
 
     ctx.progress(0.85, "undistorting")
     undistorted = out / "undistorted"
@@ -181,17 +268,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ]
     stats = {
         "matcher": matcher,
-        "mapper": cfg.mapper,
+        "mapper": tries[kept - 1]["mapper"],
+        "seed": tries[kept - 1]["seed"],
         "device": str(device).split(".")[-1],
+        "threads": threads,
         "total_images": total,
+        "connected_images": supported,
         "registered_images": registered,
         "registered_fraction": round(registered / total, 3),
-        "models_found": len(models),
+        "models_found": found,
         "points3d": model.num_points3D(),
         "mean_reprojection_error_px": round(float(model.compute_mean_reprojection_error()), 4),
         "mean_track_length": round(float(model.compute_mean_track_length()), 3),
         "loop_pairs": n_loop,
         "stray_cameras_dropped": stray,
+        "tries": tries,
         "cameras": cams,
         "unregistered": sorted(set(names) - {img.name for img in model.images.values() if img.has_pose}),
     }

@@ -165,3 +165,42 @@ def test_spz_stores_rub_which_raw_readers_see_turned_over(tmp_path, splat_transf
     np.testing.assert_allclose(cols["x"], means[:, 0], atol=1 / 4096)
     np.testing.assert_allclose(cols["y"], -means[:, 1], atol=1 / 4096)
     np.testing.assert_allclose(cols["z"], -means[:, 2], atol=1 / 4096)
+
+
+def test_the_quality_gate_passes_only_a_score_at_or_above_the_floor():
+    """A splat with no score (no held-out view), a NaN score, or one below export.min_psnr is never
+    exported; one at the floor is."""
+    import pytest
+
+    from codsplat.pipeline.errors import QualityError
+    from codsplat.pipeline.export import quality_gate
+
+    params = {"means": [[0.0, 0.0, 0.0]]}
+    for psnr, words in ((None, "could not be scored"), (float("nan"), "could not be scored"), (14.99, "below export.min_psnr")):
+        with pytest.raises(QualityError, match=words):
+            quality_gate({"psnr": psnr}, params, 15.0)
+    quality_gate({"psnr": 15.0}, params, 15.0)
+    with pytest.raises(QualityError, match="no Gaussians"):
+        quality_gate({"psnr": 30.0}, {"means": []}, 15.0)
+
+
+def test_exit_4_names_the_sfm_statistics_when_the_model_is_the_weak_part():
+    """Below the floor after a model that lost cameras, the advice names the model's figures and
+    says training is not what fell short; after a sound model it says to train longer."""
+    import pytest
+
+    from codsplat.pipeline.errors import QualityError
+    from codsplat.pipeline.export import quality_gate
+
+    weak = {"registered_images": 13, "total_images": 24, "connected_images": 24,
+            "stray_cameras_dropped": [f"IMG_{i}.jpg" for i in range(11)],
+            "tries": [{"mapper": "global", "weak": "dropped 11 of 24 cameras as stray", "kept": True}]}
+    sound = {"registered_images": 24, "total_images": 24, "connected_images": 24, "stray_cameras_dropped": [],
+             "tries": [{"mapper": "global", "weak": None, "kept": True}]}
+    with pytest.raises(QualityError) as caught:
+        quality_gate({"psnr": 11.06}, {"means": [[0.0, 0.0, 0.0]]}, 15.0, weak)
+    assert "placed 13 of 24 frames" in caught.value.hint and "dropped 11 cameras as stray" in caught.value.hint
+    assert "after 1 mapping try" in caught.value.hint and "Train longer" not in caught.value.hint
+    with pytest.raises(QualityError) as caught:
+        quality_gate({"psnr": 11.06}, {"means": [[0.0, 0.0, 0.0]]}, 15.0, sound)
+    assert caught.value.hint.startswith("Train longer")

@@ -124,3 +124,27 @@ def test_a_stage_out_of_order_says_what_to_run_first(tmp_path):
     proc = codsplat("run", "--out", tmp_path / "empty", "--stage", "train")
     assert proc.returncode == 2
     assert "The sfm stage has not run" in proc.stderr and "--stage preprocess" in proc.stderr
+
+
+def test_a_stage_whose_outputs_went_missing_runs_again_and_one_that_is_whole_is_skipped(tmp_path):
+    """A stage is skipped only when its manifest's fingerprint matches and every output it lists is
+    there: a half-copied or half-deleted stage folder is computed again."""
+    from codsplat.pipeline.config import build_config
+    from codsplat.pipeline.stages import StageContext, run_stage
+
+    media = tmp_path / "clip.mp4"
+    media.write_bytes(b"frames")
+    runs = []
+
+    def frames(ctx):
+        runs.append(1)
+        for name in ("a.png", "b.png"):
+            (ctx.dir("frames") / name).write_text(name)
+        return {}
+
+    ctx = StageContext(tmp_path / "work", build_config({}, "tiny"), input=media)
+    assert not run_stage("frames", frames, ctx).skipped
+    assert run_stage("frames", frames, ctx).skipped and len(runs) == 1
+    (ctx.dir("frames") / "b.png").unlink()
+    assert not run_stage("frames", frames, ctx).skipped and len(runs) == 2
+    assert (ctx.dir("frames") / "b.png").is_file()
