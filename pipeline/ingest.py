@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .stages import StageContext
 JPEG_QUALITY = 95
 THUMB = 64  # long side of the thumbnails compared for near-duplicates
 MAX_ARCHIVE_ENTRIES = 20_000  # a .zip of photos holds hundreds
+MAX_DIRECTORY_BYTES = 32 * 2**20  # a directory of 20,000 entries with long names and extras is under 8 MB
 MAX_ARCHIVE_BYTES = 16 * 10**9  # what a .zip may unpack to, summed from its directory before anything is read
 MAX_PHOTO_BYTES = 64 * 2**20  # one photo (a 100-megapixel JPEG is about 40 MB), read through a bounded stream
 MIN_SIDE = 32  # smaller than this, no feature can be matched
@@ -218,11 +220,18 @@ def _image_sources(path: Path, kind: str) -> list[tuple[str, Callable[[], bytes]
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.is_symlink())
         return [(_printable(f.name), lambda f=f: _bounded(f.open("rb"), f.name)) for f in files]
     try:
+        count, directory_bytes = _zip_directory(path)
+    except (zipfile.BadZipFile, OSError, struct.error) as exc:
+        raise InputError(f"Input {path.name} is not a readable .zip archive ({exc.__class__.__name__}).") from None
+    if count > MAX_ARCHIVE_ENTRIES or directory_bytes > MAX_DIRECTORY_BYTES:  # before the directory is parsed
+        raise InputError(f"Input {path.name} holds {count:,} entries in a {directory_bytes / 2**20:,.0f} MiB directory; "
+                         f"a .zip may hold at most {MAX_ARCHIVE_ENTRIES:,} (in {MAX_DIRECTORY_BYTES // 2**20} MiB).")
+    try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise InputError(f"Input {path.name} is not a readable .zip archive ({exc.__class__.__name__}).") from None
     entries = [i for i in archive.infolist() if not i.is_dir()]
-    if len(entries) > MAX_ARCHIVE_ENTRIES:
+    if len(entries) > MAX_ARCHIVE_ENTRIES:  # the end record undercounted: the directory is read, but no further
         raise InputError(f"Input {path.name} holds {len(entries):,} entries; a .zip may hold at most {MAX_ARCHIVE_ENTRIES:,}.")
     total = sum(i.file_size for i in entries)
     if total > MAX_ARCHIVE_BYTES:
@@ -232,6 +241,32 @@ def _image_sources(path: Path, kind: str) -> list[tuple[str, Callable[[], bytes]
                     and not i.filename.startswith("__MACOSX/") and not Path(i.filename).name.startswith("."))
     # names are only read, never used as paths: no zip-slip
     return [(name, lambda name=name: _bounded(archive.open(name), name)) for name in photos]
+
+
+EOCD = struct.Struct("<4s4H2LH")  # end of central directory: ..., entries, directory size, offset, comment length
+ZIP64_LOCATOR = struct.Struct("<4sLQL")  # just before it in a ZIP64 archive: where the ZIP64 end record is
+ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # ..., entries on this disk, entries, directory size, offset
+
+
+def _zip_directory(path: Path) -> tuple[int, int]:
+    """A zip's entry count and directory size, from its end records alone: opening it with zipfile
+    parses the whole directory first (300,000 entries: 200 MB of Python objects)."""
+    with path.open("rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(max(0, size - EOCD.size - 0xFFFF))  # the record, then a comment of at most 64 KiB
+        tail = fh.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + EOCD.size > len(tail):
+            raise zipfile.BadZipFile("no end of central directory record")
+        count, directory_bytes = EOCD.unpack_from(tail, at)[4:6]
+        locator = at - ZIP64_LOCATOR.size
+        if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":  # the 16/32-bit fields say 0xFFFF.. here
+            fh.seek(ZIP64_LOCATOR.unpack_from(tail, locator)[2])
+            record = fh.read(ZIP64_EOCD.size)
+            if len(record) < ZIP64_EOCD.size or record[:4] != b"PK\x06\x06":
+                raise zipfile.BadZipFile("a ZIP64 locator that points at no ZIP64 end record")
+            count, directory_bytes = ZIP64_EOCD.unpack(record)[7:9]
+    return count, directory_bytes
 
 
 def _printable(name: str) -> str:

@@ -146,6 +146,22 @@ def zip_of_many_entries(folder: Path, sample_video: Path) -> Path:
     return _zip(folder, {f"e{i}.jpg": b"" for i in range(20_001)})
 
 
+def zip_whose_end_record_claims_65000_entries(folder: Path, sample_video: Path) -> Path:
+    """Three photos, and an end record that counts 65,000 entries: refused from that record, before
+    a directory is parsed (parsing it would fail on the missing entries, or take 200 MB for real ones)."""
+    path = _zip(folder, {f"p{i}.jpg": _photo(seed=i) for i in range(3)})
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    data[at + 8:at + 12] = struct.pack("<2H", 65_000, 65_000)  # entries on this disk, entries
+    path.write_bytes(bytes(data))
+    return path
+
+
+def zip64_of_70000_entries(folder: Path, sample_video: Path) -> Path:
+    """Past 65,535 entries a zip counts them in its ZIP64 end record (the 16-bit field says 0xFFFF)."""
+    return _zip(folder, {f"e{i}.jpg": b"" for i in range(70_000)})
+
+
 def zip_that_claims_terabytes(folder: Path, sample_video: Path) -> Path:
     """A small zip whose directory says each entry unpacks to 4 GB: refused from the directory."""
     path = _zip(folder, {f"p{i}.jpg": _photo(seed=i) for i in range(5)})
@@ -280,7 +296,8 @@ def truncated_photos(folder: Path, sample_video: Path) -> Path:
 
 
 MEDIA = {f.__name__: f for f in (
-    zip_of_zeros, zip_of_many_entries, zip_that_claims_terabytes, zip_with_traversal_names, zip_of_mac_droppings,
+    zip_of_zeros, zip_of_many_entries, zip_whose_end_record_claims_65000_entries, zip64_of_70000_entries,
+    zip_that_claims_terabytes, zip_with_traversal_names, zip_of_mac_droppings,
     zip_with_undecodable_names, not_a_zip, truncated_video, empty_video, noise_video, raw_h263_named_mov,
     ffconcat_named_mp4, one_frame_video, video_of_4096_square_frames, tiny_images,
     gigapixel_claims, photos_with_a_link_out, photos_with_undecodable_names, no_photos, truncated_photos)}
