@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -32,6 +33,8 @@ from .settings import SAGEMAKER_GPU_INSTANCES, Policy, Settings
 
 SCHEMA_PATH = JOBSPECS / "job.schema.json"
 JOB_ID = r"^[a-z0-9][a-z0-9-]{2,62}$"
+# control, format (bidi overrides, zero-width), private-use, surrogate and unassigned characters
+UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Cn"})
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[A-Za-z]{2,63}")  # fullmatch: no trailing newline, RFC 5321 lengths
 # Keys people try that a job may not set: say so plainly instead of "unknown key".
 FORBIDDEN = {
@@ -106,6 +109,10 @@ class Notify(StrictModel):
     @field_validator("email")
     @classmethod
     def _emails(cls, value: list[str]) -> list[str]:
+        for address in value:  # an unseen character would be mailed to, shown and logged as it is
+            if unseen := next((c for c in address if unicodedata.category(c) in UNSEEN_CATEGORIES), None):
+                raise ValueError(f"not an email address: it holds U+{ord(unseen):04X} "
+                                 f"({unicodedata.name(unseen, 'a control character')}); write the address in plain characters")
         bad = [v for v in value if not EMAIL.fullmatch(v)]
         if bad:
             raise ValueError(f"not an email address: {', '.join(map(show, bad[:3]))}")
