@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.live import Live
 from rich.table import Table
 
 from codsplat.pipeline.contract import EXIT_CANNOT_RUN, EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, SPLIT, exit_code
 from codsplat.pipeline.errors import CannotRun as CannotRunError
 from codsplat.pipeline.errors import EnvironmentProblem, PipelineError, usage_error
+from codsplat.pipeline.report import err, fail
 
 from .job import load_job
 from .settings import load_settings
@@ -39,19 +41,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="codsplat: video or photos in, 3D Gaussian splat out; on this machine, Bacalhau or SageMaker.")
 jobs_app = typer.Typer(help="Read and change job records.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
-err = Console(stderr=True, soft_wrap=True)
 SettingsOption = typer.Option(None, "--settings", help="Deployment settings file (YAML/JSON); CODSPLAT_* variables override it.")
 EmbeddedOption = typer.Option(None, "--embedded", help="Run with no AWS: this folder is the bucket, SQLite the table.")
-
-
-def fail(exc: PipelineError, as_json: bool = False) -> None:
-    if as_json:
-        print(json.dumps({"ok": False, **exc.to_dict()}))
-    where = f" [dim](stage {exc.stage})[/dim]" if exc.stage else ""
-    err.print(f"[bold red]error:[/bold red] {exc.message}{where}", highlight=False)
-    if exc.hint:
-        err.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
-    raise typer.Exit(exc.exit_code)
 
 
 def _load(job_path: Path, settings_path: Path | None):
@@ -203,15 +194,15 @@ def submit(
             raise typer.Exit(EXIT_INTERRUPTED)
     if isinstance(decision, Done):
         out = doc.output_uri(conf.policy)
-        err.print(f"results: {out}export/")
+        err.print(f"results: {escape(out)}export/")
         print(json.dumps({"ok": True, "job": doc.id, "output": str(out), "attempts": [a.to_dict() for a in attempts]}, indent=2))
         return
     if isinstance(decision, Fail):
-        err.print(f"[bold red]error:[/bold red] {decision.message} [dim](stage {decision.stage})[/dim]", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {escape(decision.message)} [dim](stage {decision.stage})[/dim]", highlight=False)
         err.print(f"[yellow]hint:[/yellow] {exit_code(decision.exit_code).advice}", highlight=False)
         raise typer.Exit(decision.exit_code)
     reason = "Bacalhau stopped the job" if isinstance(decision, Stopped) else decision.reason
-    err.print(f"[bold red]cannot run on Bacalhau:[/bold red] {reason}", highlight=False)
+    err.print(f"[bold red]cannot run on Bacalhau:[/bold red] {escape(reason)}", highlight=False)
     raise typer.Exit(EXIT_CANNOT_RUN)
 
 
@@ -253,7 +244,7 @@ def nodes(
             for stage, names in fits.items():
                 err.print(f"{stage}: " + (f"fits on {', '.join(names)}" if names else "no node fits"))
             for problem in problems:
-                err.print(f"[bold red]cannot run:[/bold red] {problem}", highlight=False)
+                err.print(f"[bold red]cannot run:[/bold red] {escape(problem)}", highlight=False)
     if problems:
         raise typer.Exit(EXIT_CANNOT_RUN)
 
@@ -298,7 +289,7 @@ def logs(job_id: str = typer.Argument(..., help="The codsplat job id."),
             if not latest:
                 fail(PipelineError(f"No Bacalhau job carries the label codsplat-job={job_id}."))
             for stage, j in latest.items():
-                err.print(f"[bold]── {stage}: {j.name} ({j.id})[/bold]")
+                err.print(f"[bold]── {stage}: {escape(j.name)} ({j.id})[/bold]")
                 for stream, line in client.logs(j.id, follow=follow):
                     print(line, end="" if line.endswith("\n") else "\n")
     except BacalhauError as exc:
@@ -469,7 +460,7 @@ def main() -> None:
     except Exception as exc:  # a bug: one line, the traceback only when asked for
         if os.environ.get("CODSPLAT_DEBUG"):
             raise
-        err.print(f"[bold red]error:[/bold red] Internal error: {exc.__class__.__name__}: {exc}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] Internal error: {exc.__class__.__name__}: {escape(str(exc))}", highlight=False)
         err.print("[yellow]hint:[/yellow] Set CODSPLAT_DEBUG=1 for the traceback and report it.")
         sys.exit(EXIT_INTERNAL)
 

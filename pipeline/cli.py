@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .config import load_pipeline_config
 from .contract import EXIT_CODES, PRESETS, VIDEO_SUFFIXES
 from .errors import EXIT_INTERRUPTED, PipelineError
+from .report import err, fail
 from .run import STAGE_CHOICES, run_pipeline
 
 app = typer.Typer(
@@ -29,23 +29,12 @@ app = typer.Typer(
     help="codsplat: video or photos in, 3D Gaussian splat out.",
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the width
 EXIT_HELP = "Exit codes: " + "; ".join(f"{c.code} {c.meaning}" for c in EXIT_CODES.values()) + "."
 
 
 @app.callback()
 def worker() -> None:
     """codsplat's worker: video or photos in, 3D Gaussian splat out."""
-
-
-def fail(exc: PipelineError, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"ok": False, **exc.to_dict()}))
-    where = f" [dim](stage {exc.stage})[/dim]" if exc.stage else ""
-    err.print(f"[bold red]error:[/bold red] {exc.message}{where}", highlight=False)
-    if exc.hint:
-        err.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
-    raise typer.Exit(exc.exit_code)
 
 
 def summary_table(summary) -> Table:

@@ -35,6 +35,8 @@ def noise_images(folder):
 
 CASES = {  # source (None: the sample capture), settings, exit code, the error sentence (a regular expression)
     "missing file": (lambda t: t / "nope.mp4", None, 2, r"nope\.mp4 does not exist"),
+    "a name rich would read as markup": (lambda t: t / "scan[bold]1[/bold].mp4", None, 2,
+                                         r"scan\[bold\]1\[/bold\]\.mp4 does not exist"),  # shown as written, not eaten
     "unreadable video": (lambda t: (t / "bad.mp4").write_bytes(b"\x00\x01junk" * 200) and t / "bad.mp4", None, 2,
                          r"bad\.mp4 is not a readable video"),
     "1-frame video": (lambda t: one_frame_video(t / "one.mp4") or t / "one.mp4", None, 2, r"has only 1 frame"),
