@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import cpus, ingest
 from .config import PipelineConfig
@@ -17,6 +21,7 @@ from .stages import ProgressFile, RunSummary, StageContext, run_stage
 STAGE_MODULES = {"frames": "ingest", "sfm": "sfm", "train": "train", "export": "export"}
 TORCH_STAGES = ("train", "export")
 STAGE_CHOICES = tuple(GROUPS) + tuple(s for s in STAGES if s not in GROUPS)
+LOCK = ".lock"
 
 
 def stages_for(selection: str) -> tuple[str, ...]:
@@ -49,6 +54,12 @@ def run_pipeline(
     if "train" in selected:  # and on settings this machine cannot train with (no CUDA GPU)
         importlib.import_module(".train", __package__).choose_device(config.train)
     work.mkdir(parents=True, exist_ok=True)
+    with holding(work):
+        return _run(selected, input_path, work, config, force, on_stage, on_done)
+
+
+def _run(selected: tuple[str, ...], input_path: Path | None, work: Path, config: PipelineConfig, force: bool,
+         on_stage: Callable, on_done: Callable) -> RunSummary:
     summary = RunSummary(work)
     progress_file = ProgressFile(work, selected)
     for name in selected:
@@ -64,3 +75,28 @@ def run_pipeline(
         summary.results.append(result)
         on_done(name, result.manifest, result.skipped)
     return summary
+
+
+@contextmanager
+def holding(work: Path) -> Iterator[None]:
+    """One run at a time in a work folder: an exclusive lock on `work/.lock`, held for the whole run
+    and let go by the kernel when the process ends, however it ends. A second run waits for the first
+    (then finds its stages up to date), where two at once would write the same files. The holder's
+    pid is in the file, for the message of whoever waits."""
+    try:
+        fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:  # a link planted at .lock, a folder in its place, a read-only disk
+        raise InputError(f"{work / LOCK} cannot be opened to lock the folder for this run ({exc.strerror}); "
+                         "remove what is there, or choose another output folder.") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            print(f"waiting for the run that holds {work} (pid {holder}) to end", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # lets go of the lock

@@ -1,13 +1,18 @@
 """The whole pipeline on the sample capture, as a user runs it: real pycolmap, real training,
 real exports read back, resume, and splitting the stages across "machines"."""
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
+import sys
+import time
 
 import numpy as np
 from plyfile import PlyData
 
+from codsplat.pipeline.run import LOCK
 from conftest import codsplat
 
 STAGES = ("frames", "sfm", "train", "export")
@@ -148,3 +153,33 @@ def test_a_stage_whose_outputs_went_missing_runs_again_and_one_that_is_whole_is_
     (ctx.dir("frames") / "b.png").unlink()
     assert not run_stage("frames", frames, ctx).skipped and len(runs) == 2
     assert (ctx.dir("frames") / "b.png").is_file()
+
+
+def test_a_second_run_in_the_same_folder_waits_for_the_first(tmp_path, sample_video):
+    """The lock a run holds on its folder (the kernel lets it go when the holder ends, however it ends):
+    a second run says whom it waits for, writes nothing meanwhile, and runs once the first lets go."""
+    work = tmp_path / "out"
+    work.mkdir()
+    holder = os.open(work / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    os.write(holder, b"4242\n")
+    second = subprocess.Popen([sys.executable, "-m", "codsplat.pipeline.cli", "run", str(sample_video), "--stage", "frames",
+                               "--out", str(work)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert second.stderr.readline().strip() == f"waiting for the run that holds {work} (pid 4242) to end"
+        time.sleep(1)  # what it would have written by now, had it not waited
+        assert second.poll() is None and not (work / "frames").exists()
+    finally:
+        os.close(holder)
+    assert second.wait(timeout=300) == 0, second.stderr.read()
+    assert (work / "frames" / "manifest.json").is_file()
+
+
+def test_a_link_planted_as_the_folder_lock_is_refused_and_never_followed(tmp_path, sample_video):
+    work, victim = tmp_path / "out", tmp_path / "victim"
+    work.mkdir()
+    victim.write_text("untouched")
+    (work / LOCK).symlink_to(victim)
+    proc = codsplat("run", sample_video, "--stage", "frames", "--out", work)
+    assert proc.returncode == 2 and f"{work / LOCK} cannot be opened to lock the folder" in " ".join(proc.stderr.split())
+    assert victim.read_text() == "untouched" and not (work / "frames").exists()
