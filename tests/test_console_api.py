@@ -5,6 +5,7 @@ the moto server. The browser test (test_console_browser.py) runs the same consol
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -142,6 +143,24 @@ def test_folder_upload_in_parts_then_submit_writes_the_job_document(client, home
     assert document == {"version": 1, "id": job_id, "input": key, "preset": "tiny", "notify": {"email": ["a@example.com"]}}
     detail = client.get(f"/api/jobs/{job_id}").json()
     assert detail["state"] == "SUBMITTED"  # written, not yet taken in by a daemon
+
+
+def test_a_photo_upload_clears_abandoned_uploads_once_not_once_a_photo(client, home, monkeypatch):
+    """Clearing walks every staged upload: once a file, 2,000 photos walked 2,000 folders 2,000 times
+    (48 s, the console unanswering). An abandoned upload is still cleared."""
+    from codsplat.orchestrator.console.uploads import ABANDONED_SECONDS, FolderUploads
+
+    headers = logged_in(client)
+    old = home / ".uploads" / ("0" * 24)
+    old.mkdir(parents=True)
+    os.utime(old, (time.time() - ABANDONED_SECONDS - 60,) * 2)
+    walks = []
+    clear = FolderUploads.clear_abandoned
+    monkeypatch.setattr(FolderUploads, "clear_abandoned", lambda self, now=None: walks.append(1) or clear(self, now))
+    files = [{"name": f"p{i}.jpg", "size": 1000} for i in range(300)]
+    reply = client.post("/api/uploads", json={"files": files}, headers=headers)
+    assert reply.status_code == 201 and len(reply.json()["files"]) == 300
+    assert len(walks) == 1 and not old.exists()
 
 
 def test_upload_links_are_signed_and_expire(client, home):

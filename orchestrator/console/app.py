@@ -251,7 +251,9 @@ def create_app(service: ConsoleService, guard: Guard, *, title: str = "codsplat"
     async def uploads(request: Request):
         data = await body(request)
         files = data.get("files")
-        return JSONResponse(service.start_upload(files if isinstance(files, list) else []), status_code=201)
+        # a folder upload writes a few files per photo: off the event loop, so the console keeps answering
+        started = await run_in_threadpool(service.start_upload, files if isinstance(files, list) else [])
+        return JSONResponse(started, status_code=201)
 
     async def upload_complete(request: Request):
         data = await body(request)
