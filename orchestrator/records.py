@@ -395,20 +395,22 @@ class DynamoStore:
             raise
 
     def list(self, state: str | None = None, limit: int = 100, since: str | None = None) -> list[JobRecord]:
-        if state:  # the index's range key is updated_at: `since` reads only the recent part
-            values = {":s": {"S": state}, **({":since": {"S": since}} if since else {})}
-            pages = self.client.get_paginator("query").paginate(
-                TableName=self.table, IndexName="by_state", ExpressionAttributeNames={"#s": "state"},
-                KeyConditionExpression="#s = :s" + (" AND updated_at >= :since" if since else ""),
-                ExpressionAttributeValues=values, ScanIndexForward=False)
-        else:
-            pages = self.client.get_paginator("scan").paginate(TableName=self.table, FilterExpression="attribute_exists(body)")
+        """The newest `limit` records (of one state), newest first. Every record is in the `by_state`
+        index, whose range key is updated_at: all states is the newest `limit` of each, merged, and
+        never a scan of the whole table (the console lists on every poll)."""
+        if state is None:
+            merged = [r for s in ALLOWED for r in self.list(s, limit, since)]  # ALLOWED: every state
+            return sorted(merged, key=lambda r: r.updated_at, reverse=True)[:limit]
+        values = {":s": {"S": state}, **({":since": {"S": since}} if since else {})}
+        pages = self.client.get_paginator("query").paginate(
+            TableName=self.table, IndexName="by_state", ExpressionAttributeNames={"#s": "state"},
+            KeyConditionExpression="#s = :s" + (" AND updated_at >= :since" if since else ""),
+            ExpressionAttributeValues=values, ScanIndexForward=False, PaginationConfig={"PageSize": min(limit, 1000)})
         records: list[JobRecord] = []
         for page in pages:
             records += readable(self._record, page.get("Items", []))
-            if len(records) >= limit and state:
+            if len(records) >= limit:
                 break
-        records.sort(key=lambda r: r.updated_at, reverse=True)
         return records[:limit]
 
     @staticmethod

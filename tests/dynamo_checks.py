@@ -148,6 +148,23 @@ def test_list_by_state_uses_the_index(store):
     assert all(r.state == FAILED for r in failed) and all(r.state == RECEIVED for r in received)
 
 
+def test_every_state_is_listed_newest_first_from_the_index_never_by_a_scan(store):
+    """The console lists on every poll: the newest records across states come from the `by_state`
+    index, a few a state, and the table is never scanned whole."""
+    store.create(JobRecord(job_id="n-old", job_key="k", state=SUCCEEDED, updated_at="2020-01-01T00:00:00.000+00:00"))
+    for i, state in enumerate((RUNNING, FAILED, RECEIVED)):
+        store.create(JobRecord(job_id=f"n{i}", job_key="k", state=state, updated_at=f"2030-01-0{i + 1}T00:00:00.000+00:00"))
+    calls = []
+    count = lambda model, **kwargs: calls.append(model.name)  # noqa: E731
+    store.client.meta.events.register("before-call.dynamodb", count)
+    try:
+        newest = store.list(None, limit=3)
+    finally:
+        store.client.meta.events.unregister("before-call.dynamodb", count)
+    assert [r.job_id for r in newest] == ["n2", "n1", "n0"]
+    assert set(calls) == {"Query"}, calls
+
+
 def test_what_the_fallback_state_machine_writes_is_read_back(store):
     store.create(JobRecord(job_id="f1", job_key="k"))
     for state, stage in ((VALIDATED, None), (QUEUED, None), (RUNNING, "sagemaker")):
