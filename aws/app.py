@@ -2,22 +2,25 @@
 and (with `-c gpu_nodes=N`) Bacalhau GPU nodes that join it.
 
     cd aws && cdk deploy --all -c bacalhau_sha256=<sha256 of the release tarball> -c emails=ops@example.com \
-        -c image_tag=1.2.0 -c package=<pip spec>
+        -c image_tag=1.2.0 -c package=codsplat==1.2.0
 
 Context: `bacalhau_sha256` (required: the SHA-256 of `bacalhau_<version>_linux_amd64.tar.gz`, from
 the release page; every instance checks its download against it), `bacalhau_version`, `emails`
 (comma-separated, each gets only its own jobs' messages), `image_tag` (the worker image), `package`
-(what the host pip-installs), `gpu_nodes` (0 = no GPU stack), `gpu_instance_type`, `next_image_tag`
+(what the host pip-installs, pinned: a version or a URL with `#sha256=`; default this app's release), `gpu_nodes` (0 = no GPU stack), `gpu_instance_type`, `next_image_tag`
 (the image GPU nodes pull ahead of a roll-out; defaults to `image_tag`).
 Synthesis needs no network and no AWS account; `synth()` is what the tests and CI call.
 """
 
 from __future__ import annotations
 
+import re
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 from aws_cdk import App, Validations
 from cdk_nag import AwsSolutionsChecks
+from packaging.requirements import InvalidRequirement, Requirement
 
 from . import bacalhau
 from .base import BaseStack
@@ -25,6 +28,7 @@ from .gpu import GpuNodesStack
 from .host import HostStack
 
 # Behaviour this app relies on: access logs delivered by bucket policy (no ACLs anywhere)
+DEFAULT_PACKAGE = f"codsplat=={installed_version('codsplat')}"  # the release this app is part of
 FEATURE_FLAGS = {"@aws-cdk/aws-s3:serverAccessLogsUseBucketPolicy": True}
 
 
@@ -39,7 +43,7 @@ def build(app: App) -> list:
         raise SystemExit(f"Set -c bacalhau_sha256=<64 hex digits>: the SHA-256 of bacalhau_{version}_linux_amd64.tar.gz "
                          f"as published with the release ({bacalhau.release_url(version)}); every instance checks its "
                          "download against it (docs/deploy.md).")
-    host = HostStack(app, "CodsplatOrchestrator", base=base, package=str(ctx("package", "codsplat")),
+    host = HostStack(app, "CodsplatOrchestrator", base=base, package=pinned_package(str(ctx("package", DEFAULT_PACKAGE))),
                      bacalhau_version=version, bacalhau_sha256=sha256,
                      description="codsplat: the orchestrator daemon and the Bacalhau orchestrator on EC2 (private subnets, SSM only)")
     stacks = [base, host]
@@ -52,6 +56,24 @@ def build(app: App) -> list:
                                     description="codsplat: Bacalhau compute nodes on GPU instances"))
     validate(app)
     return stacks
+
+
+def pinned_package(spec: str) -> str:
+    """What the host pip-installs, pinned so that every host of a deployment runs the same code: a
+    version (`codsplat==0.1.0`) or a URL whose `#sha256=` pip checks. A bare name would install
+    whatever the index serves the day a host boots."""
+    try:
+        requirement = Requirement(spec)
+    except InvalidRequirement:
+        requirement = None
+    pinned = requirement is not None and "'" not in spec and (
+        bool(re.search(r"#sha256=[0-9a-f]{64}$", requirement.url)) if requirement.url else
+        [s.operator for s in requirement.specifier] in (["=="], ["==="]) and "*" not in str(requirement.specifier))
+    if not pinned:
+        raise SystemExit(f"-c package={spec!r} is not pinned. Give a version, `codsplat==0.1.0`, or a URL with its "
+                         "checksum, `codsplat @ https://.../codsplat-0.1.0-py3-none-any.whl#sha256=<64 hex digits>`: "
+                         "every host boot installs it (docs/deploy.md).")
+    return spec
 
 
 def validate(app: App) -> None:

