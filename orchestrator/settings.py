@@ -36,13 +36,15 @@ StageName = Literal["all", "preprocess", "train", "export"]
 
 
 # SageMaker GPU training instances and their GPUs (AWS's instance type pages; A10G g5, L4 g6, L40S g6e,
-# T4 g4dn, V100 p3, A100 p4d/p4de, H100 p5). The pipeline trains on one GPU.
+# T4 g4dn, A100 p4d/p4de, H100 p5). The pipeline trains on one GPU. Each family's GPU must be one the
+# image's kernels are built for (GPU_COMPUTE_CAPABILITY, container/Dockerfile TORCH_CUDA_ARCH_LIST): the
+# V100's p3 (7.0) is not offered, since gsplat's kernels would fail on it at the first step.
+GPU_COMPUTE_CAPABILITY = {"g4dn": "7.5", "g5": "8.6", "g6": "8.9", "g6e": "8.9", "p4d": "8.0", "p4de": "8.0", "p5": "9.0"}
 SAGEMAKER_GPU_INSTANCES = {
     **{f"ml.g4dn.{size}": 4 if size == "12xlarge" else 1 for size in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge")},
     **{f"ml.{family}.{size}": {"12xlarge": 4, "24xlarge": 4, "48xlarge": 8}.get(size, 1)
        for family in ("g5", "g6", "g6e")
        for size in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge", "24xlarge", "48xlarge")},
-    "ml.p3.2xlarge": 1, "ml.p3.8xlarge": 4, "ml.p3.16xlarge": 8,
     "ml.p4d.24xlarge": 8, "ml.p4de.24xlarge": 8, "ml.p5.48xlarge": 8,
 }
 

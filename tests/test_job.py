@@ -80,3 +80,21 @@ def test_validate_command(tmp_path):
     proc = codsplat("validate", bad)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train.steps: must be ≥ 100, got 5" in proc.stderr and "compute.image: not allowed" in proc.stderr
+
+
+def test_every_sagemaker_instance_a_job_may_ask_for_has_a_gpu_the_image_is_built_for():
+    """gsplat's kernels run only on the compute capabilities the CUDA image compiles (TORCH_CUDA_ARCH_LIST):
+    an instance family outside them would fail at the first training step, after the job was paid for."""
+    import re
+
+    from codsplat.orchestrator.settings import GPU_COMPUTE_CAPABILITY, SAGEMAKER_GPU_INSTANCES
+
+    dockerfile = (Path(__file__).resolve().parents[1] / "container" / "Dockerfile").read_text()
+    built = set(re.search(r'TORCH_CUDA_ARCH_LIST="([0-9.;]+)"', dockerfile)[1].split(";"))
+    families = {name.split(".")[1] for name in SAGEMAKER_GPU_INSTANCES}
+    assert families <= set(GPU_COMPUTE_CAPABILITY), families - set(GPU_COMPUTE_CAPABILITY)
+    assert {f: GPU_COMPUTE_CAPABILITY[f] for f in families if GPU_COMPUTE_CAPABILITY[f] not in built} == {}
+    policy = Settings(max_gpus=8).policy
+    with pytest.raises(InputError, match=r"compute\.sagemaker_instance_type"):
+        parse_job({"version": 1, "id": "v100", "input": "s3://codsplat-data/uploads/a.mp4",
+                   "compute": {"sagemaker_instance_type": "ml.p3.2xlarge"}}, policy)
