@@ -173,8 +173,9 @@ class BaseStack(Stack):
                                      encryption_key=None, removal_policy=RemovalPolicy.RETAIN)
         skip_checkov(machine_logs, "CKV_AWS_158", "Execution history holds job ids and S3 keys, no secrets; "
                                                   "a KMS key policy for CloudWatch Logs is left to the operator.")
+        self.fallback_name = f"{self.stack_name}-fallback"  # a plain name: the host grants on its executions by it
         self.state_machine = sfn.StateMachine(
-            self, "Fallback", definition_body=sfn.DefinitionBody.from_string(ASL_PATH.read_text()),
+            self, "Fallback", state_machine_name=self.fallback_name, definition_body=sfn.DefinitionBody.from_string(ASL_PATH.read_text()),
             definition_substitutions={"TrainingImage": self.image_uri, "SageMakerRoleArn": self.sagemaker_role.role_arn},
             logs=sfn.LogOptions(destination=machine_logs, level=sfn.LogLevel.ALL, include_execution_data=True),
             tracing_enabled=True, comment="codsplat SageMaker fallback (orchestrator/fallback.asl.json)")

@@ -11,7 +11,7 @@ never holds them."""
 
 from __future__ import annotations
 
-from aws_cdk import Duration, Stack
+from aws_cdk import ArnFormat, Duration, Stack
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
@@ -26,7 +26,7 @@ from codsplat.orchestrator.provision import SSM_PATH
 
 from . import bacalhau
 from .base import TRAINING_JOB_PREFIX, BaseStack
-from .checks import acknowledge, skip_checkov
+from .checks import acknowledge, nag_form, skip_checkov
 
 UNIT = ASL_PATH.with_name("codsplat-daemon.service")
 SESSION_MANAGER_ACTIONS = [  # what the SSM agent needs for Session Manager; none has resource-level permissions
@@ -105,6 +105,10 @@ class HostStack(Stack):
             resources=[base.table_arn, f"{base.table_arn}/index/by_state"]))
         role.add_to_policy(iam.PolicyStatement(actions=["states:StartExecution"],
                                                resources=[base.state_machine.state_machine_arn]))
+        # the fallback's executions, which a restarted daemon looks up by name (executors/sagemaker.py find)
+        executions = self.format_arn(service="states", resource="execution", resource_name=f"{base.fallback_name}:*",
+                                     arn_format=ArnFormat.COLON_RESOURCE_NAME)
+        role.add_to_policy(iam.PolicyStatement(actions=["states:DescribeExecution"], resources=[executions]))
         role.add_to_policy(iam.PolicyStatement(actions=["sagemaker:StopTrainingJob"], resources=[base.training_jobs]))
         role.add_to_policy(iam.PolicyStatement(actions=["sns:Publish"], resources=[base.notify_topic.topic_arn]))
         role.add_to_policy(iam.PolicyStatement(actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[base.key.key_arn]))
@@ -116,6 +120,9 @@ class HostStack(Stack):
         acknowledge(role, "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:"
                     f"training-job/{TRAINING_JOB_PREFIX}*]", "Stops (on cancel) only the training jobs the fallback "
                     "starts, named by job id at run time.", all_policies=True)
+        acknowledge(role, f"AwsSolutions-IAM5[Resource::{nag_form(self, executions)}]",
+                    "A restarted daemon looks up the fallback executions it started, named by attempt at run time.",
+                    all_policies=True)
         acknowledge(role, f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter{SSM_PATH}/*]",
                     "Every daemon setting is one parameter under this path.", all_policies=True)
 

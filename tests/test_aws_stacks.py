@@ -382,3 +382,99 @@ def test_the_fallback_may_start_only_the_training_jobs_the_policy_allows(assembl
     daemon = [s for p in resources(templates["CodsplatOrchestrator"], "AWS::IAM::Policy").values()
               for s in p["Properties"]["PolicyDocument"]["Statement"] if "sagemaker:StopTrainingJob" in json.dumps(s["Action"])]
     assert len(daemon) == 1 and "training-job/codsplat-*" in json.dumps(daemon[0]["Resource"])
+
+
+# ------------------------------------------------------------------ the AWS calls against the roles
+
+DAEMON_SERVICES = ("s3", "sqs", "sns", "dynamodb", "stepfunctions", "sagemaker", "ssm", "secretsmanager")
+IAM_PREFIX = {"stepfunctions": "states"}
+# API operations IAM authorises under another action (AWS's Service Authorization Reference)
+IAM_ACTION = {
+    "s3:ListObjectsV2": ["s3:ListBucket"], "s3:HeadObject": ["s3:GetObject"], "s3:HeadBucket": ["s3:ListBucket"],
+    "s3:CreateMultipartUpload": ["s3:PutObject"], "s3:UploadPart": ["s3:PutObject"],
+    "s3:CompleteMultipartUpload": ["s3:PutObject"], "s3:CopyObject": ["s3:GetObject", "s3:PutObject"],
+    "sqs:DeleteMessageBatch": ["sqs:DeleteMessage"], "sqs:ChangeMessageVisibilityBatch": ["sqs:ChangeMessageVisibility"],
+    "dynamodb:TransactWriteItems": ["dynamodb:PutItem"],  # each action its items use: the daemon's are Puts (create_many)
+}
+# method names botocore gives a service that our code uses on objects of its own
+NOT_AWS = {"sagemaker:ListJobs": "BacalhauClient.list_jobs"}
+# code under orchestrator/ that is not the daemon's: run by an operator or a test with their own credentials
+NOT_THE_DAEMON = {"provision.py": "creates the queue, table and topic for tests and local set-ups"}
+
+
+def daemon_operations() -> set[str]:
+    """Every AWS API operation the control plane's code names: a client method called anywhere under
+    orchestrator/ (an `x.get_object(...)`, a `get_paginator("list_objects_v2")`, a presigned
+    `generate_presigned_url("upload_part")`), as botocore's models name the services' methods."""
+    import ast
+
+    import botocore.session
+
+    session = botocore.session.get_session()
+    methods = {}  # snake_case method -> "service:Operation"
+    for service in DAEMON_SERVICES:
+        client = session.create_client(service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+        for method, operation in client.meta.method_to_api_mapping.items():
+            methods.setdefault(method, []).append(f"{service}:{operation}")
+    called = set()
+    for path in (ROOT / "orchestrator").rglob("*.py"):
+        if path.name in NOT_THE_DAEMON:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                called.add(node.func.attr)
+                if node.func.attr in ("get_paginator", "generate_presigned_url") and node.args \
+                        and isinstance(node.args[0], ast.Constant):
+                    called.add(node.args[0].value)
+    return {op for method in called for op in methods.get(method, []) if op not in NOT_AWS}
+
+
+def iam_actions(operation: str) -> list[str]:
+    service, name = operation.split(":")
+    return IAM_ACTION.get(operation, [f"{IAM_PREFIX.get(service, service)}:{name}"])
+
+
+def granted(template, role_id: str) -> set[str]:
+    """The actions the policies attached to one role allow."""
+    out = set()
+    for policy in resources(template, "AWS::IAM::Policy").values():
+        if any(r.get("Ref") == role_id for r in policy["Properties"].get("Roles", [])):
+            for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+                if statement["Effect"] == "Allow":
+                    actions = statement["Action"]
+                    out |= set(actions if isinstance(actions, list) else [actions])
+    return out
+
+
+def test_every_aws_call_of_the_daemon_is_allowed_by_the_host_role(assembly):
+    """moto enforces no IAM, so a call the role lacks passes every other test and fails on AWS (a restarted
+    daemon could not find its fallback executions: states:DescribeExecution was missing)."""
+    _, templates = assembly
+    host = templates["CodsplatOrchestrator"]
+    [role_id] = [k for k, v in resources(host, "AWS::IAM::Role").items() if k.startswith("DaemonRole")]
+    operations = daemon_operations()
+    assert {"s3:GetObject", "sqs:ReceiveMessage", "dynamodb:TransactWriteItems", "stepfunctions:DescribeExecution",
+            "sagemaker:StopTrainingJob", "sns:Publish"} <= operations  # the scan sees them
+    missing = {op: iam_actions(op) for op in sorted(operations) if not set(iam_actions(op)) <= granted(host, role_id)}
+    print(f"{len(operations)} operations the daemon calls, all allowed:", sorted(operations))
+    assert missing == {}
+
+
+def test_every_aws_call_of_the_state_machine_is_allowed_by_its_role(assembly):
+    """The fallback's calls are its Task states' resources (`arn:aws:states:::aws-sdk:sagemaker:describeTrainingJob`,
+    `arn:aws:states:::dynamodb:updateItem`, ...), read from the ASL the stack deploys."""
+    _, templates = assembly
+    base = templates["CodsplatBase"]
+    states = json.loads(ASL_PATH.read_text())["States"]
+    calls = set()
+    for state in states.values():
+        resource = state.get("Resource", "") if state["Type"] == "Task" else ""
+        if resource.startswith("arn:aws:states:::"):
+            service, _, api = resource.removeprefix("arn:aws:states:::").removeprefix("aws-sdk:").partition(":")
+            calls.add(f"{service}:{api.split('.')[0][:1].upper()}{api.split('.')[0][1:]}")
+    [machine] = resources(base, "AWS::StepFunctions::StateMachine").values()
+    role_id = machine["Properties"]["RoleArn"]["Fn::GetAtt"][0]
+    assert {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "dynamodb:UpdateItem", "sns:Publish"} <= calls
+    missing = sorted(c for c in calls if not set(iam_actions(c)) <= granted(base, role_id))
+    print(f"{len(calls)} calls the state machine makes, all allowed:", sorted(calls))
+    assert missing == []
