@@ -151,8 +151,9 @@ class Settings(StrictModel):
                                              "asking SageMaker again; each wait doubles.")
     fallback_quota_tries: int = Field(6, ge=0, le=10, description="Waits for quota before the job fails, naming it "
                                       "(6 from 60 s: about an hour).")
-    fallback_follow_misses: int = Field(10, ge=0, le=100, description="Looks at a training job that may fail (each "
-                                        "after three tries) before the fallback stops it rather than leave it unwatched.")
+    fallback_follow_misses: int = Field(10, ge=0, le=100, description="Looks in a row at a training job that may fail "
+                                        "(each after three tries) before the fallback stops it rather than leave it "
+                                        "unwatched; a look that works gives the whole budget back.")
     record_days: int = Field(365, ge=1, description="Finished records expire (DynamoDB TTL) this long after they end.")
     cache_dir: str = Field(str(Path.home() / ".cache" / "codsplat"), description="Work folders of local runs.")
     local_worker: list[str] = Field(default_factory=list, description="The command a local job runs in place of this "

@@ -10,6 +10,8 @@ Where moto's SageMaker falls short of the API reference, this fills in what the 
   `S3.<Error>Exception` (moto knows the Pascal-case names of DynamoDB and Sfn only);
 - an AWS SDK task's streamed reply (S3 GetObject's Body) is its text, as Step Functions hands it on
   (moto passes the stream along and fails copying it);
+- `describe_errors` (steered: name → a list of true/false, one per DescribeTrainingJob of that name)
+  makes a look fail with ThrottlingException where the list says true, as a blip in SageMaker's API does;
 - StopTrainingJob (moto has none): an InProgress job goes Stopped (SecondaryStatus Stopped), or
   stays Stopping where `stop_to` (name → status) says so; a job that has ended answers
   ValidationException.
@@ -32,7 +34,7 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STEER = {"initial_status": "Completed", "create_errors": {}, "stop_to": {}}  # the last two by training job name
+STEER = {"initial_status": "Completed", "create_errors": {}, "stop_to": {}, "describe_errors": {}}  # the last three by name
 
 
 def fill_in_sagemaker(sagemaker) -> None:
@@ -84,7 +86,19 @@ def fill_in_sagemaker(sagemaker) -> None:
         self.sagemaker_backend.stop_training_job(self._get_param("TrainingJobName"))
         return responses.ActionResult({})
 
+    describe = backend.describe_training_job
+
+    class ThrottlingException(SagemakerClientError):
+        code = "ThrottlingException"
+
+    def describe_training_job(self, training_job_name, *args, **kwargs):
+        blips = STEER["describe_errors"].get(training_job_name) or []
+        if blips and blips.pop(0):
+            raise ThrottlingException("Rate exceeded")
+        return describe(self, training_job_name, *args, **kwargs)
+
     backend.create_training_job = create_training_job
+    backend.describe_training_job = describe_training_job
     backend.stop_training_job = stop_training_job
     responses.SageMakerResponse.stop_training_job = stop_response
 

@@ -71,7 +71,7 @@ class SageMakerExecutor:
             "expires_at": str(int(time.time()) + runtime + settings.record_days * 86400),
             "poll": {"wait": poll, "step": poll, "cap": poll * POLL_GROWTH},
             "quota": {"left": settings.fallback_quota_tries, "wait": settings.fallback_quota_wait_seconds},
-            "follow": {"left": settings.fallback_follow_misses},
+            "follow": {"left": settings.fallback_follow_misses, "budget": settings.fallback_follow_misses},
             "advice": advice(job, settings),
         }
 
