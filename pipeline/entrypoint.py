@@ -179,6 +179,8 @@ def sagemaker(root: Path) -> int:
             (work / OUTCOME_FILE).write_text(outcome_line(run_summary(json.loads((work / METRICS).read_text()), device)))
         if work != model and (work / "export").is_dir():
             shutil.copytree(work / "export", model / "export", dirs_exist_ok=True)
+        if work != model and (work / OUTCOME_FILE).is_file():  # also in model.tar.gz: the record of a run whose sync failed
+            shutil.copy2(work / OUTCOME_FILE, model / OUTCOME_FILE)
         return 0
     except PipelineError as exc:
         code = exc.exit_code

@@ -120,6 +120,7 @@ def test_sagemaker_training_job_writes_model_and_checkpoints(tmp_path, sample_vi
     for key in result["outputs"]:  # every output the record will link exists in the export the job synced
         assert (root / "checkpoints" / "export" / key.removeprefix("results/x/export/")).is_file(), key
     assert (root / "model" / "export" / "splat.spz").read_bytes() == (root / "checkpoints" / "export" / "splat.spz").read_bytes()
+    assert (root / "model" / "outcome.json").read_text() == (root / "checkpoints" / "outcome.json").read_text()  # in model.tar.gz too
 
 
 def test_sagemaker_failure_reason_file(tmp_path):

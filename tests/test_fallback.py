@@ -78,6 +78,8 @@ def advice_of(kind):
 SCENARIOS = {
     "completed": Scenario("SUCCEEDED", "is ready", drive=lambda rig, n, j: status(rig, n, "Completed"),
                           before=worker_did_its_work, checks=[succeeded_like_bacalhau]),
+    "outputs-synced-after-completed": Scenario(  # the checkpoint sync lands a few seconds after the status reads Completed
+        "SUCCEEDED", "is ready", drive=lambda rig, n, j: (status(rig, n, "Completed"), time.sleep(8), worker_did_its_work(rig, j))),
     "completed-without-outputs": Scenario("FAILED", "outputs are missing", drive=lambda rig, n, j: status(rig, n, "Completed")),
     "worker-refused-the-input": Scenario(
         "FAILED", "is not a readable video", checks=[advice_of("input"),
