@@ -60,9 +60,10 @@ class SfmConfig(StrictModel):
     min_registered: int = Field(5, ge=3, le=5000, description="Fail unless at least this many frames register.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="RANSAC and mapper seed (its own: a stage's fingerprint "
                       "covers only its own section).")
-    deterministic: bool = Field(True, description="Map on one thread, so the same frames give the same model: "
-                                "bundle adjustment's threads add up in the order they finish. false maps on every CPU "
-                                "(faster on large captures; points may then differ by about 2% between runs).")
+    deterministic: bool = Field(True, description="Match and map on one thread, so the same frames give the same "
+                                "model: with more, the CPU matcher's matches differ between runs, and bundle adjustment's "
+                                "threads add up in the order they finish. false uses every CPU (faster on large captures; "
+                                "points may then differ by about 2% between runs).")
 
 
 class TrainConfig(StrictModel):
