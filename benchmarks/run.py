@@ -5,6 +5,7 @@
     python benchmarks/run.py neighbour  # the compiled kernels quiet and beside a process busy on one core
     python benchmarks/run.py sfm        # 10 whole tiny runs each of the sample and a photo set: the same model?
     python benchmarks/run.py pipeline --neighbour  # the sample end to end, quiet and beside a busy process
+    python benchmarks/run.py killloop   # 24 tiny jobs through the embedded daemon, SIGKILLed 8 times meanwhile
     python benchmarks/run.py submit     # job → Bacalhau spec → submitted, against the stand-in
     python benchmarks/run.py load       # 1,000 jobs through S3 → SQS → the daemon → the stand-in
     python benchmarks/run.py tradeoff   # held-out PSNR against training steps and resolution, on the sample
@@ -291,6 +292,88 @@ def bench_sfm(runs: int) -> None:
     save("sfm_repeat", {"goal": "the same registered count on every run; no exit 4 from a weak model", **out})
 
 
+def bench_kill_loop(jobs: int, cycles: int, seed: int = 0) -> None:
+    """The embedded daemon killed with SIGKILL `cycles` times, at random moments, while `jobs` real tiny
+    jobs (16 frames, 100 steps) go through it; then a last daemon finishes them. Per job: its end, the
+    messages sent, each stage's completed computations, the runs started, and whether two of its runs
+    ever computed at once (two stage computations of one job whose times overlap)."""
+    import random
+    import shutil
+    import signal
+    import statistics
+    import tempfile
+    from datetime import datetime
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import QUICK
+
+    from codsplat.orchestrator.records import TERMINAL, SQLiteStore
+
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        (home / "uploads").mkdir()
+        (home / "jobs").mkdir()
+        shutil.copy(ROOT / "examples" / "sample.mp4", home / "uploads" / "sample.mp4")
+        ids = [f"k{i:02d}" for i in range(jobs)]
+        for job_id in ids:
+            (home / "jobs" / f"{job_id}.json").write_text(json.dumps(
+                {"version": 1, "input": "uploads/sample.mp4", "preset": "tiny", "notify": {"email": ["u@example.com"]}, **QUICK}))
+
+        def daemon() -> subprocess.Popen:
+            log = open(home / f"daemon-{time.monotonic_ns()}.log", "w")
+            return subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon", "--embedded", str(home),
+                                     "--health-port", "0"], env={**os.environ, "CODSPLAT_MEDIA_WAIT_SECONDS": "1"},
+                                    stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+
+        started = time.monotonic()
+        kills = []
+        for _ in range(cycles):  # each daemon dies at a random moment; its runs go on as orphans until the next starts
+            proc = daemon()
+            wait = rng.uniform(3, 12)
+            time.sleep(wait)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills.append(round(wait, 1))
+        store = SQLiteStore(home / "codsplat.db")
+        last = daemon()
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            records = [store.get(i) for i in ids]
+            if all(r and r.state in TERMINAL and r.notified_at for r in records):
+                break
+            time.sleep(1)
+        time.sleep(3)  # a repeated message or run would have time to show
+        os.killpg(last.pid, signal.SIGTERM)
+        last.wait(timeout=120)
+        sent_log = home / "notifications" / "sent.jsonl"
+        sent = [json.loads(line)["attributes"]["job_id"] for line in sent_log.read_text().splitlines()] if sent_log.exists() else []
+        rows = {}
+        for job_id in ids:
+            record = store.get(job_id)
+            log = home / "results" / job_id / "runs.jsonl"
+            computed = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            spans = sorted((datetime.fromisoformat(c["finished_at"]).timestamp() - c["seconds"],
+                            datetime.fromisoformat(c["finished_at"]).timestamp()) for c in computed)
+            overlaps = sum(1 for a, b in zip(spans, spans[1:]) if b[0] < a[1] - 1)  # finished_at is to the second
+            rows[job_id] = {"state": record.state if record else None, "messages": sent.count(job_id),
+                            "runs_started": len(record.attempts) if record else 0,
+                            "computed": {s: [c["stage"] for c in computed].count(s) for s in ("frames", "sfm", "train", "export")},
+                            "overlapping_runs": overlaps}
+        runs = [r["runs_started"] for r in rows.values()]
+        save("kill_loop", {
+            "goal": "every job ends and is told once; no stage computed twice; never two runs of one job at once",
+            "jobs": jobs, "cycles": cycles, "killed_after_s": kills, "seconds": round(time.monotonic() - started, 1),
+            "states": {s: [r["state"] for r in rows.values()].count(s) for s in {r["state"] for r in rows.values()}},
+            "messages_per_job": sorted({r["messages"] for r in rows.values()}),
+            "stage_computations_per_job_max": max(max(r["computed"].values()) for r in rows.values()),
+            "stage_computations_per_job_min": min(min(r["computed"].values()) for r in rows.values()),
+            "runs_started_per_job": {"min": min(runs), "median": statistics.median(runs), "max": max(runs)},
+            "jobs_with_overlapping_runs": sum(1 for r in rows.values() if r["overlapping_runs"]),
+            "per_job": rows,
+        })
+
+
 def bench_submit(jobs: int) -> None:
     """Translation + submission overhead per job against the Bacalhau stand-in on loopback.
 
@@ -553,14 +636,16 @@ def bench_load(jobs: int, concurrency: int, intake_workers: int = 8, poll: float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", nargs="?", choices=("pipeline", "raster", "neighbour", "sfm", "submit", "load", "tradeoff", "all"),
+    ap.add_argument("which", nargs="?", choices=("pipeline", "raster", "neighbour", "sfm", "killloop", "submit", "load", "tradeoff",
+                                                 "all"),
                     default="all")
-    ap.add_argument("--jobs", type=int, default=None, help="jobs (submit: 500, load: 1000)")
+    ap.add_argument("--jobs", type=int, default=None, help="jobs (submit: 500, load: 1000, killloop: 24)")
     ap.add_argument("--concurrency", type=int, default=64, help="the daemon's bound in the load benchmark")
     ap.add_argument("--intake-workers", type=int, default=8, help="the daemon's intake threads in the load benchmark")
     ap.add_argument("--backlog", action="store_true", help="load: start the daemon once every job waits in the queue")
     ap.add_argument("--runs", type=int, default=1, help="pipeline runs")
     ap.add_argument("--repeats", type=int, default=5, help="rasterizer repeats")
+    ap.add_argument("--cycles", type=int, default=8, help="killloop: daemons killed with SIGKILL before the last one")
     ap.add_argument("--rounds", type=int, default=3, help="neighbour: interleaved rounds of each setup")
     ap.add_argument("--neighbour", action="store_true", help="pipeline: each run also beside a process busy on one core")
     args = ap.parse_args()
@@ -570,6 +655,8 @@ def main() -> None:
         bench_neighbour(max(args.repeats, 10), args.rounds)
     if args.which in ("sfm", "all"):
         bench_sfm(max(args.runs, 10))
+    if args.which in ("killloop", "all"):
+        bench_kill_loop(args.jobs or 24, args.cycles)
     if args.which in ("submit", "all"):
         bench_submit(args.jobs or 500)
     if args.which in ("load", "all"):
