@@ -221,7 +221,9 @@ class JobDocument(PipelineConfig):
 
     def worker_settings(self, device: str | None = None) -> str:
         """The settings text every transport hands the worker (`contract.encode_settings`); with
-        `device`, training is pinned to it (a CPU-only stage of a split job)."""
+        `device`, training is pinned to it: `cpu` for a CPU-only stage of a split job, `cuda` on a
+        SageMaker GPU instance (a worker that cannot use the GPU then stops with exit 5 instead of
+        training on the CPU until its time limit)."""
         sections = self.pipeline_settings()
         if device:
             sections["train"]["device"] = device

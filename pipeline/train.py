@@ -42,10 +42,25 @@ def choose_device(cfg: TrainConfig) -> torch.device:
         raise EnvironmentProblem("train.device is 'cuda' but this machine has no usable CUDA GPU.",
                                  hint="Set train.device to 'auto' or 'cpu'.")
     device = torch.device("cuda" if has_cuda and cfg.device != "cpu" else "cpu")
+    if device.type == "cuda" and (problem := cuda_kernels_problem()):
+        raise EnvironmentProblem(f"train.device is '{cfg.device}' and this machine has a CUDA GPU, but {problem}.",
+                                 hint="Use the worker image (its kernels are compiled when it is built), install the "
+                                      "CUDA toolkit so gsplat builds them (once, minutes), or set train.device to 'cpu'.")
     if cfg.strategy == "mcmc" and device.type != "cuda":
         raise InputError("train.strategy 'mcmc' needs a CUDA GPU (gsplat's relocation runs only on CUDA).",
                          hint="Use train.strategy 'default' (or a preset other than 'quality') on the CPU.")
     return device
+
+
+def cuda_kernels_problem() -> str | None:
+    """Why gsplat's CUDA kernels cannot run here, or None when they load. Importing its backend works
+    even when they did not: with no prebuilt kernels and no CUDA toolkit to build them it sets `_C` to
+    None, and the first rasterization crashes."""
+    try:
+        from gsplat.cuda._backend import _C
+    except Exception as exc:  # noqa: BLE001 - whatever stops the import, training cannot use the GPU
+        return f"gsplat's CUDA backend does not import ({exc.__class__.__name__}: {str(exc)[:200]})"
+    return None if _C is not None else "gsplat's CUDA kernels are not built and no CUDA toolkit (nvcc) is here to build them"
 
 
 def make_strategy(cfg: TrainConfig):

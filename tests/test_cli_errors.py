@@ -136,3 +136,23 @@ def test_exit_codes_are_documented():
     listed = {line.split()[0] for line in proc.stdout.splitlines() if line.split()}
     assert {"0", "2", "3", "4", "5", "6", "130"} <= listed  # as the README documents them
     assert "Exit codes:" in codsplat("run", "--help").stdout
+
+
+def test_a_gpu_whose_kernels_cannot_load_is_exit_5_not_a_crash_at_the_first_step(monkeypatch):
+    """A PyPI gsplat on a GPU machine without nvcc: its backend imports with `_C = None`, and the first
+    rasterization would crash (or, with `device: auto`, a broken GPU would go unnoticed). Here, a machine
+    that reports CUDA but has no kernels (this one's gsplat has none) gets the reason and the ways out."""
+    import torch
+
+    from codsplat.pipeline.config import TrainConfig
+    from codsplat.pipeline.errors import EnvironmentProblem
+    from codsplat.pipeline.train import choose_device, cuda_kernels_problem
+
+    if cuda_kernels_problem() is None:
+        pytest.skip("gsplat's CUDA kernels load on this machine")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in ("auto", "cuda"):
+        with pytest.raises(EnvironmentProblem, match=r"has a CUDA GPU, but gsplat's CUDA kernels are not built") as raised:
+            choose_device(TrainConfig(device=device))
+        assert raised.value.exit_code == 5 and "set train.device to 'cpu'" in raised.value.hint
+    assert choose_device(TrainConfig(device="cpu")).type == "cpu"  # asked for the CPU: no kernels needed

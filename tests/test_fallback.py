@@ -258,3 +258,15 @@ def test_attempt_names_are_unique_and_valid_for_every_id():
     for job_id in ("abc", "a" * 63, "a-" * 31 + "b", "x" * 50 + "-" + "y" * 12):
         names = {attempt_name(job_id, "sm", n) for n in range(1, 8)}
         assert len(names) == 7 and all(pattern.match(n) for n in names), names
+
+
+def test_a_sagemaker_job_is_pinned_to_the_gpu_it_pays_for():
+    """On a GPU instance, `device: auto` would train on the CPU until the time limit when the GPU cannot
+    be used; pinned to cuda, the worker stops at once with exit 5 and its reason."""
+    from codsplat.pipeline.contract import decode_settings
+
+    settings = Settings(bucket="codsplat-data", state_machine_arn="arn:aws:states:us-east-1:1:stateMachine:m")
+    job = parse_job({"version": 1, "id": "pin", "input": "s3://codsplat-data/uploads/a.mp4", "train": {"device": "auto"}},
+                    settings.policy)
+    given = SageMakerExecutor(None, None, settings).execution_input(job, Attempt("sagemaker", "all", 1, "pin-sm-1"))
+    assert decode_settings(given["hyperparameters"]["settings"], "settings")["train"]["device"] == "cuda"

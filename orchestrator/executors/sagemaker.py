@@ -66,7 +66,8 @@ class SageMakerExecutor:
             "max_runtime_seconds": runtime,
             "input_s3_uri": str(job.input_uri), "output_s3_uri": str(output), "model_s3_uri": f"{output}sagemaker/",
             "bucket": output.bucket, "outcome_key": output.key + OUTCOME_FILE,
-            "hyperparameters": {"stage": "all", "settings": job.worker_settings()},
+            # a GPU instance: pinned, so a GPU the worker cannot use is a clear exit 5, never hours on its CPU
+            "hyperparameters": {"stage": "all", "settings": job.worker_settings(device="cuda")},
             "table": settings.table, "topic_arn": settings.topic_arn, "recipient": json.dumps(job.notify.email or ["-"]),
             "expires_at": str(int(time.time()) + runtime + settings.record_days * 86400),
             "poll": {"wait": poll, "step": poll, "cap": poll * POLL_GROWTH},
