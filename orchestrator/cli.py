@@ -194,7 +194,7 @@ def submit(
             raise typer.Exit(EXIT_INTERRUPTED)
     if isinstance(decision, Done):
         out = doc.output_uri(conf.policy)
-        err.print(f"results: {escape(out)}export/")
+        err.print(f"results: {escape(str(out))}export/")
         print(json.dumps({"ok": True, "job": doc.id, "output": str(out), "attempts": [a.to_dict() for a in attempts]}, indent=2))
         return
     if isinstance(decision, Fail):
@@ -202,7 +202,7 @@ def submit(
         err.print(f"[yellow]hint:[/yellow] {exit_code(decision.exit_code).advice}", highlight=False)
         raise typer.Exit(decision.exit_code)
     reason = "Bacalhau stopped the job" if isinstance(decision, Stopped) else decision.reason
-    err.print(f"[bold red]cannot run on Bacalhau:[/bold red] {escape(reason)}", highlight=False)
+    err.print(f"[bold red]cannot run on Bacalhau:[/bold red] {escape(str(reason))}", highlight=False)
     raise typer.Exit(EXIT_CANNOT_RUN)
 
 
@@ -244,7 +244,7 @@ def nodes(
             for stage, names in fits.items():
                 err.print(f"{stage}: " + (f"fits on {', '.join(names)}" if names else "no node fits"))
             for problem in problems:
-                err.print(f"[bold red]cannot run:[/bold red] {escape(problem)}", highlight=False)
+                err.print(f"[bold red]cannot run:[/bold red] {escape(str(problem))}", highlight=False)
     if problems:
         raise typer.Exit(EXIT_CANNOT_RUN)
 
