@@ -98,6 +98,11 @@ SCENARIOS = {
     "quota-then-room": Scenario("SUCCEEDED", "is ready", before=lambda rig, j: (
         worker_did_its_work(rig, j), httpx.post(f"{rig.control}/steer", json={"create_errors": {rig.name(j): 2}})),
         drive=lambda rig, n, j: status(rig, n, "Completed")),
+    "cancelled-while-waiting-for-quota": Scenario(  # no training job to stop: the wait reads the record's flag
+        "CANCELLED", "was cancelled", training_jobs=0, before=lambda rig, j: httpx.post(
+            f"{rig.control}/steer", json={"create_errors": {rig.name(j): 9}}),
+        drive=lambda rig, n, j: (time.sleep(1.5), request_cancel(rig.store, j),
+                                 rig.executor.stop(Attempt.from_dict(rig.store.get(j).attempts[-1]), "cancelled by the user"))),
     "no-quota": Scenario("FAILED", "no quota for ml.g5.2xlarge", training_jobs=0, before=lambda rig, j: httpx.post(
         f"{rig.control}/steer", json={"create_errors": {rig.name(j): 9}}),
         checks=[lambda r, m: "Service Quotas" in r.error["advice"] and "Service Quotas" in m["Message"]]),
