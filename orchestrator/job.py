@@ -33,8 +33,9 @@ from .settings import SAGEMAKER_GPU_INSTANCES, Policy, Settings
 
 SCHEMA_PATH = JOBSPECS / "job.schema.json"
 JOB_ID = r"^[a-z0-9][a-z0-9-]{2,62}$"
-# control, format (bidi overrides, zero-width), private-use, surrogate and unassigned characters
-UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Cn"})
+# characters no one sees as written: what each category is called where the character has no name
+UNSEEN_CATEGORIES = {"Cc": "a control character", "Cf": "a format character", "Co": "a private-use character",
+                     "Cs": "a surrogate", "Cn": "an unassigned code point"}
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[A-Za-z]{2,63}")  # fullmatch: no trailing newline, RFC 5321 lengths
 # Keys people try that a job may not set: say so plainly instead of "unknown key".
 FORBIDDEN = {
@@ -112,7 +113,8 @@ class Notify(StrictModel):
         for address in value:  # an unseen character would be mailed to, shown and logged as it is
             if unseen := next((c for c in address if unicodedata.category(c) in UNSEEN_CATEGORIES), None):
                 raise ValueError(f"not an email address: it holds U+{ord(unseen):04X} "
-                                 f"({unicodedata.name(unseen, 'a control character')}); write the address in plain characters")
+                                 f"({unicodedata.name(unseen, UNSEEN_CATEGORIES[unicodedata.category(unseen)])}); "
+                                 "write the address in plain characters")
         bad = [v for v in value if not EMAIL.fullmatch(v)]
         if bad:
             raise ValueError(f"not an email address: {', '.join(map(show, bad[:3]))}")

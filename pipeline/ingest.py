@@ -221,14 +221,11 @@ def _image_sources(path: Path, kind: str) -> list[tuple[str, Callable[[], bytes]
         return [(_printable(f.name), lambda f=f: _bounded(f.open("rb"), f.name)) for f in files]
     try:
         count, directory_bytes = _zip_directory(path)
-    except (zipfile.BadZipFile, OSError, struct.error) as exc:
-        raise InputError(f"Input {path.name} is not a readable .zip archive ({exc.__class__.__name__}).") from None
-    if count > MAX_ARCHIVE_ENTRIES or directory_bytes > MAX_DIRECTORY_BYTES:  # before the directory is parsed
-        raise InputError(f"Input {path.name} holds {count:,} entries in a {directory_bytes / 2**20:,.0f} MiB directory; "
-                         f"a .zip may hold at most {MAX_ARCHIVE_ENTRIES:,} (in {MAX_DIRECTORY_BYTES // 2**20} MiB).")
-    try:
+        if count > MAX_ARCHIVE_ENTRIES or directory_bytes > MAX_DIRECTORY_BYTES:  # before the directory is parsed
+            raise InputError(f"Input {path.name} holds {count:,} entries in a {directory_bytes / 2**20:,.0f} MiB "
+                             f"directory; a .zip may hold at most {MAX_ARCHIVE_ENTRIES:,} (in {MAX_DIRECTORY_BYTES // 2**20} MiB).")
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, struct.error) as exc:
         raise InputError(f"Input {path.name} is not a readable .zip archive ({exc.__class__.__name__}).") from None
     entries = [i for i in archive.infolist() if not i.is_dir()]
     if len(entries) > MAX_ARCHIVE_ENTRIES:  # the end record undercounted: the directory is read, but no further
