@@ -8,7 +8,8 @@ Context: `bacalhau_sha256` (required: the SHA-256 of `bacalhau_<version>_linux_a
 the release page; every instance checks its download against it), `bacalhau_version`, `emails`
 (comma-separated, each gets only its own jobs' messages), `image_tag` (the worker image), `package`
 (what the host pip-installs, pinned: a version or a URL with `#sha256=`; default this app's release), `gpu_nodes` (0 = no GPU stack), `gpu_instance_type`, `next_image_tag`
-(the image GPU nodes pull ahead of a roll-out; defaults to `image_tag`).
+(the image GPU nodes pull ahead of a roll-out; defaults to `image_tag`), `settings` (a daemon settings
+file: written to SSM, and the IAM limits are built from it).
 Synthesis needs no network and no AWS account; `synth()` is what the tests and CI call.
 """
 
@@ -22,8 +23,11 @@ from aws_cdk import App, Validations
 from cdk_nag import AwsSolutionsChecks
 from packaging.requirements import InvalidRequirement, Requirement
 
+from codsplat.orchestrator.settings import Settings, load_settings
+from codsplat.pipeline.errors import InputError
+
 from . import bacalhau
-from .base import BaseStack
+from .base import SECRET_SETTINGS, STACK_SETTINGS, BaseStack
 from .gpu import GpuNodesStack
 from .host import HostStack
 
@@ -37,6 +41,7 @@ def build(app: App) -> list:
     emails = tuple(e.strip() for e in str(ctx("emails", "")).split(",") if e.strip())
     origins = tuple(o.strip() for o in str(ctx("console_origins", "")).split(",") if o.strip())
     base = BaseStack(app, "CodsplatBase", emails=emails, image_tag=str(ctx("image_tag", "latest")), console_origins=origins,
+                     settings=deployment_settings(ctx("settings")),
                      description="codsplat: data bucket, job events, records, notifications, image, SageMaker fallback")
     version, sha256 = str(ctx("bacalhau_version", bacalhau.BACALHAU_VERSION)), str(ctx("bacalhau_sha256", ""))
     if not bacalhau.SHA256.match(sha256):
@@ -56,6 +61,24 @@ def build(app: App) -> list:
                                     description="codsplat: Bacalhau compute nodes on GPU instances"))
     validate(app)
     return stacks
+
+
+def deployment_settings(path: str | None) -> Settings:
+    """The deployment's settings file (`-c settings=deploy.yaml`), read as the daemon reads one. The stacks
+    build their IAM limits from it and write it to SSM, so that jobs are validated against the limits IAM
+    enforces. The stacks name their own resources, and secrets never go into plain parameters."""
+    if not path:
+        return Settings()
+    try:
+        settings = load_settings(Path(path), env={})
+    except InputError as exc:
+        raise SystemExit(f"-c settings={path}: {exc}") from None
+    if refused := sorted(settings.model_fields_set & (STACK_SETTINGS | SECRET_SETTINGS)):
+        raise SystemExit(f"-c settings={path} sets {', '.join(refused)}: the stacks set "
+                         f"{', '.join(sorted(STACK_SETTINGS))} from the resources they make, and secrets "
+                         f"({', '.join(sorted(SECRET_SETTINGS))}) belong in Secrets Manager, not in SSM parameters "
+                         "(docs/deploy.md).")
+    return settings
 
 
 def pinned_package(spec: str) -> str:

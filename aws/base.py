@@ -26,12 +26,19 @@ from constructs import Construct
 from codsplat.orchestrator.executors.sagemaker import ASL_PATH
 from codsplat.orchestrator.provision import DLQ_RETENTION_SECONDS, MAX_RECEIVE_COUNT, QUEUE_VISIBILITY_SECONDS, SSM_PATH
 from codsplat.orchestrator.records import DynamoStore
-from codsplat.orchestrator.settings import Settings
+from codsplat.orchestrator.settings import Settings, as_text
 from codsplat.pipeline.contract import OUTCOME_FILE
 
 from .checks import acknowledge, nag_form, skip_checkov
 
 TEMPORARY_PREFIXES = ("uploads/", "jobs/", "tmp/")  # lifecycle rules touch only these; never results/
+# Settings the stacks build IAM and bucket rules from: always written to SSM, so that the daemon validates
+# jobs against the very limits IAM enforces. Those the stacks make (STACK_SETTINGS) no settings file may set.
+POLICY_SETTINGS = frozenset({"input_prefixes", "output_prefix", "jobs_prefix", "max_gpus", "max_runtime_minutes",
+                             "max_input_bytes", "max_input_files"})
+STACK_SETTINGS = frozenset({"bucket", "queue_url", "table", "topic_arn", "state_machine_arn", "image", "region",
+                            "aws_endpoint", "s3_endpoint", "bacalhau_host", "bacalhau_api_key_secret"})
+SECRET_SETTINGS = frozenset({"bacalhau_api_key", "bacalhau_password"})
 TRAINING_JOB_PREFIX = "codsplat-"  # attempts name training jobs codsplat-<job id>-sm-a<n> (orchestrator/compute.py)
 
 
@@ -43,9 +50,11 @@ def data_bucket_name(stack: Stack) -> str:
 class BaseStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, emails: tuple[str, ...] = (),
                  image_tag: str = "latest", daemon_settings: dict[str, str] | None = None,
-                 console_origins: tuple[str, ...] = (), **kwargs) -> None:
+                 console_origins: tuple[str, ...] = (), settings: Settings | None = None, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        defaults = Settings()
+        # The deployment's settings: the IAM limits below are built from the same values the stack writes to
+        # SSM, which the daemon validates jobs against (app.py deployment_settings).
+        self.settings = deployed = settings or Settings()
         self.key = kms.Key(self, "DataKey", enable_key_rotation=True, removal_policy=RemovalPolicy.RETAIN,
                            description="codsplat: the queues, topics, table and image repository")
         # S3 publishes events and SNS delivers to the encrypted queue with this key, from this account only
@@ -77,7 +86,7 @@ class BaseStack(Stack):
             lifecycle_rules=[
                 s3.LifecycleRule(id="uploads", prefix="uploads/", abort_incomplete_multipart_upload_after=Duration.days(7),
                                  noncurrent_version_expiration=Duration.days(30)),
-                s3.LifecycleRule(id="job-documents", prefix=defaults.jobs_prefix, noncurrent_version_expiration=Duration.days(30)),
+                s3.LifecycleRule(id="job-documents", prefix=deployed.jobs_prefix, noncurrent_version_expiration=Duration.days(30)),
                 s3.LifecycleRule(id="scratch", prefix="tmp/", expiration=Duration.days(7),
                                  abort_incomplete_multipart_upload_after=Duration.days(1)),
             ])
@@ -98,7 +107,7 @@ class BaseStack(Stack):
             topic_configurations=[s3.CfnBucket.TopicConfigurationProperty(
                 event="s3:ObjectCreated:*", topic=self.events_topic.topic_arn,
                 filter=s3.CfnBucket.NotificationFilterProperty(s3_key=s3.CfnBucket.S3KeyFilterProperty(rules=[
-                    s3.CfnBucket.FilterRuleProperty(name="prefix", value=defaults.jobs_prefix),
+                    s3.CfnBucket.FilterRuleProperty(name="prefix", value=deployed.jobs_prefix),
                     s3.CfnBucket.FilterRuleProperty(name="suffix", value=".json")])))])
         for policy in self.events_topic.node.find_all():
             if isinstance(policy, sns.CfnTopicPolicy):
@@ -182,7 +191,7 @@ class BaseStack(Stack):
         role = self.state_machine.role
         self.training_jobs = training_jobs = self.format_arn(service="sagemaker", resource="training-job",
                                                              resource_name=f"{TRAINING_JOB_PREFIX}*")
-        policy = defaults.policy
+        policy = deployed.policy
         # Only the instance types the deployment's policy lets a job ask for (job.py checks the same list),
         # network-isolated, and no longer than the policy allows.
         role.add_to_principal_policy(iam.PolicyStatement(
@@ -196,7 +205,7 @@ class BaseStack(Stack):
             resources=[training_jobs]))
         # the worker's outcome line, which the fallback records (results/<id>/outcome.json)
         role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(f"{defaults.output_prefix}*/{OUTCOME_FILE}")]))
+            actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(f"{deployed.output_prefix}*/{OUTCOME_FILE}")]))
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["iam:PassRole"], resources=[self.sagemaker_role.role_arn],
             conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}))
@@ -205,7 +214,7 @@ class BaseStack(Stack):
         self.notify_topic.grant_publish(role)
         acknowledge(role, f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:training-job/{TRAINING_JOB_PREFIX}*]",
                     "Training jobs are named per attempt (codsplat-<job id>-sm-a<n>); the prefix scopes them.", all_policies=True)
-        outcomes = self.bucket.arn_for_objects(f"{defaults.output_prefix}*/{OUTCOME_FILE}")
+        outcomes = self.bucket.arn_for_objects(f"{deployed.output_prefix}*/{OUTCOME_FILE}")
         acknowledge(role, f"AwsSolutions-IAM5[Resource::{nag_form(self, outcomes)}]", "Reads only each job's outcome.json, which the "
                     "worker writes; job ids are made at run time.", all_policies=True)
         acknowledge(role, "AwsSolutions-IAM5[Resource::*]", "CloudWatch Logs delivery and X-Ray actions of a "
@@ -217,11 +226,10 @@ class BaseStack(Stack):
 
         # ------------------------------------------------------------ the daemon's settings
         settings = {
+            **{name: as_text(getattr(deployed, name)) for name in sorted(deployed.model_fields_set | POLICY_SETTINGS)},
             "bucket": self.bucket.bucket_name, "queue_url": self.queue.queue_url, "table": self.table.ref,
             "topic_arn": self.notify_topic.topic_arn, "state_machine_arn": self.state_machine.state_machine_arn,
-            "image": self.image_uri, "region": self.region, "jobs_prefix": defaults.jobs_prefix,
-            "output_prefix": defaults.output_prefix, "input_prefixes": ",".join(defaults.input_prefixes),
-            **(daemon_settings or {}),
+            "image": self.image_uri, "region": self.region, **(daemon_settings or {}),
         }
         self.parameters = {
             name: ssm.StringParameter(self, f"Setting-{name}", parameter_name=f"{SSM_PATH}/{name}", string_value=str(value),
@@ -236,17 +244,17 @@ class BaseStack(Stack):
 
     def grant_job_data(self, role: iam.Role, *, read_inputs: bool = True, write_results: bool = True) -> None:
         """Read the input prefixes and read/write the results prefix of the data bucket, nothing else."""
-        defaults = Settings()
+        deployed = self.settings
         stack = Stack.of(role)
         bucket_arn = stack.format_arn(service="s3", region="", account="", resource=data_bucket_name(stack))
-        inputs = [f"{bucket_arn}/{p}*" for p in defaults.input_prefixes] if read_inputs else []
-        results = [f"{bucket_arn}/{defaults.output_prefix}*"] if write_results else []
+        inputs = [f"{bucket_arn}/{p}*" for p in deployed.input_prefixes] if read_inputs else []
+        results = [f"{bucket_arn}/{deployed.output_prefix}*"] if write_results else []
         if inputs:
             role.add_to_principal_policy(iam.PolicyStatement(actions=["s3:GetObject"], resources=inputs))
         if results:
             role.add_to_principal_policy(iam.PolicyStatement(
                 actions=["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], resources=results))
-        prefixes = [*defaults.input_prefixes, defaults.output_prefix]
+        prefixes = [*deployed.input_prefixes, deployed.output_prefix]
         role.add_to_principal_policy(iam.PolicyStatement(
             actions=["s3:ListBucket"], resources=[bucket_arn],
             conditions={"StringLike": {"s3:prefix": [f"{p}*" for p in prefixes]}}))

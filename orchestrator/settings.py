@@ -22,15 +22,16 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 
 from codsplat.pipeline.config import read_document
 from codsplat.pipeline.errors import InputError
 from codsplat.pipeline.validation import StrictModel, explain
 
 CPU = r"^\d+(\.\d+)?m?$"
+PREFIX = r"^[A-Za-z0-9._-]+/$"  # one folder at the top of the bucket
 SIZE = r"^\d+(\.\d+)?(b|kb|mb|gb|tb|kib|mib|gib|tib)$"
 StageName = Literal["all", "preprocess", "train", "export"]
 
@@ -94,9 +95,10 @@ def _resources() -> dict[str, StageResources]:
 class Settings(StrictModel):
     # ---------------------------------------------------------------- where jobs read and write
     bucket: str = Field("codsplat-data", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-    input_prefixes: list[str] = Field(default_factory=lambda: ["uploads/", "jobs/"], min_length=1)
-    output_prefix: str = Field("results/", pattern=r"^[A-Za-z0-9._-]+/$")
-    jobs_prefix: str = Field("jobs/", pattern=r"^[A-Za-z0-9._-]+/$")
+    input_prefixes: list[Annotated[str, Field(pattern=PREFIX)]] = Field(default_factory=lambda: ["uploads/", "jobs/"],
+                                                                        min_length=1)
+    output_prefix: str = Field("results/", pattern=PREFIX)
+    jobs_prefix: str = Field("jobs/", pattern=PREFIX)
     # ---------------------------------------------------------------- AWS
     region: str | None = None
     aws_endpoint: str | None = Field(None, description="Every AWS API at one endpoint (the tests' moto server).")
@@ -163,6 +165,12 @@ class Settings(StrictModel):
     gpu_hour_usd: float = Field(1.006, ge=0, description="An A10G (g5.xlarge) on-demand hour.")
     cpu_hour_usd: float = Field(0.10, ge=0)
 
+    @field_validator("resources")
+    @classmethod
+    def _every_stage(cls, given: dict[str, StageResources]) -> dict[str, StageResources]:
+        """Stages a file leaves out keep their defaults (`resources: {train: ...}` changes the one stage)."""
+        return {**_resources(), **given}
+
     @property
     def policy(self) -> Policy:
         return Policy(bucket=self.bucket, input_prefixes=tuple(self.input_prefixes), output_prefix=self.output_prefix,
@@ -208,6 +216,20 @@ def from_text(name: str, text: str) -> Any:
         return TypeAdapter(annotation).validate_python(text, strict=False)
     except ValidationError:
         return text
+
+
+def as_text(value: Any) -> str:
+    """A setting's value as the text of its SSM parameter or variable: what `from_text` reads back as
+    the same value (lists comma-separated, objects as JSON, booleans as true/false)."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in value.items()})
+    return str(value)
 
 
 def ssm_settings(path: str, client=None) -> dict[str, str]:

@@ -24,7 +24,7 @@ from codsplat.orchestrator.backends import build_daemon
 from codsplat.orchestrator.executors.sagemaker import ASL_PATH
 from codsplat.orchestrator.provision import MAX_RECEIVE_COUNT, QUEUE_VISIBILITY_SECONDS, SSM_PATH, provision
 from codsplat.orchestrator.records import DynamoStore
-from codsplat.orchestrator.settings import Settings, load_settings
+from codsplat.orchestrator.settings import Settings, from_text, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS_VENV = ROOT / ".venv-checks" / "bin"
@@ -382,6 +382,48 @@ def test_the_fallback_may_start_only_the_training_jobs_the_policy_allows(assembl
     daemon = [s for p in resources(templates["CodsplatOrchestrator"], "AWS::IAM::Policy").values()
               for s in p["Properties"]["PolicyDocument"]["Statement"] if "sagemaker:StopTrainingJob" in json.dumps(s["Action"])]
     assert len(daemon) == 1 and "training-job/codsplat-*" in json.dumps(daemon[0]["Resource"])
+
+
+def test_the_iam_limits_are_built_from_the_settings_the_daemon_reads(tmp_path):
+    """A deployment with limits of its own (`-c settings=FILE`): the SSM parameters the daemon reads hold
+    them, and the state machine's CreateTrainingJob condition and the roles' bucket prefixes are built from
+    the very policy those parameters give, not from the defaults."""
+    file = tmp_path / "deploy.yaml"
+    file.write_text("max_gpus: 4\nmax_runtime_minutes: 120\ninput_prefixes: [incoming/]\noutput_prefix: out/\n"
+                    "concurrency: 5\nresources: {train: {cpu: '7', memory: 28gb, disk: 90gb}}\n")
+    out = tmp_path / "cdk.out"
+    synth(out, {"bacalhau_sha256": SHA256, "gpu_nodes": 0, "settings": str(file)})
+    base = json.loads((out / "CodsplatBase.template.json").read_text())
+    host = json.loads((out / "CodsplatOrchestrator.template.json").read_text())
+    texts = {p["Properties"]["Name"].removeprefix(SSM_PATH + "/"): p["Properties"]["Value"]
+             for p in resources(base, "AWS::SSM::Parameter").values() if isinstance(p["Properties"]["Value"], str)}
+    read = Settings.model_validate({name: from_text(name, text) for name, text in texts.items()})  # as load_settings does
+    policy = read.policy
+    assert (policy.max_gpus, policy.max_runtime_minutes, policy.input_prefixes, policy.output_prefix) == (4, 120, ("incoming/",), "out/")
+    assert read.concurrency == 5 and read.resources["train"].cpu == "7" and read.resources["export"].cpu == "2"
+
+    [create] = [s for s in statements(base) if s["Action"] == "sagemaker:CreateTrainingJob"]
+    assert create["Condition"]["ForAllValues:StringEquals"]["sagemaker:InstanceTypes"] == list(policy.sagemaker_instance_types)
+    assert "ml.g5.12xlarge" in policy.sagemaker_instance_types  # four GPUs: refused under the default max_gpus of 1
+    assert create["Condition"]["NumericLessThanEquals"]["sagemaker:MaxRuntimeInSeconds"] == 120 * 60 * 3
+    for template in (base, host):  # the SageMaker role's and the daemon's bucket grants
+        s3_grants = json.dumps([s for s in statements(template) if "s3:" in json.dumps(s["Action"])])
+        assert "/incoming/*" in s3_grants and "/out/*" in s3_grants
+        assert "/uploads/*" not in s3_grants and "/results/*" not in s3_grants
+
+
+@pytest.mark.parametrize("text, named", [("bucket: mine\n", "bucket"), ("bacalhau_api_key: abc\n", "bacalhau_api_key"),
+                                         ("max_gpus: 99\n", "max_gpus"), ("input_prefixes: [a,b/]\n", "input_prefixes")])
+def test_a_settings_file_the_stacks_cannot_honour_is_refused_naming_the_setting(tmp_path, text, named):
+    file = tmp_path / "deploy.yaml"
+    file.write_text(text)
+    with pytest.raises(SystemExit, match=named) as refused:
+        synth(tmp_path / "cdk.out", {"bacalhau_sha256": SHA256, "settings": str(file)})
+    assert "Traceback" not in str(refused.value)
+
+
+def statements(template) -> list[dict]:
+    return [s for p in resources(template, "AWS::IAM::Policy").values() for s in p["Properties"]["PolicyDocument"]["Statement"]]
 
 
 # ------------------------------------------------------------------ the AWS calls against the roles
