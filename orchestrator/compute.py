@@ -161,6 +161,10 @@ class Executor(Protocol):
     def stop(self, attempt: Attempt, reason: str) -> None:
         """Stop a running attempt; its watch then reports STOPPED."""
 
+    def abandoned(self, attempt: Attempt) -> str | None:
+        """Asked only of a backend that finishes the record: why the attempt ended without recording the
+        job's end (its state machine failed), or None while it runs, once it recorded it, or if unsure."""
+
 
 # ------------------------------------------------------------------ the policy
 

@@ -110,6 +110,7 @@ class Lifecycle:
         self._swept = now()
         self._beat: float | None = None  # when the last heartbeat was written (None: never)
         self._looked = time.monotonic()  # takeovers, on their own interval
+        self._looked_handed = 0.0  # handed-over jobs, on theirs (the first sweep looks)
         self.stats = {"received": 0, "created": 0, "duplicates": 0, "succeeded": 0, "failed": 0, "cancelled": 0,
                       "sweeps": 0, "beats": 0}
 
@@ -521,6 +522,29 @@ class Lifecycle:
                 if record.job_id not in self.flights and not handed and not self.holds.elsewhere(record.owner, record.owner_seen_at):
                     self.schedule(self.resume, record)
 
+    def abandoned_handovers(self) -> None:
+        """Handed-over jobs whose backend ended without recording their end (a failed execution of the
+        fallback's state machine) would stay RUNNING forever, maybe with a training job running unwatched:
+        stop what runs, fail the record and tell the user once. Any daemon may do it (the terminal write
+        is conditional: one wins); looked at every `claim_seconds`, one lookup per handed-over job."""
+        if time.monotonic() - self._looked_handed < self.settings.claim_seconds:
+            return
+        self._looked_handed = time.monotonic()
+        for record in self.store.list(RUNNING, 100_000):
+            attempt = Attempt.from_dict(record.attempts[-1]) if record.attempts else None
+            executor = self.executors.get(attempt.backend) if attempt else None
+            if executor is None or not executor.finishes_record or record.job_id in self.flights:
+                continue
+            why = executor.abandoned(attempt)
+            if why is None:
+                continue
+            log.error("job %s: %s ended without recording the job's end: %s", record.job_id, attempt.name, why,
+                      extra={"job_id": record.job_id, "backend": attempt.backend})
+            executor.stop(attempt, "its follower ended")
+            flight = self._flight(JobDocument.model_construct(id=record.job_id), record)
+            self.fail(flight, attempt.backend, f"The {attempt.backend} run {attempt.name} could not be followed to its end "
+                      f"(its state machine's execution {why}); whatever it was running has been stopped.", "internal")
+
     # ------------------------------------------------------------------ cancels
 
     def sweep(self) -> None:
@@ -530,6 +554,7 @@ class Lifecycle:
         self._count("sweeps")
         self.heartbeat()
         self.take_over()
+        self.abandoned_handovers()
         for record in self.store.list(RUNNING, 100_000):
             if not record.cancel_requested or not record.attempts:
                 continue

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from codsplat.pipeline.config import read_document
 from codsplat.pipeline.errors import InputError
@@ -33,6 +33,7 @@ from codsplat.pipeline.validation import StrictModel, explain
 CPU = r"^\d+(\.\d+)?m?$"
 PREFIX = r"^[A-Za-z0-9._-]+/$"  # one folder at the top of the bucket
 SIZE = r"^\d+(\.\d+)?(b|kb|mb|gb|tb|kib|mib|gib|tib)$"
+SAGEMAKER_OVERHEAD_SECONDS = 3600  # a training job's start (instance, image) and its upload, on top of its runtime
 StageName = Literal["all", "preprocess", "train", "export"]
 
 
@@ -170,6 +171,24 @@ class Settings(StrictModel):
     def _every_stage(cls, given: dict[str, StageResources]) -> dict[str, StageResources]:
         """Stages a file leaves out keep their defaults (`resources: {train: ...}` changes the one stage)."""
         return {**_resources(), **given}
+
+    @field_validator("fallback_poll_seconds")
+    @classmethod
+    def _followed_to_the_end(cls, poll: int, info: ValidationInfo) -> int:
+        """The fallback must be able to follow the longest job this deployment allows (three stages'
+        runtime, and an hour for SageMaker's start and upload) inside Step Functions' execution history."""
+        from .executors.sagemaker import longest_followed_seconds
+
+        if "max_runtime_minutes" not in info.data:
+            return poll
+        needed = info.data["max_runtime_minutes"] * 60 * 3 + SAGEMAKER_OVERHEAD_SECONDS
+        if longest_followed_seconds(poll) < needed:
+            least = next((p for p in range(poll, 3601) if longest_followed_seconds(p) >= needed), 3600)
+            raise ValueError(f"{poll} s lets the fallback follow a training job for {longest_followed_seconds(poll) / 3600:.1f} h "
+                             f"inside Step Functions' 25,000-event execution history, but max_runtime_minutes "
+                             f"({info.data['max_runtime_minutes']}) allows {needed / 3600:.1f} h; set it to at least {least}, "
+                             "or lower max_runtime_minutes")
+        return poll
 
     @property
     def policy(self) -> Policy:

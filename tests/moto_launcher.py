@@ -5,13 +5,19 @@ once; a test can make new ones start InProgress, then move them to any status).
 Where moto's SageMaker falls short of the API reference, this fills in what the fallback relies on:
 - CreateTrainingJob with a name in use answers ResourceInUse (moto overwrites the job);
 - `create_errors` (steered: name → count) makes the next creates of that name answer
-  ResourceLimitExceeded, as an account without GPU quota does;
+  ResourceLimitExceeded, as an account without GPU quota does; `lose_create_reply` (name → count)
+  creates the job, then answers ThrottlingException, as a reply lost on the way back would look;
+- a training job keeps its `Environment` and DescribeTrainingJob returns it (moto drops it);
 - errors of AWS SDK tasks are named as Step Functions names them, `SageMaker.<Error>Exception` and
   `S3.<Error>Exception` (moto knows the Pascal-case names of DynamoDB and Sfn only);
+- the context object's `$$.Execution.StartTime` is ISO 8601 text, as Step Functions gives it (moto
+  hands on a datetime, which no task can send);
 - an AWS SDK task's streamed reply (S3 GetObject's Body) is its text, as Step Functions hands it on
   (moto passes the stream along and fails copying it);
 - `describe_errors` (steered: name → a list of true/false, one per DescribeTrainingJob of that name)
   makes a look fail with ThrottlingException where the list says true, as a blip in SageMaker's API does;
+- `update_errors` (steered: job id → count) makes the next DynamoDB UpdateItems of that record answer
+  ThrottlingException, a name no retrier of the fallback lists on its own;
 - StopTrainingJob (moto has none): an InProgress job goes Stopped (SecondaryStatus Stopped), or
   stays Stopping where `stop_to` (name → status) says so; a job that has ended answers
   ValidationException.
@@ -28,13 +34,15 @@ items the transaction writes, and a cancelled one puts back just those, on the l
 """
 
 import argparse
+import datetime
 import json
 import logging
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STEER = {"initial_status": "Completed", "create_errors": {}, "stop_to": {}, "describe_errors": {}}  # the last three by name
+STEER = {"initial_status": "Completed", "create_errors": {}, "lose_create_reply": {}, "stop_to": {},
+         "describe_errors": {}, "update_errors": {}}  # all but the first by name
 
 
 def fill_in_sagemaker(sagemaker) -> None:
@@ -60,8 +68,17 @@ def fill_in_sagemaker(sagemaker) -> None:
     class ResourceLimitExceeded(SagemakerClientError):
         code = "ResourceLimitExceeded"
 
+    class ThrottlingException(SagemakerClientError):
+        code = "ThrottlingException"
+
     backend = sagemaker.SageMakerModelBackend
     create = backend.create_training_job
+    asked = threading.local()  # the request's Environment, which moto's handler does not pass to its backend
+    create_response = responses.SageMakerResponse.create_training_job
+
+    def create_with_environment(self):
+        asked.environment = self._get_param("Environment")
+        return create_response(self)
 
     def create_training_job(self, training_job_name, *args, **kwargs):
         if training_job_name in self.training_jobs:
@@ -72,7 +89,13 @@ def fill_in_sagemaker(sagemaker) -> None:
             raise ResourceLimitExceeded("The account-level service limit 'ml.g5.2xlarge for training job usage' is 0 "
                                         "Instances, with current utilization of 0 Instances and a request delta of 1 "
                                         "Instances. Please use AWS Service Quotas to request an increase for this quota.")
-        return create(self, training_job_name, *args, **kwargs)
+        created = create(self, training_job_name, *args, **kwargs)
+        if getattr(asked, "environment", None):
+            self.training_jobs[training_job_name].environment, asked.environment = asked.environment, None
+        if STEER["lose_create_reply"].get(training_job_name, 0) > 0:
+            STEER["lose_create_reply"][training_job_name] -= 1
+            raise ThrottlingException("Rate exceeded")
+        return created
 
     def stop_training_job(self, training_job_name):
         job = self.training_jobs.get(training_job_name)
@@ -88,9 +111,6 @@ def fill_in_sagemaker(sagemaker) -> None:
 
     describe = backend.describe_training_job
 
-    class ThrottlingException(SagemakerClientError):
-        code = "ThrottlingException"
-
     def describe_training_job(self, training_job_name, *args, **kwargs):
         blips = STEER["describe_errors"].get(training_job_name) or []
         if blips and blips.pop(0):
@@ -101,6 +121,22 @@ def fill_in_sagemaker(sagemaker) -> None:
     backend.describe_training_job = describe_training_job
     backend.stop_training_job = stop_training_job
     responses.SageMakerResponse.stop_training_job = stop_response
+    responses.SageMakerResponse.create_training_job = create_with_environment
+
+
+def fill_in_stepfunctions() -> None:
+    from moto.stepfunctions.parser.backend import execution_worker
+
+    environment = execution_worker.ExecutionWorker._get_evaluation_environment
+
+    def with_text_start(self):
+        env = environment(self)
+        execution = env.states.context_object.context_object_data["Execution"]
+        if not isinstance(execution["StartTime"], str):
+            execution["StartTime"] = execution["StartTime"].astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        return env
+
+    execution_worker.ExecutionWorker._get_evaluation_environment = with_text_start
 
 
 def fill_in_sqs() -> None:
@@ -119,6 +155,7 @@ def fill_in_dynamodb() -> None:
     import types
 
     from moto.dynamodb import models
+    from moto.dynamodb.exceptions import ERROR_TYPE_PREFIX, DynamodbException
     from moto.dynamodb.models.dynamo_type import DynamoType
     from moto.dynamodb.models.table import Table
 
@@ -160,6 +197,17 @@ def fill_in_dynamodb() -> None:
             writing.keys = None
 
     models.DynamoDBBackend.transact_write_items = transact_write_items
+    update = models.DynamoDBBackend.update_item
+
+    def update_item(self, table_name, key, *args, **kwargs):
+        job_id = (key.get("job_id") or {}).get("S")
+        if STEER["update_errors"].get(job_id, 0) > 0:
+            STEER["update_errors"][job_id] -= 1
+            raise DynamodbException(ERROR_TYPE_PREFIX + "ThrottlingException", "Throughput exceeds the current capacity "
+                                    "for one or more global secondary indexes. DynamoDB is automatically scaling your index.")
+        return update(self, table_name, key, *args, **kwargs)
+
+    models.DynamoDBBackend.update_item = update_item
 
 
 def main() -> None:
@@ -184,6 +232,7 @@ def main() -> None:
 
     sagemaker.FakeTrainingJob.__init__ = init
     fill_in_sagemaker(sagemaker)
+    fill_in_stepfunctions()
     fill_in_sqs()
     fill_in_dynamodb()
 

@@ -229,6 +229,60 @@ def test_a_failed_sagemaker_job_fails_the_record_with_its_reason(aws, moto_serve
     assert record.state == "FAILED" and "CUDA out of memory" in record.error["message"]
 
 
+@pytest.mark.parametrize("how", ["aborted", "failed-at-start"])
+def test_a_handed_over_job_whose_execution_ended_without_its_record_is_stopped_failed_and_told_once(
+        aws, moto_server, sample_video, how):
+    """The fallback's execution can end without writing the record: aborted by an operator, or failed
+    (the history limit, a States.Runtime error, an end write that failed for good). The daemon's sweep
+    finds it: the training job, which may still be running, is stopped, the record FAILED with the reason,
+    and the user told once, though several sweeps see the job."""
+    import httpx
+
+    sfn = boto3.client("stepfunctions", endpoint_url=moto_server.url, region_name="us-east-1")
+    sm = boto3.client("sagemaker", endpoint_url=moto_server.url, region_name="us-east-1")
+    job_id, name = f"lost-{how}", f"codsplat-lost-{how}-sm-a1"
+    arn = f"{aws['state_machine_arn'].replace(':stateMachine:', ':execution:')}:{name}"
+    if how == "failed-at-start":  # an execution under the attempt's name that fails (its input lacks what it reads)
+        sfn.start_execution(stateMachineArn=aws["state_machine_arn"], name=name, input="{}")
+    aws["s3"].upload_file(str(sample_video), aws["bucket"], f"uploads/u/{job_id}.mp4")
+    job = {"version": 1, "input": f"uploads/u/{job_id}.mp4", "notify": {"email": ["u@example.com"]},
+           "compute": {"backend": "sagemaker"}}
+    httpx.post(f"{moto_server.control}/steer", json={"initial_status": "InProgress"})
+    daemon = build_daemon(fallback_settings(aws, claim_seconds=1.0))
+    thread = threading.Thread(target=daemon.serve, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        aws["s3"].put_object(Bucket=aws["bucket"], Key=f"jobs/u/{job_id}.json", Body=json.dumps(job))
+        if how == "aborted":
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"]:
+                time.sleep(0.2)
+            assert daemon.store.get(job_id).state == "RUNNING"
+            sfn.stop_execution(executionArn=arn, error="Operator", cause="stopped from the console")
+        received, deadline = [], time.monotonic() + 60
+        while not received and time.monotonic() < deadline:
+            received = mail(aws)
+        sweeps = daemon.lifecycle.stats["sweeps"]
+        while daemon.lifecycle.stats["sweeps"] < sweeps + 3 and time.monotonic() < deadline + 30:
+            time.sleep(0.2)  # more sweeps, each of which sees the job: no second message
+        received += mail(aws)
+    finally:
+        httpx.post(f"{moto_server.control}/steer", json={"initial_status": "Completed"})
+        daemon.stop()
+        thread.join(timeout=60)
+    assert sfn.describe_execution(executionArn=arn)["status"] == ("ABORTED" if how == "aborted" else "FAILED")
+    [message] = received
+    assert message["MessageAttributes"]["status"]["Value"] == "FAILED"
+    record = daemon.store.get(job_id)
+    assert record.state == "FAILED" and record.notified_at and record.error["kind"] == "internal"
+    assert name in record.error["message"] and ("aborted" if how == "aborted" else "failed") in record.error["message"]
+    assert name in message["Message"]
+    if how == "aborted":  # it was still running, unwatched: stopped
+        assert sm.describe_training_job(TrainingJobName=name)["TrainingJobStatus"] == "Stopped"
+    else:  # it never started one
+        assert not sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"]
+
+
 def test_many_jobs_at_once_each_run_once_within_the_bound(aws, standin):
     """A burst of uploads (each event delivered twice) against fast jobs: every job ends SUCCEEDED with one
     Bacalhau submission and one message, and the node never runs more than `concurrency` at once.

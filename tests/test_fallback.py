@@ -15,11 +15,12 @@ import httpx
 import pytest
 
 from codsplat.orchestrator.compute import Attempt, attempt_name
-from codsplat.orchestrator.executors.sagemaker import ASL_PATH, SageMakerExecutor
+from codsplat.orchestrator.executors.sagemaker import (AROUND_THE_LOOP, ASL_PATH, HISTORY_LIMIT, SageMakerExecutor,
+                                                      history_events, longest_followed_seconds)
 from codsplat.orchestrator.job import parse_job
 from codsplat.orchestrator.provision import provision
 from codsplat.orchestrator.records import RUNNING, DynamoStore, JobRecord, request_cancel
-from codsplat.orchestrator.settings import Settings
+from codsplat.orchestrator.settings import SAGEMAKER_OVERHEAD_SECONDS, Settings
 from codsplat.pipeline.contract import ADVICE, failure_text
 from conftest import sagemaker_did_its_work
 
@@ -106,9 +107,17 @@ SCENARIOS = {
     "no-quota": Scenario("FAILED", "no quota for ml.g5.2xlarge", training_jobs=0, before=lambda rig, j: httpx.post(
         f"{rig.control}/steer", json={"create_errors": {rig.name(j): 9}}),
         checks=[lambda r, m: "Service Quotas" in r.error["advice"] and "Service Quotas" in m["Message"]]),
-    "reply-lost-after-create": Scenario(  # created by an earlier try whose reply never came: ResourceInUse now
-        "SUCCEEDED", "is ready", before=lambda rig, j: (worker_did_its_work(rig, j), rig.create_training_job(j)),
+    "reply-lost-after-create": Scenario(  # created by a try whose reply never came: ResourceInUse now, and ours
+        "SUCCEEDED", "is ready", before=lambda rig, j: (worker_did_its_work(rig, j), httpx.post(
+            f"{rig.control}/steer", json={"lose_create_reply": {rig.name(j): 1}})),
         drive=lambda rig, n, j: (time.sleep(2), status(rig, n, "Completed"))),
+    "end-write-throttled": Scenario(  # DynamoDB says no to the end write, under a name no retrier lists: tried again
+        "SUCCEEDED", "is ready", before=lambda rig, j: (worker_did_its_work(rig, j), httpx.post(
+            f"{rig.control}/steer", json={"update_errors": {j: 3}})), drive=lambda rig, n, j: status(rig, n, "Completed")),
+    "id-used-again": Scenario(  # a training job of that name from an earlier job (its record expired): left alone
+        "FAILED", "exists already", before=lambda rig, j: (worker_did_its_work(rig, j), rig.create_training_job(j)),
+        checks=[lambda r, m: "an id of its own" in r.error["advice"] + m["Message"] or pytest.fail(str(r.error)),
+                lambda r, m: not (r.result or {}).get("outputs") or pytest.fail(str(r.result))]),
     "blips-between-good-looks": Scenario(  # two failed looks (each after its retries), a good one between: not lost
         "SUCCEEDED", "is ready", before=lambda rig, j: (worker_did_its_work(rig, j), httpx.post(
             f"{rig.control}/steer", json={"describe_errors": {rig.name(j): ([True] * 4 + [False]) * 2}})),
@@ -116,6 +125,9 @@ SCENARIOS = {
     "lost-sight-of-it": Scenario("FAILED", "could not follow", training_jobs=0,  # SageMaker no longer knows it
                                  drive=lambda rig, n, j: status(rig, n, "gone")),
 }
+
+
+RUNTIME = 10  # minutes a stage may run: the rig polls every second, which follows a job for about 1.7 h
 
 
 class Rig:
@@ -132,7 +144,7 @@ class Rig:
         self.settings = Settings(bucket=names["bucket"], table=names["table"], topic_arn=names["topic_arn"],
                                  state_machine_arn=names["state_machine_arn"], aws_endpoint=moto_server.url,
                                  fallback_poll_seconds=1, fallback_quota_wait_seconds=1, fallback_quota_tries=3,
-                                 fallback_follow_misses=1)
+                                 fallback_follow_misses=1, max_runtime_minutes=RUNTIME)  # a 1 s poll follows ~1.7 h
         self.store = DynamoStore(names["table"], client("dynamodb"), self.settings)
         self.executor = SageMakerExecutor(self.sfn, self.sm, self.settings)
         self.jobs = {}
@@ -145,11 +157,13 @@ class Rig:
             TrainingJobName=self.name(job_id), AlgorithmSpecification={"TrainingImage": "x", "TrainingInputMode": "File"},
             RoleArn="arn:aws:iam::123456789012:role/x", OutputDataConfig={"S3OutputPath": f"s3://{self.bucket}/x/"},
             ResourceConfig={"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 10},
-            StoppingCondition={"MaxRuntimeInSeconds": 60})
+            StoppingCondition={"MaxRuntimeInSeconds": 60},
+            Environment={"CODSPLAT_EXECUTION_STARTED": "2025-01-01T00:00:00.000Z"})  # an earlier execution's
 
     def start(self, job_id):
         job = parse_job({"version": 1, "id": job_id, "input": f"s3://{self.bucket}/uploads/{job_id}.mp4",
-                         "notify": {"email": [f"{job_id}@example.com"]}}, self.settings.policy)
+                         "compute": {"max_runtime_minutes": RUNTIME}, "notify": {"email": [f"{job_id}@example.com"]}},
+                        self.settings.policy)
         attempt = Attempt(backend="sagemaker", stage="all", number=1, name=self.name(job_id))
         record = JobRecord(job_id, f"jobs/{job_id}.json", state=RUNNING, backend="sagemaker", attempts=[attempt.to_dict()],
                            output=str(job.output_uri(self.settings.policy)), notify=job.notify.email)
@@ -219,41 +233,51 @@ def test_training_jobs_run_isolated_from_the_network_under_the_job_s_time_limit(
     rig, _, _ = ended
     described = rig.sm.describe_training_job(TrainingJobName=rig.name("completed"))
     assert described["EnableNetworkIsolation"] is True
-    assert described["StoppingCondition"]["MaxRuntimeInSeconds"] == 180 * 60 * 3
+    assert described["StoppingCondition"]["MaxRuntimeInSeconds"] == RUNTIME * 60 * 3
     assert described["CheckpointConfig"]["S3Uri"] == f"s3://{rig.bucket}/results/completed/"
 
 
-def history_events(state: dict) -> int:
-    """Events a state adds to an execution's history each time it runs (Step Functions: a Task
-    entered, scheduled, started, succeeded, exited; any other state entered and exited)."""
-    return 5 if state["Type"] == "Task" else 2
-
-
 def test_the_longest_allowed_job_stays_inside_the_execution_history_limit():
-    """Computed from the ASL: the polling loop at its widest interval, plus the growth on the way and
-    the longest path around it, against 25,000 events; the job may run three times the per-stage
-    limit, and SageMaker's own start and upload come on top (an hour allowed here)."""
+    """Walk the polling loop of the ASL as an execution would, with the intervals the daemon hands it
+    (execution_input's poll: read, not assumed), every look the longer way round, for the longest job
+    the default settings allow plus SageMaker's hour: the history stays under 25,000 events."""
     states = json.loads(ASL_PATH.read_text())["States"]
-    loop = ["Wait", "DescribeTrainingJob", "Ended?", "Looked", "Slower?"]
     assert states["Wait"]["Next"] == "DescribeTrainingJob" and states["DescribeTrainingJob"]["Next"] == "Ended?"
     assert states["Ended?"]["Default"] == "Looked" and states["Looked"]["Next"] == "Slower?"
-    assert states["Slower?"]["Default"] == "Wait"
-    # a failed look (three retries, about three events each) takes the other way round; the budget comes back
-    # after each look that works, so any poll may be either
-    missed = ["Wait", "DescribeTrainingJob", "KeepFollowing?", "MissedOne"]
-    assert states["MissedOne"]["Next"] == "Wait"
-    per_poll = max(sum(history_events(states[s]) for s in loop), sum(history_events(states[s]) for s in missed) + 3 * 3)
-    settings = Settings()
-    first, cap = settings.fallback_poll_seconds, settings.fallback_poll_seconds * 5
-    growing = [first + k * first for k in range(cap // first)]  # the intervals before the cap
-    growth = len(growing) * (per_poll + history_events(states["Slower"]))
-    around = 200  # creating (with every quota wait), the end, recording, the message: far fewer than this
-    polls_left = (25_000 - around - growth) // per_poll
-    longest = sum(growing) + polls_left * cap
-    allowed = settings.policy.sagemaker_max_runtime_seconds + 3600
-    print(f"per poll {per_poll} events; longest job inside the history: {longest / 3600:.0f} h "
-          f"(allowed {allowed / 3600:.0f} h)")
-    assert longest >= allowed
+    assert states["Slower?"]["Default"] == "Wait" and states["MissedOne"]["Next"] == "Wait"
+    # a look that failed after its retries (three events each) takes the other way round, and any look may
+    look = max(sum(history_events(states[s]) for s in ("Wait", "DescribeTrainingJob", "Ended?", "Looked", "Slower?")),
+               sum(history_events(states[s]) for s in ("Wait", "DescribeTrainingJob", "KeepFollowing?", "MissedOne"))
+               + 3 * states["DescribeTrainingJob"]["Retry"][0]["MaxAttempts"])
+    settings = Settings(bucket="codsplat-data", state_machine_arn="arn:aws:states:us-east-1:1:stateMachine:m")
+    job = parse_job({"version": 1, "id": "long", "input": "s3://codsplat-data/uploads/a.mp4",
+                     "compute": {"max_runtime_minutes": settings.max_runtime_minutes}}, settings.policy)
+    given = SageMakerExecutor(None, None, settings).execution_input(job, Attempt("sagemaker", "all", 1, "long-sm-1"))
+    poll, elapsed, events = dict(given["poll"]), 0, AROUND_THE_LOOP
+    while elapsed < given["max_runtime_seconds"] + SAGEMAKER_OVERHEAD_SECONDS:
+        elapsed, events = elapsed + poll["wait"], events + look
+        if poll["wait"] < poll["cap"]:  # Slower
+            poll["wait"], events = poll["wait"] + poll["step"], events + history_events(states["Slower"])
+    print(f"{events} events for {elapsed / 3600:.0f} h; the code's bound: {longest_followed_seconds(settings.fallback_poll_seconds) / 3600:.0f} h")
+    assert events <= HISTORY_LIMIT
+    assert longest_followed_seconds(settings.fallback_poll_seconds) >= elapsed - poll["cap"]
+
+
+@pytest.mark.parametrize("minutes", [10, 24 * 60, 3 * 24 * 60])
+def test_a_poll_interval_that_cannot_follow_the_longest_job_is_refused_naming_the_least_that_can(minutes):
+    """Too short a first interval for the deployment's longest job would end the execution at the history
+    limit and leave the record RUNNING: the settings are refused, naming the least interval that fits."""
+    from codsplat.orchestrator.settings import load_settings
+    from codsplat.pipeline.errors import InputError
+
+    needed = minutes * 60 * 3 + SAGEMAKER_OVERHEAD_SECONDS
+    least = next(p for p in range(1, 3601) if longest_followed_seconds(p) >= needed)
+    env = {"CODSPLAT_MAX_RUNTIME_MINUTES": str(minutes)}
+    assert load_settings(env={**env, "CODSPLAT_FALLBACK_POLL_SECONDS": str(least)}).fallback_poll_seconds == least
+    if least > 1:
+        with pytest.raises(InputError, match=rf"fallback_poll_seconds: {least - 1} s lets .* at least {least}\b"):
+            load_settings(env={**env, "CODSPLAT_FALLBACK_POLL_SECONDS": str(least - 1)})
+    assert longest_followed_seconds(least) >= needed > longest_followed_seconds(max(least - 1, 1)) or least == 1
 
 
 def test_attempt_names_are_unique_and_valid_for_every_id():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,8 @@ from ..job import JobDocument
 from ..settings import Settings
 
 POLL_GROWTH = 5  # the state machine's interval grows from fallback_poll_seconds to this many times it
+HISTORY_LIMIT = 25_000  # events in one Step Functions standard execution's history; past it the execution fails
+AROUND_THE_LOOP = 200  # events outside the polling loop: creating (every quota wait), the end, the record, the message
 
 
 def advice(job: JobDocument, settings: Settings) -> dict[str, str]:
@@ -34,9 +37,33 @@ def advice(job: JobDocument, settings: Settings) -> dict[str, str]:
                       "or ask for less: a smaller preset, fewer train.steps or frames.",
         "stopped": "Someone stopped it from the AWS console or API; upload the job again to run it.",
         "start": "This is the deployment's problem, not the job's: the operators have the state machine's history.",
+        "reused": "Upload the job again under an id of its own (its file name, or \"id\" in the document): SageMaker "
+                  "keeps a training job's name for ever.",
     }
 
 ASL_PATH = Path(__file__).resolve().parents[1] / "fallback.asl.json"
+
+
+def history_events(state: dict) -> int:
+    """Events a state adds to an execution's history each time it runs (Step Functions: a Task
+    entered, scheduled, started, succeeded, exited; any other state entered and exited)."""
+    return 5 if state["Type"] == "Task" else 2
+
+
+@lru_cache(maxsize=None)
+def longest_followed_seconds(poll: int) -> int:
+    """The longest training job the state machine can follow, from the ASL, when its first interval is
+    `poll` seconds: the interval grows by `poll` up to POLL_GROWTH times it, and every look may be the
+    longer way round (a failed look after its retries, three events each). Past the 25,000-event history
+    the execution fails, and the record would stay RUNNING; settings validation keeps every job inside."""
+    states = json.loads(ASL_PATH.read_text())["States"]
+    looked = sum(history_events(states[s]) for s in ("Wait", "DescribeTrainingJob", "Ended?", "Looked", "Slower?"))
+    retries = max(r["MaxAttempts"] for r in states["DescribeTrainingJob"]["Retry"])
+    missed = sum(history_events(states[s]) for s in ("Wait", "DescribeTrainingJob", "KeepFollowing?", "MissedOne"))
+    per_poll = max(looked, missed + 3 * retries)
+    growing = [poll * k for k in range(1, POLL_GROWTH)]  # the intervals before the cap, each one Slower more
+    polls_left = (HISTORY_LIMIT - AROUND_THE_LOOP - len(growing) * (per_poll + history_events(states["Slower"]))) // per_poll
+    return sum(growing) + polls_left * poll * POLL_GROWTH
 
 
 def definition(image: str, role_arn: str) -> str:
@@ -102,6 +129,20 @@ class SageMakerExecutor:
 
     def watch(self, job: JobDocument, attempt: Attempt, done: Callable[[Result], None], resumed: bool = False) -> None:
         pass  # the state machine records the end itself
+
+    def abandoned(self, attempt: Attempt) -> str | None:
+        """An execution that failed, timed out or was aborted never writes the record (the history limit,
+        a States.Runtime error, an end write that failed for good); one that succeeded wrote it."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            described = self.sfn.describe_execution(executionArn=attempt.remote_id or self._arn(attempt))
+        except (ClientError, BotoCoreError):  # gone or unreachable: not proof of anything; asked again later
+            return None
+        if described["status"] not in ("FAILED", "TIMED_OUT", "ABORTED"):
+            return None
+        why = ": ".join(str(described[k]) for k in ("error", "cause") if described.get(k))
+        return f"{described['status'].lower().replace('_', ' ')}{f' ({why[:300]})' if why else ''}"
 
     def stop(self, attempt: Attempt, reason: str) -> None:
         """Stop the training job; the state machine sees it Stopped, records CANCELLED and says so."""
