@@ -98,7 +98,8 @@ def cpu_kernels() -> CpuKernels:
         try:
             from . import raster_cpu
 
-            raster_cpu.warm_up()
+            with torch.enable_grad():  # the warm-up runs a backward pass, whatever mode the first caller is in
+                raster_cpu.warm_up()
             _LOADED.append(CpuKernels("compiled", raster_cpu.project, raster_cpu.composite))
         except Exception as exc:  # noqa: BLE001 - any failure to load means the reference path
             log.warning("the compiled CPU rasterizer could not load (%s: %s); training goes on with the "

@@ -219,3 +219,14 @@ def test_gradients_agree_where_every_projection_term_matters():
     clamped = got["radii"][0, :40, 0] > 0
     assert clamped.sum() >= 30, "the Gaussians past the clamp reach into the image"
     assert_agree(ref, got)
+
+
+def test_the_compiled_kernels_load_when_the_first_render_is_under_no_grad():
+    """A process whose first render is an evaluation (`torch.no_grad`) still gets the compiled kernels,
+    not the several times slower torch path: their warm-up runs its backward pass with grad enabled."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom codsplat.pipeline.raster import cpu_kernels\n"
+            "with torch.no_grad():\n    print(cpu_kernels().name)\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "compiled"
