@@ -66,6 +66,11 @@ class SfmConfig(StrictModel):
                                 "points may then differ by about 2% between runs).")
 
 
+# Where each strategy starts the Gaussians (opacity, scale factor), as gsplat's simple_trainer does: MCMC
+# starts them opaque and small, and its relocation and noise grow what the images ask for
+STRATEGY_START = {"default": (0.1, 1.0), "mcmc": (0.5, 0.1)}
+
+
 class TrainConfig(StrictModel):
     """Gaussian splat training (gsplat on CUDA, the torch tile rasterizer on the CPU)."""
 
@@ -83,9 +88,20 @@ class TrainConfig(StrictModel):
     reset_every: int = Field(3000, ge=0, le=1_000_000, description="Opacity reset period; 0 turns it off.")
     grow_grad2d: float = Field(0.0002, gt=0, le=1)
     ssim_lambda: float = Field(0.2, ge=0, le=1)
-    init_opacity: float = Field(0.1, gt=0, lt=1)
+    init_opacity: float | None = Field(None, gt=0, lt=1, description="Opacity the Gaussians start at; by default "
+                                       "the strategy's, as gsplat's simple_trainer: 0.1 (default), 0.5 (mcmc).")
+    init_scale: float | None = Field(None, gt=0, le=10, description="Their starting size, times the distance to the "
+                                     "nearest SfM points; by default the strategy's: 1.0 (default), 0.1 (mcmc).")
     means_lr: float = Field(1.6e-4, gt=0, le=1)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Random seed (numpy and torch take 32 bits).")
+
+
+    @property
+    def start(self) -> tuple[float, float]:
+        """The Gaussians' starting opacity and scale factor: as given, or the strategy's own."""
+        opacity, scale = STRATEGY_START[self.strategy]
+        return (opacity if self.init_opacity is None else self.init_opacity,
+                scale if self.init_scale is None else self.init_scale)
 
 
 class ExportConfig(StrictModel):

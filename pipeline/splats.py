@@ -25,15 +25,16 @@ def sh_to_rgb(sh0: torch.Tensor) -> torch.Tensor:
     return sh0 * SH_C0 + 0.5
 
 
-def init_from_points(points: np.ndarray, colors: np.ndarray, sh_degree: int, init_opacity: float, seed: int) -> dict[str, torch.Tensor]:
-    """One Gaussian per SfM point: scale from the mean distance to its 3 nearest neighbours."""
+def init_from_points(points: np.ndarray, colors: np.ndarray, sh_degree: int, init_opacity: float, seed: int,
+                     init_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """One Gaussian per SfM point: scale from the mean distance to its 3 nearest neighbours, times `init_scale`."""
     if len(points) < 4:
         raise ValueError("need at least 4 SfM points to start training")
     gen = torch.Generator().manual_seed(seed)
     dist, _ = cKDTree(points).query(points, k=4)
     mean_dist = np.sqrt((dist[:, 1:] ** 2).mean(axis=1)).clip(min=1e-7)
     n = len(points)
-    scales = torch.log(torch.from_numpy(mean_dist).float())[:, None].repeat(1, 3)
+    scales = torch.log(torch.from_numpy(mean_dist * init_scale).float())[:, None].repeat(1, 3)
     return {
         "means": torch.from_numpy(points).float(),
         "scales": scales,

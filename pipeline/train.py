@@ -69,10 +69,18 @@ def make_strategy(cfg: TrainConfig):
     if cfg.strategy == "mcmc":
         return MCMCStrategy(cap_max=cfg.cap_max, refine_start_iter=cfg.refine_start,
                             refine_stop_iter=cfg.refine_stop, refine_every=cfg.refine_every)
+    # gsplat 1.5.3 never resets opacities itself (`step % reset_every == 0 & step > 0` is always false:
+    # `&` binds first); `reset_opacities_due` does it from our loop, and gsplat is told never to, so a
+    # release with the fix cannot reset twice
     return DefaultStrategy(
         refine_start_iter=cfg.refine_start, refine_stop_iter=cfg.refine_stop, refine_every=cfg.refine_every,
-        reset_every=cfg.reset_every or cfg.steps + 1, grow_grad2d=cfg.grow_grad2d, verbose=False,
+        reset_every=cfg.steps + 1, grow_grad2d=cfg.grow_grad2d, verbose=False,
     )
+
+
+def reset_opacities_due(cfg: TrainConfig, step: int) -> bool:
+    """DefaultStrategy's opacity reset, as upstream means it: every `reset_every` steps while it refines."""
+    return cfg.strategy == "default" and cfg.reset_every > 0 and 0 < step < cfg.refine_stop and step % cfg.reset_every == 0
 
 
 def render(params: dict[str, torch.Tensor], view: View, sh_degree: int, **kw):
@@ -87,8 +95,11 @@ def render(params: dict[str, torch.Tensor], view: View, sh_degree: int, **kw):
 
 def train(scene: Scene, cfg: TrainConfig, device: torch.device, progress=lambda f, n: None) -> tuple[dict, int, dict]:
     """Optimise Gaussians on the training views. Returns the parameters, the SH degree reached and stats."""
+    from gsplat.strategy.ops import reset_opa
+
     torch.manual_seed(cfg.seed)
-    init = splat_io.init_from_points(scene.points, scene.colors, cfg.sh_degree, cfg.init_opacity, cfg.seed)
+    opacity, scale = cfg.start
+    init = splat_io.init_from_points(scene.points, scene.colors, cfg.sh_degree, opacity, cfg.seed, scale)
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.to(device)) for k, v in init.items()})
     lrs = {"means": cfg.means_lr * scene.scale, **BASE_LR}
     optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": lr, "name": k}], eps=1e-15) for k, lr in lrs.items()}
@@ -124,6 +135,8 @@ def train(scene: Scene, cfg: TrainConfig, device: torch.device, progress=lambda 
             strategy.step_post_backward(params, optimizers, state, step, info, lr=decay.get_last_lr()[0])
         else:
             strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
+            if reset_opacities_due(cfg, step):  # to twice the pruning threshold; their Adam moments to zero
+                reset_opa(params=params, optimizers=optimizers, state=state, value=strategy.prune_opa * 2.0)
         loss_value = loss.item()
         if len(params["means"]) == 0:
             raise QualityError(f"Training pruned every Gaussian by step {step}: nothing is left to render.",
