@@ -80,7 +80,9 @@ def translate(job: JobDocument, settings: Settings, stage: str = "all", attempt:
     queue = compute.queue_timeout_minutes * 60
     values = {
         "name": name, "namespace": settings.bacalhau_namespace, "job_id": job.id, "attempt": str(attempt),
-        "image": settings.image, "settings": job.worker_settings(device=None if gpus else "cpu"),
+        # pinned: a GPU stage whose container cannot use the GPU (no NVIDIA runtime, kernels that do not load)
+        # stops at once with exit 5 instead of training on the node's CPU until its time limit
+        "image": settings.image, "settings": job.worker_settings(device="cuda" if gpus else "cpu"),
         "bucket": settings.bucket, "input_key": job.input_uri.key,
         "publish_key": publish_key(job, settings, stage, name),
         "preprocess_key": upstream.get("preprocess", ""), "train_key": upstream.get("train", ""),

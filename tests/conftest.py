@@ -17,6 +17,9 @@ SAMPLE = ROOT / "examples" / "sample.mp4"
 SPLAT_TRANSFORM = ROOT / "node_modules" / ".bin" / "splat-transform"
 # A quick configuration for tests that exercise stages rather than quality: what a test that runs the pipeline for its plumbing (not its quality) asks for: 16 frames (SfM
 # registers all of them in a few seconds) and 100 steps; test_pipeline's tiny_run keeps the preset
+# The real pipeline through Bacalhau (stand-in or upstream) on this CPU-only machine: a stage that asks for a
+# GPU is pinned to CUDA (translate.py), so these jobs ask for none, as on a network of CPU nodes
+CPU_ONLY = {"compute": {"gpus": 0}}
 QUICK = {"frames": {"max": 16}, "train": {"steps": 100, "refine_start": 40, "refine_stop": 90, "refine_every": 25},
          "export": {"min_psnr": 5.0}}
 

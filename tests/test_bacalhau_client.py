@@ -195,6 +195,23 @@ def test_translated_specs_are_valid_and_use_only_api_keys(standin):
         assert client.submit(translate_all(job, Settings())[0]).job_id.startswith("j-")
 
 
+@pytest.mark.parametrize("gpus, devices", [(1, ["cpu", "cuda", "cpu"]), (0, ["cpu", "cpu", "cpu"])])
+def test_a_stage_that_asks_for_a_gpu_is_pinned_to_cuda_and_every_other_to_the_cpu(gpus, devices):
+    """A GPU stage never falls back to training on its node's CPU for hours: the worker is told cuda,
+    and stops with exit 5 when it cannot use it; a CPU stage never looks for a GPU."""
+    from codsplat.pipeline.contract import decode_settings
+
+    for split, expected in ((True, devices), (False, devices[1:2])):
+        job = parse_job({"version": 1, "input": "s3://codsplat-data/uploads/a.mp4",
+                         "compute": {"split_stages": split, "gpus": gpus}, "train": {"device": "auto"}}, default_id="pin")
+        given = []
+        for spec in translate_all(job, Settings()):
+            parameters = spec["Tasks"][0]["Engine"]["Params"]["Parameters"]
+            given.append(decode_settings(parameters[parameters.index("--settings") + 1], "settings")["train"]["device"])
+            assert ("GPU" in spec["Tasks"][0]["Resources"]) == (given[-1] == "cuda")
+        assert given == expected
+
+
 def test_the_watcher_follows_jobs_by_listing_and_describes_only_one_no_listing_shows(standin):
     """A job that ends is seen in the watcher's listing (no describe of its own); a job the server
     does not know (its store was reset) is described once it has gone unseen for reconcile_seconds,

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from plyfile import PlyData
 
-from conftest import QUICK, codsplat
+from conftest import CPU_ONLY, QUICK, codsplat
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = "codsplat-fast:test"
@@ -44,7 +44,7 @@ def fast_node(standin, **env):
 def test_split_job_stages_read_what_bacalhau_published_and_the_splat_lands_at_the_output(tmp_path, s3, moto_server,
                                                                                           standin, sample_video):
     s3.upload_file(str(sample_video), "codsplat-data", "uploads/e2e/scan.mp4")
-    path = job_file(tmp_path, "e2e-split", preset="tiny", **QUICK, compute={"split_stages": True})
+    path = job_file(tmp_path, "e2e-split", preset="tiny", **QUICK, compute={"split_stages": True, **CPU_ONLY["compute"]})
     proc = codsplat("submit", path, "--poll", "0.2", env=env_for(moto_server, standin))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

@@ -13,7 +13,7 @@ import pytest
 from codsplat.orchestrator.backends import build_daemon
 from codsplat.orchestrator.events import Delivery, SqsSource
 from codsplat.orchestrator.records import DynamoStore
-from conftest import QUICK, aws_deployment, sagemaker_did_its_work
+from conftest import CPU_ONLY, QUICK, aws_deployment, sagemaker_did_its_work
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_upload_to_email_through_aws_and_bacalhau(aws, sample_video):
     try:
         # two recipients: the mailbox's filter matches the second one (SNS String.Array)
         job = {"version": 1, "input": "uploads/u/scan.mp4", "preset": "tiny",
-               "notify": {"email": ["someone@example.com", "u@example.com"]}, **QUICK}
+               "notify": {"email": ["someone@example.com", "u@example.com"]}, **QUICK, **CPU_ONLY}
         s3.put_object(Bucket=bucket, Key="jobs/u/My Scan.json", Body=json.dumps(job))  # a space: URL-encoded in the event
         received = []
         deadline = time.monotonic() + 300
@@ -394,11 +394,12 @@ def test_the_same_job_ends_the_same_way_through_run_submit_and_the_daemon(aws, s
     thread.start()
     try:
         for name, (file, extra, *_rest) in OUTCOMES.items():
-            doc = {"version": 1, "input": f"uploads/same/{file}", "preset": "tiny", **QUICK, **extra}
+            doc = {"version": 1, "input": f"uploads/same/{file}", "preset": "tiny", **QUICK, **CPU_ONLY, **extra}
             s3.put_object(Bucket=bucket, Key=f"jobs/same/{name}.json", Body=json.dumps(doc))
         observed = {}
         for name, (file, extra, code, kind, words) in OUTCOMES.items():
-            doc = {"version": 1, "id": f"{name}-cli", "input": f"s3://{bucket}/uploads/same/{file}", "preset": "tiny", **QUICK, **extra}
+            doc = {"version": 1, "id": f"{name}-cli", "input": f"s3://{bucket}/uploads/same/{file}", "preset": "tiny", **QUICK,
+                   **CPU_ONLY, **extra}
             (tmp_path / f"{name}.json").write_text(json.dumps(doc))
             run = codsplat("run", media[file], "--config", tmp_path / f"{name}.json", "--out", tmp_path / name)
             submit = codsplat("submit", tmp_path / f"{name}.json", "--poll", "0.2", env=env)
