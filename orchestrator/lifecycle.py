@@ -408,7 +408,7 @@ class Lifecycle:
         links = {}
         for key in (record.result or {}).get("outputs", []):
             name = key.rsplit("/", 1)[-1]
-            if name.startswith("splat.") or name in ("report.html", "metrics.json"):
+            if name.startswith(("splat.", "mesh.")) or name in ("report.html", "metrics.json"):
                 links[name] = self.blobs.link(key, self.settings.link_seconds)
         crashpoint("before-notify")
         try:

@@ -80,10 +80,11 @@ def run(
     stage: str = typer.Option("all", "--stage", "-s", help=f"Run only this stage or group: {', '.join(STAGE_CHOICES)}."),
     force: bool = typer.Option(False, "--force", help="Re-run stages even when their inputs and settings are unchanged."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable result on stdout instead of progress and a table."),
+    mesh: bool = typer.Option(False, "--mesh", help="Also a coloured triangle mesh, export/mesh.ply and mesh.glb (export.mesh: true)."),
 ) -> None:
     """Turn a capture into a Gaussian splat: frames → SfM → training → export."""
     try:
-        settings = load_pipeline_config(config, preset)
+        settings = load_pipeline_config(config, preset, {"export": {"mesh": True}} if mesh else None)
         if as_json:
             summary = run_pipeline(input, out, settings, stage=stage, force=force)
             print(json.dumps(result_json(summary), indent=2))

@@ -110,6 +110,10 @@ class ExportConfig(StrictModel):
         15.0, ge=0, le=100, description="Quality gate: a splat whose held-out PSNR is lower is not exported."
     )
     previews: bool = True
+    mesh: bool = Field(False, description="Also a coloured triangle mesh (mesh.ply, mesh.glb): depth rendered from "
+                       "every view, fused in a TSDF volume, extracted with marching cubes, on the CPU.")
+    mesh_resolution: int = Field(160, ge=32, le=512, description="Voxels along the mesh volume's longest side: detail "
+                                 "against time and memory (cubic in it).")
 
 
 class PipelineConfig(StrictModel):
@@ -227,9 +231,10 @@ def read_document(path: Path) -> dict[str, Any]:
     return parse_document(path.read_bytes(), str(path), yaml_ok=path.suffix.lower() in (".yaml", ".yml"))
 
 
-def load_pipeline_config(path: Path | None, preset: str | None = None) -> PipelineConfig:
-    """Settings from a file. A full job document is accepted too: its pipeline sections are used."""
+def load_pipeline_config(path: Path | None, preset: str | None = None, flags: dict[str, Any] | None = None) -> PipelineConfig:
+    """Settings from a file. A full job document is accepted too: its pipeline sections are used.
+    `flags` (what command-line switches set) override the file."""
     data = read_document(path) if path else {}
     if "input" in data or "output" in data or "version" in data:  # a job document: take its pipeline part
         data = {k: v for k, v in data.items() if k in PipelineConfig.model_fields}
-    return build_config(data, preset)
+    return build_config(merge(data, flags) if flags else data, preset)

@@ -1,4 +1,5 @@
-"""Export: the quality gate, the splat files, metrics.json, previews and report.html.
+"""Export: the quality gate, the splat files, metrics.json, previews and report.html, and with
+`export.mesh` a coloured triangle mesh (mesh.py).
 
 Runs on a CPU node: it reads the trained Gaussians and the held-out renders that training made on
 its own device, so nothing here needs a GPU. A splat below `export.min_psnr` on the held-out views,
@@ -17,14 +18,16 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from . import formats
+from . import formats, mesh
 from . import splats as splat_io
-from .errors import QualityError
 from .contract import STAGES
+from .errors import QualityError
+from .scene import load_scene
 from .stages import StageContext
 from .train import CAMERAS
 
 PREVIEW_MIN_HEIGHT = 240
+MESH_SIDE = 400  # the long side of the views the mesh's depth is rendered at
 
 
 def sfm_weakness(sfm: dict[str, Any] | None) -> str | None:
@@ -95,6 +98,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         files[fmt] = {"file": path.name, "bytes": path.stat().st_size}
         ctx.progress(0.2 + 0.5 * len(files) / len(cfg.formats), f"wrote {path.name}")
 
+    mesh_stats = None
+    if cfg.mesh:
+        mesh_stats = write_mesh(ctx, params, sh_degree, out, files)
     if (train_dir / CAMERAS).is_file():  # so a viewer can open at a photo's viewpoint
         shutil.copyfile(train_dir / CAMERAS, out / CAMERAS)
     previews = []
@@ -124,11 +130,36 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "files": files,
         "previews": previews,
         "preset": ctx.config.preset,
+        **({"mesh": mesh_stats} if mesh_stats else {}),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.html").write_text(report_html(metrics))
     ctx.progress(1.0, f"{len(files)} files")
     return {"gaussians": metrics["gaussians"], "psnr": metrics["psnr"], "ssim": metrics["ssim"], "files": files}
+
+
+def write_mesh(ctx: StageContext, params: dict, sh_degree: int, out: Path, files: dict) -> dict[str, Any]:
+    """mesh.ply and mesh.glb from every registered view (held-out ones too: the mesh is not scored on
+    them), at the training resolution (at most MESH_SIDE), and how well it agrees with the SfM points."""
+    started = time.perf_counter()
+    cfg = ctx.config
+    side = min(cfg.train.max_side or MESH_SIDE, MESH_SIDE)
+    scene = load_scene(ctx.dir("sfm") / "undistorted", side, cfg.train.test_every)
+    progress = lambda f, note: ctx.progress(0.7 + 0.2 * f, f"mesh: {note}")  # noqa: E731
+    for old in out.glob("mesh.*"):
+        old.unlink()
+    built = mesh.build(params, sh_degree, scene.train + scene.test, scene.points, cfg.export.mesh_resolution, progress)
+    if built is None:
+        raise QualityError("export.mesh: no surface could be fused from the splat's rendered depth.", stage="export",
+                           hint="Train longer or on more views, or leave export.mesh off for this capture.")
+    for fmt in ("ply", "glb"):
+        path = out / f"mesh.{fmt}"
+        built.export(path)
+        files[f"mesh_{fmt}"] = {"file": path.name, "bytes": path.stat().st_size}
+    tolerance = 0.01 * mesh.extent(scene.points)
+    return {"vertices": len(built.vertices), "faces": len(built.faces), "resolution": cfg.export.mesh_resolution,
+            "views": len(scene.train) + len(scene.test), **mesh.agreement(built, scene.points, tolerance),
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def report_html(m: dict[str, Any]) -> str:

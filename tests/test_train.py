@@ -17,9 +17,9 @@ SIDE = 48
 def look_at(centre: np.ndarray) -> torch.Tensor:
     """World → camera (OpenCV axes: x right, y down, z forward) for a camera at `centre` looking at the origin."""
     forward = -centre / np.linalg.norm(centre)
-    down = np.array([0.0, 1.0, 0.0])  # the cameras circle in the x-z plane, so down is square to forward
-    right = np.cross(down, forward)
-    rotation = np.stack([right, down, forward])
+    right = np.cross([0.0, 1.0, 0.0], forward)  # world +y is down in every view
+    right /= np.linalg.norm(right)
+    rotation = np.stack([right, np.cross(forward, right), forward])
     view = np.eye(4)
     view[:3, :3], view[:3, 3] = rotation, -rotation @ centre
     return torch.tensor(view, dtype=torch.float32)
