@@ -44,7 +44,8 @@ class SfmConfig(StrictModel):
     """Structure from motion with pycolmap."""
 
     matcher: Literal["auto", "sequential", "exhaustive"] = Field(
-        "auto", description="auto: sequential for video, exhaustive for up to 60 photos, else sequential."
+        "auto", description="auto: with sfm.poses use or refine, the frames the poses say look at the same things; "
+        "else sequential for video, exhaustive for up to 60 photos, else sequential."
     )
     mapper: Literal["global", "incremental"] = Field(
         "global", description="global (GLOMAP) recovers unknown focal lengths more reliably."
@@ -53,6 +54,10 @@ class SfmConfig(StrictModel):
     overlap: int = Field(10, ge=1, le=100, description="Sequential matching: neighbours matched on each side.")
     loop_detection: bool = Field(True, description="Sequential matching: also match frames that look alike far apart.")
     camera_model: Literal["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"] = "SIMPLE_RADIAL"
+    poses: Literal["ignore", "use", "refine"] = Field(
+        "ignore", description="Camera poses given with the photos (a transforms.json, or a COLMAP model in sparse/0/, "
+        "beside them): use them as given (points are triangulated, no mapping), refine them (bundle adjustment "
+        "from them), or ignore them and find the poses from the photos.")
     single_camera: bool = Field(True, description="All frames share one camera (true for a video).")
     min_registered_fraction: float = Field(
         0.5, ge=0.05, le=1.0, description="Fail unless at least this share of the frames registers."

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import poses
 from .config import FramesConfig
 from .contract import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .errors import InputError
@@ -88,13 +89,15 @@ class Candidate:
     time: float | None
     sharpness: float
     reason: str
+    original: dict[str, Any] | None = None  # a photo's size as stored and its EXIF orientation (poses are of that)
 
     @classmethod
-    def of(cls, img: Image.Image, max_side: int, source: str, time: float | None, sharpness: float, reason: str) -> "Candidate":
+    def of(cls, img: Image.Image, max_side: int, source: str, time: float | None, sharpness: float, reason: str,
+           original: dict[str, Any] | None = None) -> "Candidate":
         img = fit(img, max_side)
         out = io.BytesIO()
         img.save(out, "JPEG", quality=JPEG_QUALITY)
-        return cls(out.getvalue(), img.size, _gray(img, THUMB), source, time, sharpness, reason)
+        return cls(out.getvalue(), img.size, _gray(img, THUMB), source, time, sharpness, reason, original)
 
 
 # ---------------------------------------------------------------- video
@@ -217,8 +220,13 @@ def _image_sources(path: Path, kind: str) -> list[tuple[str, Callable[[], bytes]
     entries are counted and their sizes summed from its directory before any is decompressed, and
     each is read through a bounded stream (a directory can lie)."""
     if kind == "images":
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.is_symlink())
-        return [(_printable(f.name), lambda f=f: _bounded(f.open("rb"), f.name)) for f in files]
+        photos = lambda folder: sorted(p for p in folder.iterdir()  # noqa: E731
+                                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.is_symlink())
+        files = photos(path)
+        nested = path / "images"  # a nerfstudio or COLMAP data folder: the photos in images/, the poses beside them
+        if not files and nested.is_dir() and not nested.is_symlink():
+            files = photos(nested)
+        return [(_printable(str(f.relative_to(path))), lambda f=f: _bounded(f.open("rb"), f.name)) for f in files]
     try:
         count, directory_bytes = _zip_directory(path)
         if count > MAX_ARCHIVE_ENTRIES or directory_bytes > MAX_DIRECTORY_BYTES:  # before the directory is parsed
@@ -283,10 +291,12 @@ def _bounded(stream, name: str) -> bytes:
     return b"".join(chunks)
 
 
-def _open_photo(data: bytes, max_side: int) -> Image.Image:
+def _open_photo(data: bytes, max_side: int) -> tuple[Image.Image, dict[str, Any]]:
     """A photo, decoded no larger than it needs to be: a JPEG is decoded at a reduced scale
-    (`draft`), and anything still over MAX_PIXELS is refused rather than decoded."""
+    (`draft`), and anything still over MAX_PIXELS is refused rather than decoded. With it, its size as
+    stored and its EXIF orientation."""
     img = Image.open(io.BytesIO(data))
+    original = {"original_size": list(img.size), "orientation": int(img.getexif().get(0x0112, 1) or 1)}
     if img.format == "JPEG":
         img.draft("RGB", (max_side, max_side))
     if img.width * img.height > MAX_PIXELS:
@@ -294,7 +304,7 @@ def _open_photo(data: bytes, max_side: int) -> Image.Image:
     if min(img.size) < MIN_SIDE:
         raise ValueError(f"{img.width}×{img.height} pixels; a photo needs {MIN_SIDE} on each side to be matched")
     img = ImageOps.exif_transpose(img)  # phones store portrait shots rotated, with an EXIF flag
-    return fit(img.convert("RGB"), max_side)  # kept photos are held until written: hold them at the size written
+    return fit(img.convert("RGB"), max_side), original  # kept photos are held until written: at the size written
 
 
 def load_images(path: Path, kind: str, cfg: FramesConfig, progress) -> tuple[list[Candidate], dict[str, Any]]:
@@ -310,14 +320,67 @@ def load_images(path: Path, kind: str, cfg: FramesConfig, progress) -> tuple[lis
             skipped.append({"source": name, "kept": False, "reason": f"over frames.max ({cfg.max}): evenly thinned"})
             continue
         try:
-            img = _open_photo(read(), cfg.max_side)
+            img, original = _open_photo(read(), cfg.max_side)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
                 zipfile.BadZipFile, EOFError) as exc:
             skipped.append({"source": name, "kept": False, "reason": f"unreadable image ({str(exc)[:200]})"})
             continue
-        picked.append(Candidate.of(img, cfg.max_side, name, None, sharpness(_gray(img, 512)), "photo"))
+        picked.append(Candidate.of(img, cfg.max_side, name, None, sharpness(_gray(img, 512)), "photo", original))
         progress(0.9 * (i + 1) / len(sources), f"reading {name}")
     return picked, {"files": len(sources), "skipped": skipped}
+
+
+# ---------------------------------------------------------------- poses given with the photos
+
+
+def _pose_entries(names: list[str]) -> dict[str, str] | None:
+    """Among an input's file names (posix, relative), the pose files to copy (their name in frames/poses →
+    their name in the input): a transforms.json, else a COLMAP model in sparse/0/ or sparse/, at the top
+    or in the one folder that holds everything."""
+    tops = {n.split("/", 1)[0] for n in names if "/" in n}
+    roots = [""] + ([f"{next(iter(tops))}/"] if len(tops) == 1 and not any("/" not in n for n in names) else [])
+    present = set(names)
+    for root in roots:
+        if f"{root}{poses.TRANSFORMS}" in present:
+            return {poses.TRANSFORMS: f"{root}{poses.TRANSFORMS}"}
+        for folder in (f"{root}sparse/0/", f"{root}sparse/"):
+            found = {f"{n}{ext}": f"{folder}{n}{ext}" for n in poses.COLMAP_FILES for ext in (".bin", ".txt")
+                     if f"{folder}{n}{ext}" in present}
+            if len({k.rsplit(".", 1)[0] for k in found}) == len(poses.COLMAP_FILES):
+                return found
+    return None
+
+
+def copy_pose_files(path: Path, kind: str, dest: Path) -> dict[str, Any] | None:
+    """Copy the poses given beside the photos into `dest` (read through bounded streams, never through a
+    link, at most MAX_POSE_BYTES together). Returns what was found, for frames.json."""
+    if dest.exists():
+        for old in dest.iterdir():
+            old.unlink()
+    if kind == "images":
+        names = [str(p.relative_to(path)).replace("\\", "/") for p in path.rglob("*")
+                 if p.is_file() and not p.is_symlink() and len(p.relative_to(path).parts) <= 4]
+        read = lambda name: (path / name).open("rb")  # noqa: E731
+    else:
+        archive = zipfile.ZipFile(path)
+        names = [i.filename for i in archive.infolist() if not i.is_dir()]
+        read = archive.open
+    entries = _pose_entries(names)
+    if entries is None:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for local, name in entries.items():
+        chunks = []
+        with read(name) as stream:
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+                if total > poses.MAX_POSE_BYTES:
+                    raise InputError(f"The pose files beside the photos hold over {poses.MAX_POSE_BYTES // 2**20} MiB; "
+                                     "at most that much is read.")
+                chunks.append(chunk)
+        (dest / local).write_bytes(b"".join(chunks))
+    return {"files": sorted(entries.values())}
 
 
 # ---------------------------------------------------------------- stage
@@ -370,9 +433,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         (out / name).write_bytes(cand.jpeg)
         sizes.add(cand.size)
         records.append({"file": name, "source": cand.source, "time_s": cand.time, "kept": True,
-                        "sharpness": round(cand.sharpness, 2), "reason": cand.reason, "size": list(cand.size)})
+                        "sharpness": round(cand.sharpness, 2), "reason": cand.reason, "size": list(cand.size),
+                        **(cand.original or {})})
+    poses = copy_pose_files(path, kind, ctx.dir("frames") / "poses") if kind != "video" else None
     (ctx.dir("frames") / "frames.json").write_text(
-        json.dumps({"input": str(path), "kind": kind, **info, "frames": records, "rejected": rejected}, indent=2)
+        json.dumps({"input": str(path), "kind": kind, **info, "frames": records, "rejected": rejected, "poses": poses}, indent=2)
     )
     ctx.progress(1.0, f"{len(kept)} frames")
     return {"kind": kind, "kept": len(kept), "rejected": len(rejected), "candidates": len(candidates),

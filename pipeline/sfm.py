@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import poses
 from .cpus import usable
-from .errors import ReconstructionError
+from .errors import InputError, ReconstructionError
 from .stages import StageContext
 
 EXHAUSTIVE_MAX = 60  # `auto` matches photo sets up to this size exhaustively (n² pairs stay cheap)
@@ -37,6 +38,8 @@ MIN_PAIR_INLIERS = 15  # a verified pair links two frames (the mappers' own `min
 WEAK_SHARE = 0.9  # a model placing fewer than this share of the frames the matches connect is weak
 WEAK_STRAY_SHARE = 0.1  # as is one that lost more than this share of its cameras as stray
 MAX_TRIES = 3  # the configured mapper, the other one, then the configured one with the next seed
+MIN_POSED_POINTS = 100  # with given poses, fewer triangulated points than this is no start for training
+RANDOM_POINTS = 5000  # then as many random points join them, within the cameras' bounds
 
 
 def _device():
@@ -145,6 +148,69 @@ def map_once(db: Path, image_dir: Path, raw: Path, mapper: str, seed: int, threa
     return model, len(models), drop_stray_cameras(model)
 
 
+def posed_pairs(given: dict[str, poses.Given], neighbours: int) -> list[tuple[str, str]]:
+    """Each frame with its `neighbours` nearest frames that look the same way (their optical axes within
+    90°), by camera centre: with the poses known, far or opposed frames need not be matched."""
+    names = sorted(given)
+    centres = np.array([-given[n].cam_from_world[:, :3].T @ given[n].cam_from_world[:, 3] for n in names])
+    axes = np.array([given[n].cam_from_world[2, :3] for n in names])
+    pairs = set()
+    for i in range(len(names)):
+        distance = np.linalg.norm(centres - centres[i], axis=1)
+        distance[(axes @ axes[i]) <= 0] = np.inf  # facing away: nothing in common
+        distance[i] = np.inf
+        for j in np.argsort(distance)[:neighbours]:
+            if np.isfinite(distance[j]):
+                pairs.add((names[min(i, j)], names[max(i, j)]))
+    return sorted(pairs)
+
+
+def set_given_cameras(db: Path, image_dir: Path, given: dict[str, poses.Given]) -> None:
+    """Each frame's camera as the pose file gives it, scaled to the frame's size (one camera per frame)."""
+    import pycolmap
+
+    with pycolmap.Database.open(str(db)) as database:
+        for image in database.read_all_images():
+            view = given[image.name]
+            width, height = Image.open(image_dir / image.name).size
+            camera = database.read_camera(image.camera_id)
+            camera.model = pycolmap.CameraModelId(getattr(pycolmap.CameraModelId, poses.colmap_model(view.model)))
+            camera.width, camera.height = width, height
+            camera.params = poses.full_params(view.model, view.scaled(width, height))
+            camera.has_prior_focal_length = True
+            database.update_camera(camera)
+
+
+def posed_model(db: Path, image_dir: Path, work: Path, given: dict[str, poses.Given], mode: str, seed: int):
+    """The model with the given poses: points triangulated from the matches (COLMAP's point_triangulator),
+    with `refine` the poses and points then bundle-adjusted (the intrinsics stay as given). With too few
+    points to start training from (matches too sparse), random points within the cameras' bounds join them."""
+    import pycolmap
+
+    model = pycolmap.Reconstruction()
+    with pycolmap.Database.open(str(db)) as database:
+        for image in database.read_all_images():
+            camera = database.read_camera(image.camera_id)
+            model.add_camera_with_trivial_rig(camera)
+            model.add_image_with_trivial_frame(pycolmap.Image(name=image.name, camera_id=image.camera_id, image_id=image.image_id),
+                                               pycolmap.Rigid3d(given[image.name].cam_from_world))
+    work.mkdir(parents=True, exist_ok=True)
+    model = pycolmap.triangulate_points(model, db, image_dir, work)
+    if mode == "refine":
+        options = pycolmap.BundleAdjustmentOptions()
+        options.refine_focal_length = options.refine_principal_point = options.refine_extra_params = False
+        pycolmap.bundle_adjustment(model, options)
+    if model.num_points3D() < MIN_POSED_POINTS:
+        centres = np.array([image.projection_center() for image in model.images.values()])
+        lo, hi = centres.min(0), centres.max(0)
+        reach = max(float(np.linalg.norm(hi - lo)), 1e-3)
+        rng = np.random.default_rng(seed)
+        for xyz in rng.uniform(lo - 0.5 * reach, hi + 0.5 * reach, (RANDOM_POINTS, 3)):
+            model.add_point3D(xyz, pycolmap.Track(), rng.integers(0, 256, 3).astype(np.uint8))
+    shutil.rmtree(work, ignore_errors=True)
+    return model
+
+
 def weakness(registered: int, stray: int, supported: int) -> str | None:
     """Why a model should be mapped again, or None when it is as good as its matches allow."""
     if stray > WEAK_STRAY_SHARE * (registered + stray):
@@ -169,6 +235,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     names = sorted(p.name for p in image_dir.glob("*.jpg"))
     db = out / "database.db"
     device, threads = _device(), usable()
+    given, found = None, None
+    if cfg.poses != "ignore":
+        found = poses.read(ctx.dir("frames") / "poses")
+        if found is None:
+            raise InputError(f"sfm.poses is '{cfg.poses}' but no poses came with the photos: put a transforms.json, or "
+                             "a COLMAP model in sparse/0/, beside them (in the folder or the .zip).", stage="sfm",
+                             hint="Or set sfm.poses to 'ignore' to find the poses from the photos.")
+        given = poses.match(found, json.loads((ctx.dir("frames") / "frames.json").read_text())["frames"])
 
     ctx.progress(0.05, f"SIFT on {len(names)} frames")
     extraction = pycolmap.FeatureExtractionOptions()
@@ -176,12 +250,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     extraction.num_threads = threads
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = cfg.camera_model
-    single = cfg.single_camera and frames.get("same_size", True)
-    camera_mode = pycolmap.CameraMode.SINGLE if single else pycolmap.CameraMode.AUTO
+    single = cfg.single_camera and frames.get("same_size", True) and given is None
+    camera_mode = pycolmap.CameraMode.SINGLE if single else pycolmap.CameraMode.PER_IMAGE if given else pycolmap.CameraMode.AUTO
     pycolmap.Database.open(str(db)).close()
     pycolmap.import_images(db, image_dir, camera_mode=camera_mode, image_names=names, options=reader)  # ids in name order
     pycolmap.extract_features(db, image_dir, image_names=names, camera_mode=camera_mode,
                               reader_options=reader, extraction_options=extraction, device=device)
+    if given is not None:
+        set_given_cameras(db, image_dir, given)
 
     seed = ctx.config.sfm.seed
     pycolmap.set_random_seed(seed)
@@ -191,10 +267,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     matching.num_threads = 1 if cfg.deterministic else threads  # the CPU matcher's threads change the matches
     matcher = cfg.matcher
     if matcher == "auto":
-        matcher = "exhaustive" if frames["kind"] != "video" and len(names) <= EXHAUSTIVE_MAX else "sequential"
+        matcher = "posed" if given else "exhaustive" if frames["kind"] != "video" and len(names) <= EXHAUSTIVE_MAX else "sequential"
     ctx.progress(0.3, f"{matcher} matching")
     n_loop = 0
-    if matcher == "exhaustive":
+    if matcher == "posed":  # the given poses say which frames can see the same things: match only those
+        pair_file = out / "posed_pairs.txt"
+        pair_file.write_text("".join(f"{a} {b}\n" for a, b in posed_pairs(given, 2 * cfg.overlap)))
+        imported = pycolmap.ImportedPairingOptions()
+        imported.match_list_path = str(pair_file)
+        pycolmap.match_image_pairs(db, pairing_options=imported, matching_options=matching,
+                                   verification_options=verification, device=device)
+    elif matcher == "exhaustive":
         pycolmap.match_exhaustive(db, matching_options=matching, verification_options=verification, device=device)
     else:
         pairing = pycolmap.SequentialPairingOptions()
@@ -215,6 +298,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     supported = connected(db)
     total = len(names)
+    if given is not None:
+        ctx.progress(0.6, f"triangulating with the given poses ({cfg.poses})")
+        model = posed_model(db, image_dir, out / "raw", given, cfg.poses, seed)
+        return finish(ctx, model, image_dir, out, db, names, supported, device, threads, matcher, n_loop, seed,
+                      {"mapper": f"given poses ({found[0]}, {cfg.poses})", "tries": [], "models_found": 1, "stray": [],
+                       "registered": model.num_reg_images()})
     other = "incremental" if cfg.mapper == "global" else "global"
     plan = [(cfg.mapper, seed), (other, seed), (cfg.mapper, (seed + 1) % 2**31)][:MAX_TRIES]
     tries, best = [], None
@@ -237,7 +326,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             stage="sfm",
             hint="Move the camera slowly around a textured subject, with each view overlapping the last.",
         )
-    kept, registered, _, model, found, stray = best
+    kept, registered, _, model, found_models, stray = best
     for number, attempt in enumerate(tries, 1):
         attempt["kept"] = number == kept
     need = max(cfg.min_registered, int(np.ceil(cfg.min_registered_fraction * total)))
@@ -249,10 +338,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
             stage="sfm",
             hint="The frames may not overlap enough or may be blurred; capture more views with steadier motion.",
         )
+    return finish(ctx, model, image_dir, out, db, names, supported, device, threads, matcher, n_loop, seed,
+                  {"mapper": tries[kept - 1]["mapper"], "seed": tries[kept - 1]["seed"], "tries": tries,
+                   "models_found": found_models, "stray": stray, "registered": registered})
+
+
+def finish(ctx: StageContext, model, image_dir: Path, out: Path, db: Path, names: list[str], supported: int, device,
+           threads: int, matcher: str, n_loop: int, seed: int, mapping: dict[str, Any]) -> dict[str, Any]:
+    """Write the model, undistort the frames for training, and say how it went (sfm.json)."""
+    import pycolmap
+
+    registered, total = mapping["registered"], len(names)
     sparse = out / "sparse"
     sparse.mkdir()
     model.write(sparse)
-    shutil.rmtree(out / "raw")
+    shutil.rmtree(out / "raw", ignore_errors=True)
 
     ctx.progress(0.85, "undistorting")
     undistorted = out / "undistorted"
@@ -270,21 +370,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ]
     stats = {
         "matcher": matcher,
-        "mapper": tries[kept - 1]["mapper"],
-        "seed": tries[kept - 1]["seed"],
+        "mapper": mapping["mapper"],
+        "seed": mapping.get("seed", seed),
         "device": str(device).split(".")[-1],
         "threads": threads,
         "total_images": total,
         "connected_images": supported,
         "registered_images": registered,
         "registered_fraction": round(registered / total, 3),
-        "models_found": found,
+        "models_found": mapping["models_found"],
         "points3d": model.num_points3D(),
         "mean_reprojection_error_px": round(float(model.compute_mean_reprojection_error()), 4),
         "mean_track_length": round(float(model.compute_mean_track_length()), 3),
         "loop_pairs": n_loop,
-        "stray_cameras_dropped": stray,
-        "tries": tries,
+        "stray_cameras_dropped": mapping["stray"],
+        "tries": mapping["tries"],
         "cameras": cams,
         "unregistered": sorted(set(names) - {img.name for img in model.images.values() if img.has_pose}),
     }
