@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from .config import parse_document
 from .errors import InputError
 
 TRANSFORMS = "transforms.json"
 COLMAP_FILES = ("cameras", "images", "points3D")
 MAX_POSE_BYTES = 256 * 2**20  # every pose file together: an images.bin with 2D points for 5,000 photos is under this
-MAX_TRANSFORMS_BYTES = 64 * 2**20
+MAX_TRANSFORMS_BYTES = 16 * 2**20  # 5,000 frames with their own intrinsics take about 4 MiB
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenGL camera axes (y up, z back) → OpenCV's (y down, z forward)
 # transforms.json's camera models and the COLMAP model their parameters make
 TRANSFORMS_MODELS = {"PINHOLE": "PINHOLE", "OPENCV": "OPENCV"}
@@ -105,11 +106,8 @@ def _number(frame: dict, top: dict, key: str, where: str, required: bool = True)
 def read_transforms(path: Path) -> dict[str, Given]:
     if path.stat().st_size > MAX_TRANSFORMS_BYTES:
         raise InputError(f"transforms.json is {path.stat().st_size / 2**20:.0f} MiB; at most {MAX_TRANSFORMS_BYTES // 2**20} MiB.")
-    try:
-        top = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"transforms.json is not JSON ({str(exc)[:120]}).") from None
-    if not isinstance(top, dict) or not isinstance(top.get("frames"), list) or not top["frames"]:
+    top = parse_document(path.read_bytes(), "transforms.json", max_bytes=MAX_TRANSFORMS_BYTES)  # bounded: size, depth, values
+    if not isinstance(top.get("frames"), list) or not top["frames"]:
         raise InputError("transforms.json: frames must be a list of {file_path, transform_matrix, ...}, one per photo.")
     model = str(top.get("camera_model", "OPENCV"))
     if model not in TRANSFORMS_MODELS:

@@ -152,7 +152,8 @@ def test_poses_that_do_not_fit_the_photos_are_refused_naming_the_photo(frame, vi
 
 
 @pytest.mark.parametrize("document, words", [
-    ("not json", "not JSON"),
+    ("not json", "transforms.json is not valid JSON"),
+    ("[" * 5000 + "]" * 5000, "nests 5000 levels deep"),
     ({"frames": []}, "frames must be a list"),
     ({"camera_model": "OPENCV_FISHEYE", "frames": [{}]}, "camera_model 'OPENCV_FISHEYE'"),
     ({"frames": [{"file_path": "a.jpg", "transform_matrix": [[1, 0], [0, 1]]}]}, "frames[0].transform_matrix must be 4 rows"),
