@@ -32,6 +32,9 @@ class FramesConfig(StrictModel):
         1.5, ge=0, le=50,
         description="Drop a frame whose thumbnail differs from the last kept one by less than this (mean absolute 0-255).",
     )
+    masks: bool = Field(True, description="Use the masks in a masks/ folder beside the photos (white: the subject, "
+                        "black: background), matched by file name: SfM finds no features on the background, training "
+                        "ignores it and leaves it transparent.")
 
     @model_validator(mode="after")
     def _window(self):

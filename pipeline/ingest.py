@@ -330,6 +330,80 @@ def load_images(path: Path, kind: str, cfg: FramesConfig, progress) -> tuple[lis
     return picked, {"files": len(sources), "skipped": skipped}
 
 
+# ---------------------------------------------------------------- masks given with the photos
+
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
+T = Image.Transpose
+EXIF_TURNS = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_270,
+              7: T.TRANSVERSE, 8: T.ROTATE_90}  # what ImageOps.exif_transpose does for each EXIF orientation
+
+
+def _mask_sources(path: Path, kind: str) -> dict[str, Callable[[], bytes]]:
+    """The masks in a masks/ folder beside the photos (at the top of the input, or of its one folder),
+    by the names they may match: a photo's stem (`IMG_1` for IMG_1.jpg) or its whole name (COLMAP's
+    IMG_1.jpg.png)."""
+    if kind == "images":
+        folder = path / "masks"
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()) \
+            if folder.is_dir() and not folder.is_symlink() else []
+        found = {f.name: (lambda f=f: _bounded(f.open("rb"), f.name)) for f in files}
+    else:
+        archive = zipfile.ZipFile(path)
+        names = [i.filename for i in archive.infolist() if not i.is_dir()]
+        tops = {n.split("/", 1)[0] for n in names if "/" in n}
+        root = f"{next(iter(tops))}/" if len(tops) == 1 and all("/" in n for n in names) else ""
+        found = {n[len(root) + len("masks/"):]: (lambda n=n: _bounded(archive.open(n), n)) for n in names
+                 if n.startswith(f"{root}masks/") and "/" not in n[len(root) + len("masks/"):]}
+    return {name.rsplit(".", 1)[0]: read for name, read in found.items() if Path(name).suffix.lower() in MASK_SUFFIXES}
+
+
+def write_masks(path: Path, kind: str, kept: list[Candidate], records: list[dict], dest: Path) -> int:
+    """Each kept photo's mask, turned and scaled as the photo was, as `dest/<frame>.png` (COLMAP's name for
+    a frame's mask: 255 where features may be found). Every photo needs one once any mask is given."""
+    if dest.exists():
+        for old in dest.iterdir():
+            old.unlink()
+    masks = _mask_sources(path, kind) if kind != "video" else {}
+    if not masks:
+        return 0
+    problems = []
+    dest.mkdir(parents=True, exist_ok=True)
+    for cand, record in zip(kept, records):
+        name = Path(cand.source).name
+        read = masks.get(name) or masks.get(name.rsplit(".", 1)[0])
+        if read is None:
+            problems.append(f"no mask for {cand.source}")
+            continue
+        try:
+            mask = Image.open(io.BytesIO(read()))
+            if mask.width * mask.height > MAX_PIXELS:
+                raise ValueError(f"{mask.width}×{mask.height} pixels, over {MAX_PIXELS // 10**6} megapixels")
+            mask = mask.convert("L")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
+            problems.append(f"the mask of {cand.source} is not a readable image ({str(exc)[:100]})")
+            continue
+        orientation = record.get("orientation", 1)
+        stored = tuple(record.get("original_size") or cand.size)
+        upright = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
+        if mask.size == stored:  # drawn on the photo as stored (as COLMAP and most tools read it): turned as it was
+            mask = mask.transpose(EXIF_TURNS[orientation]) if orientation in EXIF_TURNS else mask
+        elif mask.size != upright:
+            problems.append(f"the mask of {cand.source} is {mask.width}×{mask.height}, the photo {upright[0]}×{upright[1]}")
+            continue
+        mask = mask.resize(cand.size, Image.BILINEAR).point(lambda v: 255 if v >= 128 else 0)
+        if not mask.getbbox():
+            problems.append(f"the mask of {cand.source} is all black (nothing to keep)")
+            continue
+        mask.save(dest / f"{record['file']}.png")
+        record["mask"] = True
+    if problems:
+        raise InputError(f"The masks beside the photos do not fit them: {'; '.join(problems[:6])}"
+                         f"{f' (and {len(problems) - 6} more)' if len(problems) > 6 else ''}.",
+                         hint="Give every photo a mask of its own size in masks/, named as the photo (IMG_1.png for "
+                              "IMG_1.jpg): white on the subject, black on the background. Or set frames.masks to false.")
+    return len(kept)
+
+
 # ---------------------------------------------------------------- poses given with the photos
 
 
@@ -436,9 +510,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
                         "sharpness": round(cand.sharpness, 2), "reason": cand.reason, "size": list(cand.size),
                         **(cand.original or {})})
     poses = copy_pose_files(path, kind, ctx.dir("frames") / "poses") if kind != "video" else None
+    masked = write_masks(path, kind, kept, records, ctx.dir("frames") / "masks") if cfg.masks else 0
     (ctx.dir("frames") / "frames.json").write_text(
         json.dumps({"input": str(path), "kind": kind, **info, "frames": records, "rejected": rejected, "poses": poses}, indent=2)
     )
     ctx.progress(1.0, f"{len(kept)} frames")
-    return {"kind": kind, "kept": len(kept), "rejected": len(rejected), "candidates": len(candidates),
+    return {"kind": kind, "kept": len(kept), "rejected": len(rejected), "candidates": len(candidates), "masked": masked,
             "same_size": len(sizes) == 1, **{k: v for k, v in info.items() if k != "files"}}

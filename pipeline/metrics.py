@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB for images in 0..1."""
-    mse = F.mse_loss(pred.clamp(0, 1), target).item()
+def psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Peak signal-to-noise ratio in dB for [H, W, C] images in 0..1; with a [H, W] mask, over its pixels alone."""
+    if mask is None:
+        mse = F.mse_loss(pred.clamp(0, 1), target).item()
+    else:
+        mse = (((pred.clamp(0, 1) - target) ** 2) * mask[..., None]).sum().item() / max(mask.sum().item() * pred.shape[-1], 1.0)
     return float("inf") if mse == 0 else -10.0 * math.log10(mse)
 
 

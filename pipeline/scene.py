@@ -16,6 +16,7 @@ class View:
     image: torch.Tensor  # [H, W, 3] float in 0..1
     K: torch.Tensor  # [3, 3] at the image's resolution
     viewmat: torch.Tensor  # [4, 4] world → camera (OpenCV axes, as COLMAP)
+    mask: torch.Tensor | None = None  # [H, W] 1 on the subject, 0 on the background (frames.masks)
 
     @property
     def width(self) -> int:
@@ -26,7 +27,8 @@ class View:
         return self.image.shape[0]
 
     def to(self, device) -> "View":
-        return View(self.name, self.image.to(device), self.K.to(device), self.viewmat.to(device))
+        return View(self.name, self.image.to(device), self.K.to(device), self.viewmat.to(device),
+                    None if self.mask is None else self.mask.to(device))
 
 
 @dataclass
@@ -66,7 +68,12 @@ def load_scene(undistorted: Path, max_side: int | None, test_every: int) -> Scen
         K = torch.tensor([[fx * sx, 0, cx * sx], [0, fy * sy, cy * sy], [0, 0, 1]], dtype=torch.float32)
         viewmat = torch.eye(4)
         viewmat[:3, :4] = torch.tensor(img.cam_from_world().matrix(), dtype=torch.float32)
-        view = View(img.name, torch.from_numpy(np.asarray(pil, np.float32) / 255.0), K, viewmat)
+        mask_file = undistorted / "masks" / img.name
+        mask = None
+        if mask_file.is_file():  # scaled as its frame, then back to 0 or 1 (undistortion and JPEG blur its edge)
+            grey = Image.open(mask_file).convert("L").resize(pil.size, Image.BILINEAR)
+            mask = torch.from_numpy((np.asarray(grey) >= 128).astype(np.float32))
+        view = View(img.name, torch.from_numpy(np.asarray(pil, np.float32) / 255.0), K, viewmat, mask)
         (test if is_held_out(index, test_every) else train).append(view)
     pts = rec.points3D.values()
     points = np.array([p.xyz for p in pts], np.float32).reshape(-1, 3)

@@ -148,6 +148,22 @@ def map_once(db: Path, image_dir: Path, raw: Path, mapper: str, seed: int, threa
     return model, len(models), drop_stray_cameras(model)
 
 
+def undistort_masks(masks: Path, sparse: Path, dest: Path) -> None:
+    """The masks through the same undistortion as their frames: each as an image named as its frame (COLMAP
+    reads a file by its content), written beside the undistorted frames as `masks/<frame>`."""
+    import tempfile
+
+    import pycolmap
+
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        as_frames = Path(tmp) / "frames"
+        as_frames.mkdir()
+        for mask in masks.glob("*.png"):
+            shutil.copyfile(mask, as_frames / mask.name.removesuffix(".png"))
+        pycolmap.undistort_images(Path(tmp) / "out", sparse, as_frames, output_type="COLMAP")
+        shutil.move(Path(tmp) / "out" / "images", dest)
+
+
 def posed_pairs(given: dict[str, poses.Given], neighbours: int) -> list[tuple[str, str]]:
     """Each frame with its `neighbours` nearest frames that look the same way (their optical axes within
     90°), by camera centre: with the poses known, far or opposed frames need not be matched."""
@@ -250,6 +266,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     extraction.num_threads = threads
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = cfg.camera_model
+    masks = ctx.dir("frames") / "masks"
+    masks = masks if masks.is_dir() and any(masks.iterdir()) else None
+    if masks is not None:  # no features on the background: <frame>.png, black where it is
+        reader.mask_path = str(masks)
     single = cfg.single_camera and frames.get("same_size", True) and given is None
     camera_mode = pycolmap.CameraMode.SINGLE if single else pycolmap.CameraMode.PER_IMAGE if given else pycolmap.CameraMode.AUTO
     pycolmap.Database.open(str(db)).close()
@@ -301,7 +321,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if given is not None:
         ctx.progress(0.6, f"triangulating with the given poses ({cfg.poses})")
         model = posed_model(db, image_dir, out / "raw", given, cfg.poses, seed)
-        return finish(ctx, model, image_dir, out, db, names, supported, device, threads, matcher, n_loop, seed,
+        return finish(ctx, model, image_dir, masks, out, db, names, supported, device, threads, matcher, n_loop, seed,
                       {"mapper": f"given poses ({found[0]}, {cfg.poses})", "tries": [], "models_found": 1, "stray": [],
                        "registered": model.num_reg_images()})
     other = "incremental" if cfg.mapper == "global" else "global"
@@ -338,14 +358,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
             stage="sfm",
             hint="The frames may not overlap enough or may be blurred; capture more views with steadier motion.",
         )
-    return finish(ctx, model, image_dir, out, db, names, supported, device, threads, matcher, n_loop, seed,
+    return finish(ctx, model, image_dir, masks, out, db, names, supported, device, threads, matcher, n_loop, seed,
                   {"mapper": tries[kept - 1]["mapper"], "seed": tries[kept - 1]["seed"], "tries": tries,
                    "models_found": found_models, "stray": stray, "registered": registered})
 
 
-def finish(ctx: StageContext, model, image_dir: Path, out: Path, db: Path, names: list[str], supported: int, device,
-           threads: int, matcher: str, n_loop: int, seed: int, mapping: dict[str, Any]) -> dict[str, Any]:
-    """Write the model, undistort the frames for training, and say how it went (sfm.json)."""
+def finish(ctx: StageContext, model, image_dir: Path, masks: Path | None, out: Path, db: Path, names: list[str],
+           supported: int, device, threads: int, matcher: str, n_loop: int, seed: int, mapping: dict[str, Any]) -> dict[str, Any]:
+    """Write the model, undistort the frames (and their masks) for training, and say how it went (sfm.json)."""
     import pycolmap
 
     registered, total = mapping["registered"], len(names)
@@ -361,6 +381,8 @@ def finish(ctx: StageContext, model, image_dir: Path, out: Path, db: Path, names
     for extra in ("stereo", "run-colmap-geometric.sh", "run-colmap-photometric.sh"):
         target = undistorted / extra
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    if masks is not None:
+        undistort_masks(masks, sparse, undistorted / "masks")
     db.unlink()  # large and only needed to match; the model holds what later stages read
 
     cams = [

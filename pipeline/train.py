@@ -32,6 +32,7 @@ from .stages import StageContext
 
 BASE_LR = {"scales": 5e-3, "quats": 1e-3, "opacities": 5e-2, "sh0": 2.5e-3, "shN": 2.5e-3 / 20}
 MCMC_OPACITY_REG = 0.01
+BACKGROUND_ALPHA_WEIGHT = 0.1  # with masks: the background's mean opacity, added to the loss
 MCMC_SCALE_REG = 0.01
 CAMERAS = "cameras.json"  # the held-out cameras: a viewer opens where a photo was taken
 
@@ -119,10 +120,16 @@ def train(scene: Scene, cfg: TrainConfig, device: torch.device, progress=lambda 
             queue = list(order(len(views)))
         view = views[queue.pop()]
         sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
-        image, _, info = render(params, view, sh_degree)
+        image, alpha, info = render(params, view, sh_degree)
+        target, clear = view.image, None
+        if view.mask is not None:  # the background is not scored, only asked to be transparent
+            keep = view.mask[..., None]
+            image, target, clear = image * keep, view.image * keep, (alpha * (1 - keep)).mean()
         strategy.step_pre_backward(params, optimizers, state, step, info)
-        l1 = F.l1_loss(image, view.image)
-        loss = (1 - cfg.ssim_lambda) * l1 + cfg.ssim_lambda * (1 - ssim(image, view.image))
+        l1 = F.l1_loss(image, target)
+        loss = (1 - cfg.ssim_lambda) * l1 + cfg.ssim_lambda * (1 - ssim(image, target))
+        if clear is not None:
+            loss = loss + BACKGROUND_ALPHA_WEIGHT * clear
         if cfg.strategy == "mcmc":
             loss = loss + MCMC_OPACITY_REG * torch.sigmoid(params["opacities"]).mean()
             loss = loss + MCMC_SCALE_REG * torch.exp(params["scales"]).mean()
@@ -160,12 +167,15 @@ def evaluate(params: dict[str, torch.Tensor], views: list[View], sh_degree: int,
     per_view = []
     for view in views:
         image, _, _ = render(params, view, sh_degree)
-        image = image.clamp(0, 1)
-        per_view.append({"view": view.name, "psnr": round(psnr(image, view.image), 3),
-                         "ssim": round(float(ssim(image, view.image)), 4)})
+        image, photo = image.clamp(0, 1), view.image
+        if view.mask is not None:  # scored on the subject alone, both on black
+            photo = view.image * view.mask[..., None]
+            image = image * view.mask[..., None]
+        per_view.append({"view": view.name, "psnr": round(psnr(image, photo, view.mask), 3),
+                         "ssim": round(float(ssim(image, photo)), 4), **({"masked": True} if view.mask is not None else {})})
         if out is not None:
             stem = Path(view.name).stem
-            for tag, img in (("render", image), ("photo", view.image)):
+            for tag, img in (("render", image), ("photo", photo)):
                 Image.fromarray((img.cpu().numpy() * 255 + 0.5).astype(np.uint8)).save(out / f"{stem}.{tag}.png")
     mean = lambda key: round(float(np.mean([v[key] for v in per_view])), 4) if per_view else None  # noqa: E731
     return {"psnr": mean("psnr"), "ssim": mean("ssim"), "views": per_view}

@@ -30,13 +30,13 @@ def sphere_splat(n: int = 12000, seed: int = 0):
     return params, normals
 
 
-def views_around(count_per_ring: int = 8):
-    K = torch.tensor([[SIDE * 1.2, 0, SIDE / 2], [0, SIDE * 1.2, SIDE / 2], [0, 0, 1.0]])
+def views_around(count_per_ring: int = 8, side: int = SIDE):
+    K = torch.tensor([[side * 1.2, 0, side / 2], [0, side * 1.2, side / 2], [0, 0, 1.0]])
     out = []
     for ring, elevation in enumerate((-0.5, 0.3, 1.2)):
         for k, azimuth in enumerate(np.linspace(0, 2 * np.pi, count_per_ring, endpoint=False)):
             centre = 3.5 * np.array([np.cos(azimuth) * np.cos(elevation), np.sin(elevation), np.sin(azimuth) * np.cos(elevation)])
-            out.append(View(f"r{ring}v{k}.png", torch.zeros(SIDE, SIDE, 3), K, look_at(centre)))
+            out.append(View(f"r{ring}v{k}.png", torch.zeros(side, side, 3), K, look_at(centre)))
     return out
 
 
