@@ -64,12 +64,14 @@ class Slots:
 
     def __init__(self, size: int):
         self.size, self.held, self.waiting = size, set(), deque()
+        self.peak = 0  # the most jobs held at once (`force`d resumes may pass `size`; nothing else may)
         self._lock = threading.Lock()
 
     def take(self, job_id: str, force: bool = False) -> bool:
         with self._lock:
             if job_id in self.held or force or len(self.held) < self.size:
                 self.held.add(job_id)
+                self.peak = max(self.peak, len(self.held))
                 return True
             if job_id not in self.waiting:
                 self.waiting.append(job_id)
@@ -84,6 +86,7 @@ class Slots:
             if self.waiting and len(self.held) < self.size:
                 nxt = self.waiting.popleft()
                 self.held.add(nxt)
+                self.peak = max(self.peak, len(self.held))
                 return nxt
             return None
 
@@ -522,15 +525,16 @@ class Lifecycle:
                 if record.job_id not in self.flights and not handed and not self.holds.elsewhere(record.owner, record.owner_seen_at):
                     self.schedule(self.resume, record)
 
-    def abandoned_handovers(self) -> None:
+    def abandoned_handovers(self, running: list[JobRecord]) -> None:
         """Handed-over jobs whose backend ended without recording their end (a failed execution of the
         fallback's state machine) would stay RUNNING forever, maybe with a training job running unwatched:
         stop what runs, fail the record and tell the user once. Any daemon may do it (the terminal write
-        is conditional: one wins); looked at every `claim_seconds`, one lookup per handed-over job."""
+        is conditional: one wins); `running` is the sweep's own list, looked through every `claim_seconds`,
+        one lookup per handed-over job."""
         if time.monotonic() - self._looked_handed < self.settings.claim_seconds:
             return
         self._looked_handed = time.monotonic()
-        for record in self.store.list(RUNNING, 100_000):
+        for record in running:
             attempt = Attempt.from_dict(record.attempts[-1]) if record.attempts else None
             executor = self.executors.get(attempt.backend) if attempt else None
             if executor is None or not executor.finishes_record or record.job_id in self.flights:
@@ -554,8 +558,9 @@ class Lifecycle:
         self._count("sweeps")
         self.heartbeat()
         self.take_over()
-        self.abandoned_handovers()
-        for record in self.store.list(RUNNING, 100_000):
+        running = self.store.list(RUNNING, 100_000)
+        self.abandoned_handovers(running)
+        for record in running:
             if not record.cancel_requested or not record.attempts:
                 continue
             attempt = Attempt.from_dict(record.attempts[-1])
