@@ -9,6 +9,7 @@
     python benchmarks/run.py submit     # job → Bacalhau spec → submitted, against the stand-in
     python benchmarks/run.py load       # 1,000 jobs through S3 → SQS → the daemon → the stand-in
     python benchmarks/run.py tradeoff   # held-out PSNR against training steps and resolution, on the sample
+    python benchmarks/run.py mesh       # export.mesh on the sample and a photo set, at three resolutions
     python benchmarks/run.py            # both
 
 Each result file records the machine (cores, torch threads) and the figures; ratios are taken
@@ -290,6 +291,35 @@ def bench_sfm(runs: int) -> None:
                          "points3d_distinct": sorted({r["points3d"] for r in rows if r["points3d"]}),
                          "psnr": {"min": min(psnrs, default=None), "median": statistics.median(psnrs) if psnrs else None}}
     save("sfm_repeat", {"goal": "the same registered count on every run; no exit 4 from a weak model", **out})
+
+
+def bench_mesh(resolutions: list[int]) -> None:
+    """export.mesh on the sample and on the photo set the tests make: one tiny run each, then the export
+    stage again with the mesh at each resolution (`--mesh`; only export runs). Faces, seconds, and the
+    agreement with the SfM points within 1% of the scene's extent, both ways."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import photo_set
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = {"sample": ROOT / "examples" / "sample.mp4", "photos": photo_set(ROOT / "examples" / "sample.mp4", Path(tmp) / "photos")}
+        for name, source in inputs.items():
+            work = Path(tmp) / name
+            base = [sys.executable, "-m", "codsplat.pipeline.cli", "run", str(source), "--preset", "tiny", "--out", str(work), "--json"]
+            subprocess.run(base, capture_output=True, text=True, check=True)
+            rows = []
+            for resolution in resolutions:
+                cfg = Path(tmp) / f"mesh-{resolution}.json"
+                cfg.write_text(json.dumps({"export": {"mesh_resolution": resolution}}))
+                proc = subprocess.run(base + ["--config", str(cfg), "--mesh"], capture_output=True, text=True)
+                metrics = json.loads((work / "export" / "metrics.json").read_text()) if proc.returncode == 0 else {}
+                rows.append({"resolution": resolution, "exit": proc.returncode, **metrics.get("mesh", {})})
+                print(name, rows[-1], flush=True)
+            out[name] = rows
+    save("mesh", {"what": "export.mesh after a tiny run: faces, seconds, SfM points on the mesh and mesh near SfM points "
+                          "(within 1% of the scene's extent)", **out})
 
 
 def bench_kill_loop(jobs: int, cycles: int, seed: int = 0) -> None:
@@ -637,7 +667,7 @@ def bench_load(jobs: int, concurrency: int, intake_workers: int = 8, poll: float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", nargs="?", choices=("pipeline", "raster", "neighbour", "sfm", "killloop", "submit", "load", "tradeoff",
-                                                 "all"),
+                                                 "mesh", "all"),
                     default="all")
     ap.add_argument("--jobs", type=int, default=None, help="jobs (submit: 500, load: 1000, killloop: 24)")
     ap.add_argument("--concurrency", type=int, default=64, help="the daemon's bound in the load benchmark")
@@ -665,6 +695,8 @@ def main() -> None:
         bench_pipeline(args.runs, args.neighbour)
     if args.which in ("tradeoff", "all"):
         bench_tradeoff([300, 600, 1200, 2400], [80, 120, 160])
+    if args.which in ("mesh", "all"):
+        bench_mesh([96, 160, 256])
 
 
 if __name__ == "__main__":
