@@ -32,6 +32,9 @@ class FramesConfig(StrictModel):
         1.5, ge=0, le=50,
         description="Drop a frame whose thumbnail differs from the last kept one by less than this (mean absolute 0-255).",
     )
+    projection: Literal["perspective", "equirect"] = Field(
+        "perspective", description="equirect: a 360° capture (2:1 equirectangular frames), each frame cut into five "
+        "90° views (front, right, back, left, up) that SfM places as one rig.")
     masks: bool = Field(True, description="Use the masks in a masks/ folder beside the photos (white: the subject, "
                         "black: background), matched by file name: SfM finds no features on the background, training "
                         "ignores it and leaves it transparent.")

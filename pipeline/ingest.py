@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import poses
+from . import equirect, poses
 from .config import FramesConfig
 from .contract import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .errors import InputError
@@ -330,6 +330,29 @@ def load_images(path: Path, kind: str, cfg: FramesConfig, progress) -> tuple[lis
     return picked, {"files": len(sources), "skipped": skipped}
 
 
+# ---------------------------------------------------------------- 360° frames
+
+
+def write_faces(kept: list[Candidate], cfg: FramesConfig, out: Path, progress) -> list[dict[str, Any]]:
+    """Each kept equirectangular frame as its rig of perspective faces (`equirect.py`), `f<k>_frame_<i>.jpg`."""
+    records = []
+    for i, cand in enumerate(kept):
+        panorama = Image.open(io.BytesIO(cand.jpeg))
+        width, height = panorama.size
+        if abs(width - 2 * height) > 0.02 * width:
+            raise InputError(f"frames.projection is 'equirect' but {cand.source} is {width}×{height}; an "
+                             "equirectangular frame is twice as wide as it is high.",
+                             hint="Export the 360° video as equirectangular (2:1), or set frames.projection to 'perspective'.")
+        size = equirect.face_size(width, cfg.max_side)
+        for face, image in equirect.cut(panorama, size).items():
+            name = f"{face}_frame_{i:05d}.jpg"
+            image.save(out / name, "JPEG", quality=JPEG_QUALITY)
+            records.append({"file": name, "source": cand.source, "face": face, "time_s": cand.time, "kept": True,
+                            "sharpness": round(cand.sharpness, 2), "reason": cand.reason, "size": [size, size]})
+        progress(0.9 + 0.1 * (i + 1) / len(kept), f"cutting frame {i + 1}/{len(kept)} into views")
+    return records
+
+
 # ---------------------------------------------------------------- masks given with the photos
 
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -500,6 +523,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for old in out.iterdir():
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.projection == "equirect":
+        records = write_faces(kept, cfg, out, ctx.progress)
+        (ctx.dir("frames") / "frames.json").write_text(
+            json.dumps({"input": str(path), "kind": kind, **info, "frames": records, "rejected": rejected}, indent=2))
+        ctx.progress(1.0, f"{len(kept)} frames, {len(records)} views")
+        return {"kind": kind, "kept": len(kept), "rejected": len(rejected), "candidates": len(candidates), "masked": 0,
+                "projection": "equirect", "views": len(records), "face_size": records[0]["size"][0], "same_size": True,
+                **{k: v for k, v in info.items() if k != "files"}}
     records = []
     sizes = set()
     for i, cand in enumerate(kept):

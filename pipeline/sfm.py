@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import poses
+from . import equirect, poses
 from .cpus import usable
 from .errors import InputError, ReconstructionError
 from .stages import StageContext
@@ -124,7 +124,7 @@ def connected(db_path: Path) -> int:
     return max(sizes.values(), default=0)
 
 
-def map_once(db: Path, image_dir: Path, raw: Path, mapper: str, seed: int, threads: int):
+def map_once(db: Path, image_dir: Path, raw: Path, mapper: str, seed: int, threads: int, rig: bool = False):
     """One mapping of the matched database: its largest model (stray cameras dropped), the number
     of models found, and the names of the strays; (None, 0, []) when nothing was placed."""
     import pycolmap
@@ -141,6 +141,8 @@ def map_once(db: Path, image_dir: Path, raw: Path, mapper: str, seed: int, threa
         options = pycolmap.IncrementalPipelineOptions()
         options.random_seed = options.mapper.random_seed = options.triangulation.random_seed = seed
         options.num_threads = options.mapper.num_threads = threads
+        options.ba_refine_sensor_from_rig = False  # a rig's faces turn together by construction (equirect.py)
+        options.ba_refine_focal_length = options.ba_refine_principal_point = not rig
         models = pycolmap.incremental_mapping(db, image_dir, raw, options)
     if not models:
         return None, 0, []
@@ -273,7 +275,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     single = cfg.single_camera and frames.get("same_size", True) and given is None
     camera_mode = pycolmap.CameraMode.SINGLE if single else pycolmap.CameraMode.PER_IMAGE if given else pycolmap.CameraMode.AUTO
     pycolmap.Database.open(str(db)).close()
-    pycolmap.import_images(db, image_dir, camera_mode=camera_mode, image_names=names, options=reader)  # ids in name order
+    rig = frames.get("projection") == "equirect"
+    if rig:  # each frame's faces: one rig frame, their relative rotations fixed (equirect.py)
+        equirect.import_rig(db, image_dir, names, frames["face_size"])
+    else:
+        pycolmap.import_images(db, image_dir, camera_mode=camera_mode, image_names=names, options=reader)  # ids in name order
     pycolmap.extract_features(db, image_dir, image_names=names, camera_mode=camera_mode,
                               reader_options=reader, extraction_options=extraction, device=device)
     if given is not None:
@@ -303,6 +309,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = cfg.overlap
         pairing.quadratic_overlap = True
+        pairing.expand_rig_images = rig  # a frame's neighbours are matched with every face of it
         pycolmap.match_sequential(db, pairing_options=pairing, matching_options=matching,
                                   verification_options=verification, device=device)
         if cfg.loop_detection:
@@ -326,11 +333,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
                        "registered": model.num_reg_images()})
     other = "incremental" if cfg.mapper == "global" else "global"
     plan = [(cfg.mapper, seed), (other, seed), (cfg.mapper, (seed + 1) % 2**31)][:MAX_TRIES]
+    if rig:  # the incremental mapper keeps a rig's faces together; the global one here does not know rigs
+        plan = [("incremental", seed), ("incremental", (seed + 1) % 2**31)]
     tries, best = [], None
     for number, (mapper, try_seed) in enumerate(plan, 1):
         ctx.progress(0.55 + 0.1 * (number - 1), f"{mapper} mapping" + (f" (try {number})" if number > 1 else ""))
         model, found, stray = map_once(db, image_dir, out / "raw" / f"try-{number}", mapper, try_seed,
-                                       1 if cfg.deterministic else threads)
+                                       1 if cfg.deterministic else threads, rig)
         registered = model.num_reg_images() if model is not None else 0
         why = weakness(registered, len(stray), supported) if model is not None else "placed no frame"
         tries.append({"mapper": mapper, "seed": try_seed, "registered_images": registered, "models_found": found,
