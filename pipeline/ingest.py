@@ -296,13 +296,14 @@ def _open_photo(data: bytes, max_side: int) -> tuple[Image.Image, dict[str, Any]
     (`draft`), and anything still over MAX_PIXELS is refused rather than decoded. With it, its size as
     stored and its EXIF orientation."""
     img = Image.open(io.BytesIO(data))
-    original = {"original_size": list(img.size), "orientation": int(img.getexif().get(0x0112, 1) or 1)}
+    stored = list(img.size)
     if img.format == "JPEG":
         img.draft("RGB", (max_side, max_side))
     if img.width * img.height > MAX_PIXELS:
         raise ValueError(f"{img.width}×{img.height} pixels, over {MAX_PIXELS // 10**6} megapixels")
     if min(img.size) < MIN_SIDE:
         raise ValueError(f"{img.width}×{img.height} pixels; a photo needs {MIN_SIDE} on each side to be matched")
+    original = {"original_size": stored, "orientation": int(img.getexif().get(0x0112, 1) or 1)}  # after the bounds
     img = ImageOps.exif_transpose(img)  # phones store portrait shots rotated, with an EXIF flag
     return fit(img.convert("RGB"), max_side), original  # kept photos are held until written: at the size written
 

@@ -61,7 +61,7 @@ def test_files_json_yaml_and_job_documents(tmp_path):
 
 def test_each_stage_section_is_separate_for_fingerprints():
     cfg = PipelineConfig()
-    assert set(cfg.section("export")) == {"formats", "min_psnr", "previews"}
+    assert set(cfg.section("export")) == {"formats", "min_psnr", "previews", "mesh", "mesh_resolution"}
 
 
 @pytest.mark.parametrize("text", [
