@@ -455,9 +455,12 @@ def copy_pose_files(path: Path, kind: str, dest: Path) -> dict[str, Any] | None:
     if dest.exists():
         for old in dest.iterdir():
             old.unlink()
-    if kind == "images":
-        names = [str(p.relative_to(path)).replace("\\", "/") for p in path.rglob("*")
-                 if p.is_file() and not p.is_symlink() and len(p.relative_to(path).parts) <= 4]
+    if kind == "images":  # only the places pose files may be: no walk of the folder, nothing through a link
+        inside = path.resolve()
+        places = [poses.TRANSFORMS] + [f"{folder}{n}{ext}" for folder in ("sparse/0/", "sparse/")
+                                       for n in poses.COLMAP_FILES for ext in (".bin", ".txt")]
+        names = [name for name in places if (path / name).is_file() and not (path / name).is_symlink()
+                 and (path / name).resolve().is_relative_to(inside)]
         read = lambda name: (path / name).open("rb")  # noqa: E731
     else:
         archive = zipfile.ZipFile(path)

@@ -32,8 +32,7 @@ COLMAP_FILES = ("cameras", "images", "points3D")
 MAX_POSE_BYTES = 256 * 2**20  # every pose file together: an images.bin with 2D points for 5,000 photos is under this
 MAX_TRANSFORMS_BYTES = 16 * 2**20  # 5,000 frames with their own intrinsics take about 4 MiB
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenGL camera axes (y up, z back) → OpenCV's (y down, z forward)
-# transforms.json's camera models and the COLMAP model their parameters make
-TRANSFORMS_MODELS = {"PINHOLE": "PINHOLE", "OPENCV": "OPENCV"}
+TRANSFORMS_MODELS = ("PINHOLE", "OPENCV")  # the camera models of a transforms.json that codsplat reads
 
 
 @dataclass

@@ -171,3 +171,14 @@ def test_a_transforms_json_that_cannot_be_read_is_refused_naming_the_field(tmp_p
     with pytest.raises(InputError) as refused:
         poses.read_transforms(path)
     assert words in refused.value.message
+
+
+def test_a_pose_file_that_is_a_link_is_never_followed(tiny_run, tmp_path):
+    """A transforms.json planted as a link to a file outside the input is not read: the poses are missing."""
+    folder, _ = posed_folder(tiny_run, tmp_path / "capture", as_transforms=True)
+    outside = tmp_path / "elsewhere.json"
+    (folder / "transforms.json").rename(outside)
+    (folder / "transforms.json").symlink_to(outside)
+    proc = preprocess(folder, tmp_path / "run", tmp_path, GIVEN)
+    assert proc.returncode == 2 and "no poses came with the photos" in proc.stderr
+    assert not (tmp_path / "run" / "frames" / "poses").exists()
