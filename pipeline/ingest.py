@@ -279,16 +279,22 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "backslashreplace").decode()
 
 
-def _bounded(stream, name: str) -> bytes:
-    """At most MAX_PHOTO_BYTES, read a chunk at a time (one `read(n)` would allocate n bytes up front)."""
+def _bounded(stream, name: str, limit: int = MAX_PHOTO_BYTES) -> bytes:
+    """At most `limit` bytes, read a chunk at a time (one `read(n)` would allocate n bytes up front)."""
     chunks, total = [], 0
     with stream:
         while chunk := stream.read(1 << 20):
             total += len(chunk)
-            if total > MAX_PHOTO_BYTES:
-                raise ValueError(f"over {MAX_PHOTO_BYTES // 2**20} MiB")
+            if total > limit:
+                raise ValueError(f"over {limit // 2**20} MiB")
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _zip_root(names: list[str]) -> str:
+    """The one folder a zip holds everything in (`capture/`, as a folder zipped whole), or ''."""
+    tops = {n.split("/", 1)[0] for n in names}
+    return f"{next(iter(tops))}/" if len(tops) == 1 and all("/" in n for n in names) else ""
 
 
 def _open_photo(data: bytes, max_side: int) -> tuple[Image.Image, dict[str, Any]]:
@@ -374,8 +380,7 @@ def _mask_sources(path: Path, kind: str) -> dict[str, Callable[[], bytes]]:
     else:
         archive = zipfile.ZipFile(path)
         names = [i.filename for i in archive.infolist() if not i.is_dir()]
-        tops = {n.split("/", 1)[0] for n in names if "/" in n}
-        root = f"{next(iter(tops))}/" if len(tops) == 1 and all("/" in n for n in names) else ""
+        root = _zip_root(names)
         found = {n[len(root) + len("masks/"):]: (lambda n=n: _bounded(archive.open(n), n)) for n in names
                  if n.startswith(f"{root}masks/") and "/" not in n[len(root) + len("masks/"):]}
     return {name.rsplit(".", 1)[0]: read for name, read in found.items() if Path(name).suffix.lower() in MASK_SUFFIXES}
@@ -435,8 +440,7 @@ def _pose_entries(names: list[str]) -> dict[str, str] | None:
     """Among an input's file names (posix, relative), the pose files to copy (their name in frames/poses →
     their name in the input): a transforms.json, else a COLMAP model in sparse/0/ or sparse/, at the top
     or in the one folder that holds everything."""
-    tops = {n.split("/", 1)[0] for n in names if "/" in n}
-    roots = [""] + ([f"{next(iter(tops))}/"] if len(tops) == 1 and not any("/" not in n for n in names) else [])
+    roots = ["", _zip_root(names)] if _zip_root(names) else [""]
     present = set(names)
     for root in roots:
         if f"{root}{poses.TRANSFORMS}" in present:
@@ -470,17 +474,15 @@ def copy_pose_files(path: Path, kind: str, dest: Path) -> dict[str, Any] | None:
     if entries is None:
         return None
     dest.mkdir(parents=True, exist_ok=True)
-    total = 0
+    left = poses.MAX_POSE_BYTES  # for all of them together
     for local, name in entries.items():
-        chunks = []
-        with read(name) as stream:
-            while chunk := stream.read(1 << 20):
-                total += len(chunk)
-                if total > poses.MAX_POSE_BYTES:
-                    raise InputError(f"The pose files beside the photos hold over {poses.MAX_POSE_BYTES // 2**20} MiB; "
-                                     "at most that much is read.")
-                chunks.append(chunk)
-        (dest / local).write_bytes(b"".join(chunks))
+        try:
+            data = _bounded(read(name), name, limit=left)
+        except ValueError:
+            raise InputError(f"The pose files beside the photos hold over {poses.MAX_POSE_BYTES // 2**20} MiB; "
+                             "at most that much is read.") from None
+        left -= len(data)
+        (dest / local).write_bytes(data)
     return {"files": sorted(entries.values())}
 
 

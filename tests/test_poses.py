@@ -182,3 +182,17 @@ def test_a_pose_file_that_is_a_link_is_never_followed(tiny_run, tmp_path):
     proc = preprocess(folder, tmp_path / "run", tmp_path, GIVEN)
     assert proc.returncode == 2 and "no poses came with the photos" in proc.stderr
     assert not (tmp_path / "run" / "frames" / "poses").exists()
+
+
+def test_pose_files_are_read_within_their_byte_budget(tmp_path, monkeypatch):
+    """All pose files together are read through one bounded budget; past it the input is refused, naming it."""
+    from codsplat.pipeline import ingest
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "transforms.json").write_bytes(b" " * 5000)
+    monkeypatch.setattr(poses, "MAX_POSE_BYTES", 4096)
+    with pytest.raises(InputError, match="pose files beside the photos hold over"):
+        ingest.copy_pose_files(tmp_path / "in", "images", tmp_path / "poses")
+    monkeypatch.setattr(poses, "MAX_POSE_BYTES", 8192)
+    assert ingest.copy_pose_files(tmp_path / "in", "images", tmp_path / "poses") == {"files": ["transforms.json"]}
+    assert (tmp_path / "poses" / "transforms.json").stat().st_size == 5000
