@@ -5,8 +5,13 @@ started by the daemon's own executor; all run at once, and each row of the table
 the record's end, the messages sent, the training jobs created."""
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,9 +24,10 @@ from codsplat.orchestrator.executors.sagemaker import (AROUND_THE_LOOP, ASL_PATH
                                                       history_events, longest_followed_seconds)
 from codsplat.orchestrator.job import parse_job
 from codsplat.orchestrator.provision import provision
-from codsplat.orchestrator.records import FAILED, RUNNING, DynamoStore, JobRecord, change, request_cancel
+from codsplat.orchestrator.records import FAILED, RUNNING, DynamoStore, JobRecord, change
 from codsplat.orchestrator.settings import SAGEMAKER_OVERHEAD_SECONDS, Settings
 from codsplat.pipeline.contract import ADVICE, failure_text
+from conftest import AWS_ENV
 from conftest import sagemaker_did_its_work
 
 
@@ -50,18 +56,26 @@ def worker_did_its_work(rig, job_id):
 
 
 def cancel(rig, name, job_id, stop_to=None):
-    """What `codsplat jobs cancel` and the daemon's sweep do: mark the record, stop the training job."""
+    """As a user cancels a handed-over job: once its training job exists, `codsplat jobs cancel`."""
     if stop_to:
         httpx.post(f"{rig.control}/steer", json={"stop_to": {name: stop_to}})
     for _ in range(300):
         if rig.sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"]:
             break
         time.sleep(0.1)
-    request_cancel(rig.store, job_id)
-    rig.executor.stop(Attempt.from_dict(rig.store.get(job_id).attempts[-1]), "cancelled by the user")
+    cancel_as_a_user(rig, job_id)
     if stop_to:
         time.sleep(2)  # a few polls see it Stopping
         status(rig, name, "Stopped", secondary="Stopped")
+
+
+def cancel_as_a_user(rig, job_id):
+    """`codsplat jobs cancel` marks the record (the CLI, in its own process, on the deployment's
+    settings); then a daemon's sweep, which reads the mark, stops what runs for it."""
+    done = subprocess.run([sys.executable, "-m", "codsplat.orchestrator.cli", "jobs", "cancel", job_id,
+                           "--settings", str(rig.settings_file)], env={**os.environ, **AWS_ENV}, capture_output=True, text=True)
+    assert done.returncode == 0 and "cancel requested" in done.stderr, done.stderr
+    rig.daemon().sweep()
 
 
 def succeeded_like_bacalhau(record, message):
@@ -103,8 +117,7 @@ SCENARIOS = {
     "cancelled-while-waiting-for-quota": Scenario(  # no training job to stop: the wait reads the record's flag
         "CANCELLED", "was cancelled", training_jobs=0, before=lambda rig, j: httpx.post(
             f"{rig.control}/steer", json={"create_errors": {rig.name(j): 9}}),
-        drive=lambda rig, n, j: (time.sleep(1.5), request_cancel(rig.store, j),
-                                 rig.executor.stop(Attempt.from_dict(rig.store.get(j).attempts[-1]), "cancelled by the user"))),
+        drive=lambda rig, n, j: (time.sleep(1.5), cancel_as_a_user(rig, j))),
     "no-quota": Scenario("FAILED", "no quota for ml.g5.2xlarge", training_jobs=0, before=lambda rig, j: httpx.post(
         f"{rig.control}/steer", json={"create_errors": {rig.name(j): 9}}),
         checks=[lambda r, m: "Service Quotas" in r.error["advice"] and "Service Quotas" in m["Message"]]),
@@ -155,6 +168,19 @@ class Rig:
         self.store = DynamoStore(names["table"], client("dynamodb"), self.settings)
         self.executor = SageMakerExecutor(self.sfn, self.sm, self.settings)
         self.jobs = {}
+        self.home = Path(tempfile.mkdtemp(prefix="codsplat-fallback-"))
+        self.settings_file = self.home / "settings.json"
+        self.settings_file.write_text(json.dumps({k: getattr(self.settings, k) for k in (
+            "bucket", "table", "topic_arn", "state_machine_arn", "aws_endpoint")}))
+
+    def daemon(self):
+        """A daemon of this deployment, as far as its sweep goes (nothing of it runs by itself)."""
+        from codsplat.orchestrator.blobs import FolderBlobs
+        from codsplat.orchestrator.lifecycle import Lifecycle
+        from codsplat.orchestrator.notify import FileNotifier
+
+        return Lifecycle(self.store, FolderBlobs(self.home), FileNotifier(self.home / "sent"), {"sagemaker": self.executor},
+                         self.settings, self.settings.policy, "bacalhau", "sagemaker", schedule=lambda fn, *a, delay=0.0: None)
 
     def name(self, job_id):
         return attempt_name(job_id, "sm", 1)
