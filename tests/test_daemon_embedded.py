@@ -193,13 +193,15 @@ def crash_then_restart(home, point, env):
     assert code == 137, daemon_logs(home)
     progress = home / "results" / "crash" / "progress.json"
     at_crash = json.loads(progress.read_text()) if progress.exists() else None
-    second = daemon_process(home, env)
-    try:
-        wait_for(lambda: sent(home) and SQLiteStore(home / "codsplat.db").get("crash").notified_at)
-        time.sleep(1.0)  # anything that would wrongly repeat has time to show
-    finally:
-        os.killpg(second.pid, signal.SIGTERM)
-        second.wait(timeout=60)
+    for restart in range(2):  # the second restart comes after the end: its recovery must not tell anyone again
+        started = daemon_logs(home).count("unfinished jobs picked up")
+        daemon = daemon_process(home, env)
+        try:
+            wait_for(lambda: sent(home) and SQLiteStore(home / "codsplat.db").get("crash").notified_at
+                     and daemon_logs(home).count("unfinished jobs picked up") > started)
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)  # its shutdown first finishes whatever it had scheduled
+            assert daemon.wait(timeout=60) == 0, daemon_logs(home)
     return SQLiteStore(home / "codsplat.db").get("crash"), at_crash
 
 
