@@ -259,3 +259,52 @@ def test_a_restart_tells_a_finished_job_only_if_it_was_never_told(tmp_path):
         time.sleep(0.3)
     log = tmp_path / "notifications" / "sent.jsonl"
     assert [json.loads(line)["attributes"]["job_id"] for line in log.read_text().splitlines()] == ["untold"]
+
+
+def test_a_stale_copy_neither_cancels_a_job_nobody_cancelled_nor_runs_one_cancelled_meanwhile(tmp_path):
+    """The daemon's copy of a queued record goes stale as others write to it: a note, or a cancel.
+    A job nobody cancelled runs, however old the copy; one cancelled after the copy was read is
+    stopped the moment its RUNNING write is refused, stays CANCELLED, and its user is told once."""
+    from codsplat.orchestrator.blobs import FolderBlobs
+    from codsplat.orchestrator.job import parse_job
+    from codsplat.orchestrator.lifecycle import Lifecycle
+    from codsplat.orchestrator.notify import FileNotifier
+    from codsplat.orchestrator.records import JobRecord, SQLiteStore, change, request_cancel
+    from codsplat.orchestrator.settings import Settings
+
+    sent, stopped = [], []
+
+    class Backend:
+        finishes_record = False
+
+        def preflight(self, job):
+            pass
+
+        def find(self, job, attempt):
+            return False
+
+        def submit(self, job, attempt, upstream):
+            sent.append(job.id)
+
+        def watch(self, job, attempt, done, resumed=False):
+            pass
+
+        def stop(self, attempt, why):
+            stopped.append(attempt.name)
+
+    store, settings = SQLiteStore(tmp_path / "db.sqlite"), Settings()
+    lifecycle = Lifecycle(store, FolderBlobs(tmp_path), FileNotifier(tmp_path / "sent"), {"bacalhau": Backend()}, settings,
+                          settings.policy, "bacalhau", None, schedule=lambda fn, *a, delay=0.0: fn(*a))
+    for name in ("kept", "cancelled"):
+        store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="QUEUED"))
+        lifecycle._flight(parse_job({"version": 1, "id": name, "input": "uploads/clip.mp4"}, settings.policy),
+                          store.get(name))
+    change(store, "kept", lambda r: None, note="a note by someone else")  # the copy is now stale
+    request_cancel(store, "cancelled")  # so is this one, which does not know of the cancel
+    for name in ("kept", "cancelled"):
+        assert not lifecycle.flights[name].record.cancel_requested
+        lifecycle.start(name)
+    assert store.get("kept").state == "RUNNING" and "kept" in sent and not any("kept" in name for name in stopped)
+    assert store.get("cancelled").state == "CANCELLED" and len(stopped) == sent.count("cancelled") == 1
+    messages = [json.loads(line)["attributes"] for line in (tmp_path / "sent" / "sent.jsonl").read_text().splitlines()]
+    assert [(m["job_id"], m["status"]) for m in messages] == [("cancelled", "CANCELLED")]
