@@ -132,6 +132,44 @@ def test_spz_is_byte_for_byte_what_the_reference_writer_writes_from_rdf(tmp_path
     assert not diff.any(), f"{diff.sum()} bytes differ, first at {np.argmax(diff)}"
 
 
+def test_spz_clamps_values_a_byte_cannot_hold_as_the_reference_writer_does(tmp_path):
+    """Opacities, scales, colours and SH far out of range: clamped as the reference writer clamps
+    them, byte for byte (a clamp that let -1 through would wrap to 255)."""
+    params = cloud(n=300, sh_degree=1, seed=5)
+    params["opacities"][:10], params["opacities"][10:20] = -40.0, 40.0
+    params["scales"][:10], params["scales"][10:20] = -30.0, 20.0
+    params["sh0"][:10], params["sh0"][10:20] = -9.0, 9.0
+    params["shN"][:10], params["shN"][10:20] = -4.0, 4.0
+    (tmp_path / "cloud.json").write_text(json.dumps(as_reference_cloud(params, 1)))
+    reference("write", tmp_path / "cloud.json", tmp_path / "ref.spz")
+    formats.write(params, 1, "spz", tmp_path / "ours.spz")
+    ref, ours = (gzip.decompress((tmp_path / f).read_bytes()) for f in ("ref.spz", "ours.spz"))
+    diff = np.frombuffer(ours, np.uint8) != np.frombuffer(ref, np.uint8)
+    assert len(ours) == len(ref) and not diff.any(), f"{diff.sum()} bytes differ, first at {np.argmax(diff)}"
+
+
+@pytest.mark.parametrize("extent,bits", [(3_000.0, 11), (1e6, 3), (1e7, 0)])
+def test_spz_keeps_large_scenes_with_fewer_fractional_bits(tmp_path, extent, bits):
+    """24-bit positions with 12 fractional bits reach ±2,048 units; a larger scene keeps fewer (one
+    bit of headroom), none past 2^22, and the reference reader decodes it to within half a step.
+    (The reference writer always keeps 12, and cannot write such scenes.)"""
+    params = cloud(n=300, sh_degree=0, seed=5)
+    params["means"] *= extent / 8
+    formats.write(params, 0, "spz", tmp_path / "s.spz")
+    assert gzip.decompress((tmp_path / "s.spz").read_bytes())[13] == bits
+    got = np.reshape(json.loads(reference("read", tmp_path / "s.spz", "RDF"))["positions"], (-1, 3))
+    means = params["means"].numpy()
+    np.testing.assert_allclose(got, means, rtol=0, atol=0.5 / 2**bits + np.abs(means).max() * 2e-7)
+
+
+def test_ply_at_a_lower_degree_than_trained_keeps_only_that_degree_s_coefficients(tmp_path):
+    params = cloud(n=50, sh_degree=3)
+    formats.write(params, 1, "ply", tmp_path / "s.ply")
+    v = PlyData.read(str(tmp_path / "s.ply"))["vertex"]
+    assert [p.name for p in v.properties if p.name.startswith("f_rest_")] == [f"f_rest_{i}" for i in range(9)]
+    np.testing.assert_allclose(v["f_rest_3"], params["shN"][:, 0, 1].numpy(), atol=1e-6)  # green starts after 3 reds
+
+
 @pytest.mark.parametrize("sh_degree", [0, 1, 3])
 def test_spz_read_by_the_reference_reader_in_rdf_matches_the_ply_axes(tmp_path, sh_degree):
     params = cloud(sh_degree=sh_degree, seed=sh_degree)
