@@ -162,6 +162,18 @@ def test_spz_keeps_large_scenes_with_fewer_fractional_bits(tmp_path, extent, bit
     np.testing.assert_allclose(got, means, rtol=0, atol=0.5 / 2**bits + np.abs(means).max() * 2e-7)
 
 
+def test_spz_clamps_positions_past_its_range_to_the_edge_on_their_side(tmp_path):
+    """Past ±2^23 units nothing fits 24 bits: a far floater is kept at the edge, on its own side
+    (an integer that wrapped would put it at the opposite edge)."""
+    params = cloud(n=4, sh_degree=0, seed=5)
+    params["means"][:] = torch.tensor([[2e7, -2e7, 1.0], [-3e7, 5e7, 2.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    formats.write(params, 0, "spz", tmp_path / "s.spz")
+    got = np.reshape(json.loads(reference("read", tmp_path / "s.spz", "RDF"))["positions"], (-1, 3))
+    top, bottom = 2**23 - 1, -(2**23)  # stored in RUB: y is negated on the way in and out
+    np.testing.assert_array_equal(got[:2, :2], [[top, -top], [bottom, -bottom]])
+    np.testing.assert_array_equal(got[2:], params["means"][2:].numpy())
+
+
 def test_ply_at_a_lower_degree_than_trained_keeps_only_that_degree_s_coefficients(tmp_path):
     params = cloud(n=50, sh_degree=3)
     formats.write(params, 1, "ply", tmp_path / "s.ply")

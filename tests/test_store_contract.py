@@ -14,3 +14,22 @@ from dynamo_checks import (test_a_change_from_the_callers_copy_reads_only_when_i
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return SQLiteStore(tmp_path_factory.mktemp("store") / "codsplat.db")
+
+
+def test_a_success_result_carries_what_the_worker_reported():
+    """What a succeeded record shows its user (console, message): every file the worker wrote with
+    the reports beside them, its metrics, each stage's time and the device, the wall time and cost."""
+    from codsplat.orchestrator.records import EXPORT_FILES, success_result
+    from codsplat.orchestrator.settings import Settings
+
+    summary = {"files": ["splat.ply", "mesh.glb"], "psnr": 27.5, "ssim": 0.91, "gaussians": 48_000,
+               "stages": {"sfm": 30.0, "train": 600.0}, "device": "cuda"}
+    settings = Settings()
+    result = success_result(summary, "results/j/export/", "2026-01-01T00:00:00+00:00", "2026-01-01T00:12:30+00:00", 2, settings)
+    assert result["outputs"] == [f"results/j/export/{f}" for f in ("splat.ply", "mesh.glb", *EXPORT_FILES)]
+    assert result["metrics"] == {"psnr": 27.5, "ssim": 0.91, "gaussians": 48_000}
+    assert result["stage_seconds"] == {"sfm": 30.0, "train": 600.0} and result["device"] == "cuda"
+    assert result["wall_seconds"] == 750.0 and result["gpu_seconds"] == 1200.0 and result["cpu_seconds"] == 30.0
+    assert result["estimated_cost_usd"] == round(1200 / 3600 * settings.gpu_hour_usd + 30 / 3600 * settings.cpu_hour_usd, 4)
+    empty = success_result({}, "results/j/export/", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00", 1, settings)
+    assert empty["outputs"] == [] and empty["stage_seconds"] == {} and empty["gpu_seconds"] == 0.0
