@@ -134,12 +134,15 @@ def test_spz_is_byte_for_byte_what_the_reference_writer_writes_from_rdf(tmp_path
 
 def test_spz_clamps_values_a_byte_cannot_hold_as_the_reference_writer_does(tmp_path):
     """Opacities, scales, colours and SH far out of range: clamped as the reference writer clamps
-    them, byte for byte (a clamp that let -1 through would wrap to 255)."""
+    them, byte for byte (a clamp that let -1 through would wrap to 255); and rotations at the edges of
+    their packing."""
     params = cloud(n=300, sh_degree=1, seed=5)
     params["opacities"][:10], params["opacities"][10:20] = -40.0, 40.0
     params["scales"][:10], params["scales"][10:20] = -30.0, 20.0
     params["sh0"][:10], params["sh0"][10:20] = -9.0, 9.0
     params["shN"][:10], params["shN"][10:20] = -4.0, 4.0
+    # exact zeros (their sign bit) and two equal largest components (the magnitude at its top, 511)
+    params["quats"][:4] = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, -1.0, 0.0, 1.0]])
     (tmp_path / "cloud.json").write_text(json.dumps(as_reference_cloud(params, 1)))
     reference("write", tmp_path / "cloud.json", tmp_path / "ref.spz")
     formats.write(params, 1, "spz", tmp_path / "ours.spz")
