@@ -4,13 +4,15 @@
     .venv/bin/python benchmarks/mutation.py           # every module below (hours on 2 cores)
     .venv/bin/python benchmarks/mutation.py records lifecycle
     .venv/bin/python benchmarks/mutation.py --retest records   # only last run's survivors, with today's tests
+    .venv/bin/python benchmarks/mutation.py --resume records   # go on where an interrupted run stopped
 
 Each module is mutated, one mutant at a time, in a scratch copy of the working tree (so the tree
-stays editable meanwhile), and its own test files run against each mutant, fastest first, stopping
-at the first failure. The copy is imported as `codsplat` through a shim on PYTHONPATH, so the tests'
-subprocesses (daemons, pipeline stages) run the mutant too. cosmic-ray rather than mutmut: mutmut 3
-names mutants by file path, and our folders install as `codsplat.*`; and it only sees calls made
-in the pytest process, where most of our promises are kept in subprocesses.
+stays editable meanwhile). Its test files run once under coverage first, subprocesses included, to
+map which tests reach each line; each mutant then runs the tests that reach its line, fastest first,
+stopping at the first failure. The copy is imported as `codsplat` through a shim on PYTHONPATH, so
+the tests' subprocesses (daemons, pipeline stages) run the mutant too. cosmic-ray rather than
+mutmut: mutmut 3 names mutants by file path, and our folders install as `codsplat.*`; and it only
+sees calls made in the pytest process, where most of our promises are kept in subprocesses.
 
 Results: benchmarks/results/mutation.json (the score per module, before and after the last
 retest) and benchmarks/results/mutation/<module>.json (every surviving mutant with its diff).
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 EQUIVALENT = ROOT / "benchmarks" / "mutation_equivalent.toml"
 SCRATCH = Path(os.environ.get("CODSPLAT_MUTATION_DIR", Path.home() / ".cache" / "codsplat" / "mutation"))
+
 
 @dataclass(frozen=True)
 class Module:
@@ -313,7 +316,9 @@ def score(name: str, session: Path) -> dict:
         text = source[mutation["start_pos"][0] - 1].strip()
         entry = {"operator": mutation["operator_name"], "line": mutation["start_pos"][0], "source": text,
                  "occurrence": mutation["occurrence"], "diff": result.get("diff", "")}
-        why = next((e["why"] for e in listed if e["operator"] == entry["operator"] and e["source"] == text), None)
+        mutated = " ".join(l[1:] for l in entry["diff"].splitlines() if l.startswith("+") and not l.startswith("+++"))
+        why = next((e["why"] for e in listed if e["operator"] == entry["operator"] and e["source"] == text
+                    and e.get("mutant", "") in mutated), None)
         (equivalent if why else survivors).append({**entry, "why": why} if why else entry)
     counted = killed + len(survivors)
     report = {"module": path, "mutants": killed + len(survivors) + len(equivalent) + pending + incompetent,
