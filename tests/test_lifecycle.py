@@ -1,0 +1,168 @@
+"""The daemon's bookkeeping (orchestrator/lifecycle.py) in one process, on the embedded SQLite store
+and folder, with a backend that runs nothing and ends each attempt when the test says: the slots
+that bound how many jobs run at once, the bounds on what a job may fetch, a store that fails while a
+document is read, a daemon that lapsed and finds its jobs ended or gone, and whose cancels a sweep
+stops. The same paths run end to end, slower, in test_daemon_embedded and test_daemon_aws."""
+
+import json
+
+import pytest
+
+from codsplat.orchestrator.blobs import FolderBlobs
+from codsplat.orchestrator.compute import Attempt, CannotRun, Ending, Result
+from codsplat.orchestrator.events import JobEvent
+from codsplat.orchestrator.job import parse_job
+from codsplat.orchestrator.lifecycle import Lifecycle
+from codsplat.orchestrator.notify import FileNotifier
+from codsplat.orchestrator.records import JobRecord, SQLiteStore, change, request_cancel
+from codsplat.orchestrator.settings import Settings
+
+
+class Backend:
+    """Sends nothing anywhere: records what the daemon asks of it, and ends an attempt on `finish`."""
+
+    def __init__(self, finishes_record=False):
+        self.finishes_record = finishes_record
+        self.sent, self.stopped, self.watching = [], [], {}
+
+    def preflight(self, job):
+        pass
+
+    def find(self, job, attempt):
+        return False
+
+    def submit(self, job, attempt, upstream):
+        self.sent.append(job.id)
+
+    def watch(self, job, attempt, done, resumed=False):
+        self.watching[job.id] = done
+
+    def stop(self, attempt, why):
+        self.stopped.append(attempt.name)
+
+    def abandoned(self, attempt):
+        return None
+
+    def finish(self, job_id):  # the worker refused its input (exit 2): the job fails, nothing is retried
+        self.watching.pop(job_id)(Result(Ending.USER_ERROR, "Input clip.mp4 is not a readable video.", exit_code=2))
+
+
+@pytest.fixture
+def home(tmp_path):
+    (tmp_path / "uploads").mkdir()
+    (tmp_path / "uploads" / "clip.mp4").write_bytes(b"\0" * 1000)
+    return tmp_path
+
+
+def daemon(home, backends=None, **settings):
+    settings = Settings(media_wait_seconds=0.0, **settings)
+    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), FileNotifier(home / "sent"),
+                          backends or {"bacalhau": Backend()}, settings, settings.policy, "bacalhau", None,
+                          schedule=lambda fn, *a, delay=0.0: fn(*a))
+    return lifecycle, lifecycle.executors.get("bacalhau")
+
+
+def queue(lifecycle, job_id, **doc):
+    lifecycle.store.create(JobRecord(job_id=job_id, job_key=f"jobs/{job_id}.json", state="VALIDATED", owner=lifecycle.owner))
+    job = parse_job({"version": 1, "id": job_id, "input": "uploads/clip.mp4", **doc}, lifecycle.policy)
+    lifecycle.admit(lifecycle._flight(job, lifecycle.store.get(job_id)))
+
+
+def messages(home):
+    log = home / "sent" / "sent.jsonl"
+    return [json.loads(line)["attributes"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_slot_freed_by_a_job_s_end_goes_to_the_job_that_waited_longest(home):
+    lifecycle, backend = daemon(home, concurrency=1)
+    for name in ("job-a", "job-b", "job-c"):
+        queue(lifecycle, name)
+    assert backend.sent == ["job-a"] and lifecycle.store.get("job-b").state in ("VALIDATED", "QUEUED")
+    backend.finish("job-a")
+    assert backend.sent == ["job-a", "job-b"] and lifecycle.store.get("job-a").state == "FAILED"
+    backend.finish("job-b")
+    backend.finish("job-c")
+    assert backend.sent == ["job-a", "job-b", "job-c"] and lifecycle.slots.peak == 1
+    assert [(m["job_id"], m["status"]) for m in messages(home)] == [(n, "FAILED") for n in ("job-a", "job-b", "job-c")]
+
+
+def test_a_job_handed_to_the_fallback_frees_its_slot_once(home):
+    """The fallback holds none of this daemon's slots: a handed-over job frees its slot when it is
+    handed over, and its end frees nothing more (or one more job would run than the bound)."""
+    class Full(Backend):
+        def preflight(self, job):
+            if job.id == "job-a":
+                raise CannotRun("no node has a GPU free", None)
+
+    fallback = Backend(finishes_record=True)
+    settings = Settings(media_wait_seconds=0.0, concurrency=1)
+    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), FileNotifier(home / "sent"),
+                          {"bacalhau": Full(), "sagemaker": fallback}, settings, settings.policy, "bacalhau", "sagemaker",
+                          schedule=lambda fn, *a, delay=0.0: fn(*a))
+    for name in ("job-a", "job-b", "job-c"):
+        queue(lifecycle, name)
+    assert fallback.sent == ["job-a"] and lifecycle.executors["bacalhau"].sent == ["job-b"]
+    assert "job-a" not in lifecycle.flights and lifecycle.slots.peak == 1
+
+
+@pytest.mark.parametrize("limit,size,counted", [({"max_input_files": 2}, None, "2+ files"),
+                                                ({"max_input_bytes": 500}, None, "1 files")])
+def test_media_too_much_to_fetch_fail_naming_the_bounds_before_anything_is_fetched(home, limit, size, counted):
+    (home / "uploads" / "photos").mkdir()
+    for i in range(3):
+        (home / "uploads" / "photos" / f"{i}.jpg").write_bytes(b"\xff" * 200)
+    lifecycle, backend = daemon(home, **limit)
+    queue(lifecycle, "big", input="uploads/photos/" if "max_input_files" in limit else "uploads/clip.mp4")
+    record = lifecycle.store.get("big")
+    assert record.state == "FAILED" and not backend.sent
+    assert counted in record.error["message"] and "a job may read at most" in record.error["message"]
+    assert record.error["exit_code"] == 2 and record.error["kind"] == "input"
+
+
+def test_a_store_that_fails_while_a_document_is_read_leaves_that_message_for_later(home):
+    """A blip while reading one document: that message is not acknowledged (it comes back after its
+    visibility timeout); the others in the batch are taken in, and the daemon goes on."""
+    lifecycle, _ = daemon(home)
+    (home / "jobs").mkdir()
+    for name in ("ok", "blip"):
+        (home / "jobs" / f"{name}.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
+    real = lifecycle.intake.read
+
+    def read(event):
+        if event.key == "jobs/blip.json":
+            raise ConnectionError("the store did not answer")
+        return real(event)
+
+    lifecycle.intake.read = read
+    done = lifecycle.receive([JobEvent(None, "jobs/ok.json", upload="1"), JobEvent(None, "jobs/blip.json", upload="1")])
+    assert done == [True, False]
+    assert lifecycle.stats["created"] == 1
+
+
+def test_after_a_lapse_a_daemon_lets_go_of_jobs_that_ended_vanished_or_were_taken(home):
+    lifecycle, backend = daemon(home, concurrency=4)
+    lifecycle.others_alive = True
+    lifecycle.heartbeat()
+    for name in ("mine", "ended", "vanished", "taken"):
+        queue(lifecycle, name)
+    change(lifecycle.store, "ended", lambda r: None, to="FAILED")
+    lifecycle.store._db().execute("DELETE FROM jobs WHERE job_id = 'vanished'")
+    change(lifecycle.store, "taken", lambda r: setattr(r, "owner", "another-daemon"))
+    lifecycle._beat -= lifecycle.settings.claim_seconds  # paused past its holds' life
+    lifecycle.heartbeat()
+    assert set(lifecycle.flights) == {"mine"}
+
+
+def test_a_sweep_stops_cancelled_jobs_this_daemon_runs_or_handed_over_and_no_other_daemon_s(home):
+    fallback = Backend(finishes_record=True)
+    lifecycle, backend = daemon(home, {"bacalhau": Backend(), "sagemaker": fallback})
+    queue(lifecycle, "mine")
+    for name, backend_name in (("handed", "sagemaker"), ("others", "bacalhau")):
+        attempt = Attempt.new(backend_name, name, "all", 1, state="Running")
+        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="RUNNING", backend=backend_name,
+                                         attempts=[attempt.to_dict()], owner="another-daemon"))
+    for name in ("mine", "handed", "others"):
+        request_cancel(lifecycle.store, name)
+    lifecycle.sweep()
+    stopped = lifecycle.executors["bacalhau"].stopped + fallback.stopped
+    assert sorted(n.split("-")[1] for n in stopped) == ["handed", "mine"]
