@@ -151,11 +151,11 @@ def test_spz_clamps_values_a_byte_cannot_hold_as_the_reference_writer_does(tmp_p
     assert len(ours) == len(ref) and not diff.any(), f"{diff.sum()} bytes differ, first at {np.argmax(diff)}"
 
 
-@pytest.mark.parametrize("extent,bits", [(3_000.0, 11), (1e6, 3), (1e7, 0)])
-def test_spz_keeps_large_scenes_with_fewer_fractional_bits(tmp_path, extent, bits):
-    """24-bit positions with 12 fractional bits reach ±2,048 units; a larger scene keeps fewer (one
-    bit of headroom), none past 2^22, and the reference reader decodes it to within half a step.
-    (The reference writer always keeps 12, and cannot write such scenes.)"""
+@pytest.mark.parametrize("extent,bits", [(0.8, 12), (3_000.0, 11), (1e6, 3), (1e7, 0)])
+def test_spz_keeps_as_many_fractional_bits_as_the_scene_allows(tmp_path, extent, bits):
+    """24-bit positions with 12 fractional bits reach ±2,048 units; a scene within a unit keeps all
+    12, a larger one fewer (one bit of headroom), none past 2^22, and the reference reader decodes
+    each to within half a step. (The reference writer always keeps 12, and cannot write the large.)"""
     params = cloud(n=300, sh_degree=0, seed=5)
     params["means"] *= extent / 8
     formats.write(params, 0, "spz", tmp_path / "s.spz")
