@@ -164,12 +164,16 @@ def run_module(name: str, retest: bool, resume: bool = False) -> dict:
         skip(session, repo / path, module.functions)
     else:
         # Today's tests against last run's survivors: forget their results, so exec runs them again.
+        if not (work / "first.sqlite").exists():
+            shutil.copy2(session, work / "first.sqlite")
         before = score(name, session)
         with sqlite3.connect(session) as db:
             db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
         map_tests(name, work, repo, env)
     started = time.monotonic()
     subprocess.run([bin_("cosmic-ray"), "exec", str(config), str(session)], cwd=repo, env=env, check=True)
+    if not retest:  # the run before any test written against its survivors: the score's "before"
+        shutil.copy2(session, work / "first.sqlite")
     report = score(name, session)
     report["seconds"] = round(time.monotonic() - started)
     if before:
@@ -290,12 +294,12 @@ def equivalents() -> list[dict]:
     return tomllib.loads(EQUIVALENT.read_text()).get("equivalent", []) if EQUIVALENT.exists() else []
 
 
-def score(name: str, session: Path) -> dict:
+def score(name: str, session: Path, write: bool = True) -> dict:
     """Killed / (killed + survivors not listed as equivalent). A mutant that breaks the import or
     times out counts as killed, as cosmic-ray counts it."""
     path = MODULES[name].path
     dump = subprocess.run([bin_("cosmic-ray"), "dump", str(session)], capture_output=True, text=True, check=True)
-    source = (SCRATCH / name / "repo" / path).read_text().splitlines()
+    source = (SCRATCH / name / "pristine.py").read_text().splitlines()  # the repo's copy may hold a mutant now
     listed = [e for e in equivalents() if e["module"] == path]
     killed, survivors, equivalent, pending, incompetent, left_out = 0, [], [], 0, 0, 0
     for line in dump.stdout.splitlines():
@@ -321,10 +325,18 @@ def score(name: str, session: Path) -> dict:
                     and e.get("mutant", "") in mutated), None)
         (equivalent if why else survivors).append({**entry, "why": why} if why else entry)
     counted = killed + len(survivors)
+    first = session.with_name("first.sqlite")
+    if session.name == "session.sqlite" and first.exists():  # counted with today's list of equivalents
+        report_first = score(name, first, write=False)
+        first_run = {k: report_first[k] for k in ("killed", "survived", "equivalent", "pending", "score")}
+    else:
+        first_run = None
     report = {"module": path, "mutants": killed + len(survivors) + len(equivalent) + pending + incompetent,
               "killed": killed, "survived": len(survivors), "equivalent": len(equivalent), "pending": pending,
               "incompetent": incompetent, "in_annotations": left_out,
-              "score": round(killed / counted, 3) if counted else None}
+              "score": round(killed / counted, 3) if counted else None, **({"first_run": first_run} if first_run else {})}
+    if not write:
+        return report
     out = RESULTS / "mutation" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**report, "survivors": survivors, "equivalent_mutants": equivalent}, indent=2))
