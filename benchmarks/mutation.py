@@ -88,7 +88,8 @@ PAIRS = {
     "ReplaceUnaryOperator": ["USub_UAdd", "Delete_Not", "Delete_USub"],
 }
 # (Not raster_cpu: its numbers are mostly indices, 1,000 mutants at 20 s each as Python; its
-# arithmetic and comparisons are mutated, and its indices are checked by the gradient tests.)
+# arithmetic and comparisons are mutated; a wrong index fails the gradient tests on a turned camera,
+# which the first run's index mutants showed the tests lacked.)
 NUMERIC = {"export", "formats"}
 # A mutant runs the fastest tests that reach its line until their measured time passes this: a
 # survivor otherwise costs every daemon test that passes through the line (up to 20 minutes here).

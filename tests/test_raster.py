@@ -26,10 +26,17 @@ def random_scene(n=250, seed=0, sh_coeffs=4):
     return [means, quats, scales, opacities, sh]
 
 
-def cameras(width, height, count=2):
+def cameras(width, height, count=2, turned=False):
+    """`count` cameras looking down +z; the second moved, and with `turned` also rotated about all
+    three axes (every entry of its view matrix then carries weight in the projection's gradient)."""
     view = torch.eye(4)[None].repeat(count, 1, 1)
     if count > 1:
         view[1, :3, 3] = torch.tensor([0.2, -0.1, 0.3])
+        if turned:
+            axis = torch.tensor([0.12, -0.16, 0.08])  # axis-angle, about 12 degrees
+            k = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]]) / axis.norm()
+            angle = axis.norm()
+            view[1, :3, :3] = torch.eye(3) + angle.sin() * k + (1 - angle.cos()) * k @ k
     K = torch.tensor([[width * 1.0, 0, width / 2], [0, width * 1.0, height / 2], [0, 0, 1]])[None].repeat(count, 1, 1)
     return view, K
 
@@ -153,7 +160,7 @@ def test_the_compiled_kernels_load_here():
 ])
 def test_compiled_kernels_match_the_torch_reference(seed, sh_degree, tile, size):
     params = random_scene(n=400, seed=seed, sh_coeffs=(sh_degree + 1) ** 2)
-    view, K = cameras(*size)
+    view, K = cameras(*size, turned=seed % 2 == 1)
     background = torch.rand(2, 3, generator=torch.Generator().manual_seed(seed))
     ref, got = render_both(params, view, K, *size, tile=tile, sh_degree=sh_degree, backgrounds=background)
     assert ref["image"].mean() > 0.05 and (ref["radii"] > 0).all(-1).sum() > 100, "the scene should be visible"
@@ -242,10 +249,10 @@ def test_gradients_match_finite_differences_on_a_smooth_scene():
     clamp (x/z 0.8 > 0.65 here), beside the image's edge. The differences are taken in float64 on the
     torch reference, exact to ~1e-9 of the largest entry."""
     W, H = 12, 10
-    view, K = cameras(W, H)
+    view, K = cameras(W, H, turned=True)
     params = [torch.tensor([[0.25, -0.1, 3.0], [-0.3, 0.2, 4.0], [0.1, 0.3, 5.0], [2.4, 0.3, 3.5]]),
               torch.tensor([[0.9, 0.2, -0.3, 0.1], [0.5, -0.5, 0.4, 0.3], [0.7, 0.1, 0.6, -0.2], [0.3, 0.8, -0.2, 0.4]]),
-              torch.tensor([[1.6, 0.9, 0.5], [2.4, 1.2, 2.0], [2.6, 3.0, 1.4], [6.0, 6.0, 1.0]]),
+              torch.tensor([[1.6, 0.9, 0.5], [2.4, 1.2, 2.0], [2.6, 3.0, 1.4], [7.0, 7.0, 2.0]]),
               torch.tensor([0.35, 0.4, 0.7, 0.8]),
               torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(1)) * 0.4]
     weights = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
