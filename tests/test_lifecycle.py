@@ -166,3 +166,23 @@ def test_a_sweep_stops_cancelled_jobs_this_daemon_runs_or_handed_over_and_no_oth
     lifecycle.sweep()
     stopped = lifecycle.executors["bacalhau"].stopped + fallback.stopped
     assert sorted(n.split("-")[1] for n in stopped) == ["handed", "mine"]
+
+
+def test_a_backend_that_refuses_the_deployment_s_credentials_fails_the_job_and_never_hands_it_over(home):
+    """Misconfigured is the operator's to fix: the job fails as an internal error naming it, and is
+    not handed to the fallback (a wrong key would otherwise send every job to SageMaker unseen)."""
+    from codsplat.orchestrator.compute import Misconfigured
+
+    class Refusing(Backend):
+        def preflight(self, job):
+            raise Misconfigured("Bacalhau refused the API key (401)")
+
+    fallback = Backend(finishes_record=True)
+    settings = Settings(media_wait_seconds=0.0)
+    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), FileNotifier(home / "sent"),
+                          {"bacalhau": Refusing(), "sagemaker": fallback}, settings, settings.policy, "bacalhau", "sagemaker",
+                          schedule=lambda fn, *a, delay=0.0: fn(*a))
+    queue(lifecycle, "job-key")
+    record = lifecycle.store.get("job-key")
+    assert record.state == "FAILED" and "refused the API key" in record.error["message"]
+    assert record.error["kind"] == "internal" and not fallback.sent
