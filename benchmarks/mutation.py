@@ -123,7 +123,7 @@ def scratch_copy(work: Path) -> Path:
         if source.is_file() and not source.is_symlink():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    for linked in ("node_modules", ".venv-checks"):
+    for linked in ("node_modules", ".venv-checks", "orchestrator/console/static/dist"):  # installed or built here
         if (ROOT / linked).exists() and not (repo / linked).exists():
             (repo / linked).symlink_to(ROOT / linked)
     shim = work / "import" / "codsplat"
