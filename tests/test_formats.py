@@ -257,3 +257,36 @@ def test_exit_4_names_the_sfm_statistics_when_the_model_is_the_weak_part():
     with pytest.raises(QualityError) as caught:
         quality_gate({"psnr": 11.06}, {"means": [[0.0, 0.0, 0.0]]}, 15.0, sound)
     assert caught.value.hint.startswith("Train longer")
+
+
+@pytest.mark.parametrize("sfm,weak", [
+    (None, False), ({"registered_images": 24, "total_images": 24}, False),
+    ({"registered_images": 9, "total_images": 10}, False),  # 90 % placed is sound
+    ({"registered_images": 17, "total_images": 20}, True),  # 85 % is not
+    ({"registered_images": 24, "total_images": 24, "stray_cameras_dropped": ["IMG_3.jpg"]}, True),
+    ({"registered_images": 24, "total_images": 24, "tries": [{"weak": "few points", "kept": True}]}, True),
+    ({"registered_images": 24, "total_images": 24, "tries": [{"weak": "few points", "kept": False},
+                                                             {"weak": None, "kept": True}]}, False),
+])
+def test_the_sfm_model_is_called_the_weak_part_only_on_its_own_figures(sfm, weak):
+    from codsplat.pipeline.export import sfm_weakness
+
+    said = sfm_weakness(sfm)
+    assert (said is not None) == weak
+    if weak:
+        assert f"placed {sfm['registered_images']} of {sfm['total_images']} frames" in said
+
+
+def test_a_preview_of_a_small_render_is_scaled_up_to_be_seen(tmp_path):
+    from PIL import Image
+
+    from codsplat.pipeline.export import PREVIEW_MIN_HEIGHT, side_by_side
+
+    Image.new("RGB", (80, 50), "red").save(tmp_path / "render.png")
+    Image.new("RGB", (400, 250), "blue").save(tmp_path / "photo.png")
+    side_by_side(tmp_path / "render.png", tmp_path / "photo.png", tmp_path / "out.png")
+    out = Image.open(tmp_path / "out.png")
+    assert out.size == (80 * 5 * 2 + 8, 50 * 5 + 22) and 50 * 5 >= PREVIEW_MIN_HEIGHT  # scaled 5×: 250 px tall
+    Image.new("RGB", (640, 480), "red").save(tmp_path / "render.png")
+    side_by_side(tmp_path / "render.png", tmp_path / "photo.png", tmp_path / "out.png")
+    assert Image.open(tmp_path / "out.png").size == (640 * 2 + 8, 480 + 22)  # tall enough already: as it is
