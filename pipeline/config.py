@@ -196,8 +196,9 @@ def parse_document(raw: bytes, origin: str, yaml_ok: bool = False, max_bytes: in
         raise InputError(f"{origin} is not valid YAML: {str(exc)[:200]}.") from None
     except RecursionError:
         raise InputError(f"{origin} nests too deeply; a document nests at most {MAX_DEPTH} levels.") from None
-    if _count(data) > max(MAX_NODES, max_bytes // 16):
-        raise InputError(f"{origin} expands to more than {max(MAX_NODES, max_bytes // 16):,} values; a document holds a few dozen.")
+    limit = max(MAX_NODES, max_bytes // 16)  # a larger document (transforms.json) may hold more
+    if _count(data, limit) > limit:
+        raise InputError(f"{origin} expands to more than {limit:,} values; a job or settings document holds a few dozen.")
     if not isinstance(data, dict):
         raise InputError(f"{origin} must hold an object with keys such as frames, sfm, train, export.")
     return data
@@ -221,15 +222,15 @@ def _nesting(text: str) -> int:
     return deepest
 
 
-def _count(value: Any, budget: list[int] | None = None) -> int:
-    """Values in a parsed document, stopping once past MAX_NODES (shared YAML aliases count each use)."""
+def _count(value: Any, limit: int, budget: list[int] | None = None) -> int:
+    """Values in a parsed document, stopping once past `limit` (shared YAML aliases count each use)."""
     budget = budget if budget is not None else [0]
     budget[0] += 1
-    if budget[0] <= MAX_NODES and isinstance(value, (dict, list)):
+    if budget[0] <= limit and isinstance(value, (dict, list)):
         for item in (value.values() if isinstance(value, dict) else value):
-            if budget[0] > MAX_NODES:
+            if budget[0] > limit:
                 break
-            _count(item, budget)
+            _count(item, limit, budget)
     return budget[0]
 
 

@@ -83,3 +83,52 @@ def test_yaml_aliases_are_counted_each_time_they_are_used():
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(4))
     with pytest.raises(InputError, match=r"expands to more than"):
         parse_document(laughs.encode(), "settings.yaml", yaml_ok=True)
+
+
+def test_the_document_bounds_hold_at_their_edges_and_name_themselves():
+    """At most 16 levels and 10,000 values pass, one more of either does not; brackets inside strings
+    are text, not nesting; a document over 64 KiB is refused naming the bound in whole KiB."""
+    from codsplat.pipeline.config import MAX_DEPTH, MAX_NODES, parse_document
+
+    def nested(levels):
+        return ('{"a": ' * levels + "0" + "}" * levels).encode()
+
+    assert parse_document(nested(MAX_DEPTH), "deep.json")
+    with pytest.raises(InputError, match=rf"deep.json nests {MAX_DEPTH + 1} levels deep; a document nests at most {MAX_DEPTH}\."):
+        parse_document(nested(MAX_DEPTH + 1), "deep.json")
+    assert parse_document(json.dumps({"note": "[[[[{{{{" * 10}).encode(), "text.json")["note"].startswith("[[[[")
+
+    def values(n):  # the object, its list, and n - 2 numbers
+        return json.dumps({"a": [0] * (n - 2)}).encode()
+
+    assert parse_document(values(MAX_NODES), "many.json")
+    with pytest.raises(InputError, match=r"many.json expands to more than 10,000 values;"):
+        parse_document(values(MAX_NODES + 1), "many.json")
+    with pytest.raises(InputError, match=r"big.json is 70,000 bytes; a document may be at most 64 KiB\.$"):
+        parse_document(b" " * 70_000, "big.json")
+
+
+def test_a_larger_document_s_value_bound_grows_with_its_size_bound():
+    """transforms.json may be 16 MiB and hold thousands of frames: its value bound is its size bound
+    over 16, not the job document's 10,000 (which once capped every document, whatever its size)."""
+    from codsplat.pipeline.config import parse_document
+
+    frames = json.dumps({"frames": [{"file_path": f"f{i}.jpg", "m": [0] * 6} for i in range(3_000)]}).encode()
+    assert len(parse_document(frames, "transforms.json", max_bytes=16 * 2**20)["frames"]) == 3_000
+    with pytest.raises(InputError, match=r"transforms.json expands to more than 20,480 values;"):
+        parse_document(json.dumps({"a": [0] * 30_000}).encode(), "transforms.json", max_bytes=320 * 1024)
+
+
+def test_one_problem_is_called_one_problem():
+    with pytest.raises(InputError, match=r"^The settings have 1 problem: "):
+        build_config({"train": {"steps": -1}})
+    with pytest.raises(InputError, match=r"^The settings have 2 problems: "):
+        build_config({"train": {"steps": -1, "sh_degree": 9}})
+
+
+def test_a_given_starting_scale_is_used_and_the_strategy_s_otherwise():
+    from codsplat.pipeline.config import STRATEGY_START, TrainConfig
+
+    assert TrainConfig().start == STRATEGY_START[TrainConfig().strategy]
+    assert TrainConfig(init_scale=0.5).start == (STRATEGY_START[TrainConfig().strategy][0], 0.5)
+    assert TrainConfig(init_opacity=0.3).start[0] == 0.3
