@@ -105,14 +105,16 @@ def test_a_job_handed_to_the_fallback_frees_its_slot_once(home):
     assert "job-a" not in lifecycle.flights and lifecycle.slots.peak == 1
 
 
-@pytest.mark.parametrize("limit,size,counted", [({"max_input_files": 2}, None, "2+ files"),
-                                                ({"max_input_bytes": 500}, None, "1 files")])
-def test_media_too_much_to_fetch_fail_naming_the_bounds_before_anything_is_fetched(home, limit, size, counted):
+@pytest.mark.parametrize("limit,counted", [
+    ({"max_input_files": 2}, "(2+ files, 0.0 GB); a job may read at most 2 files and 21.5 GB."),
+    ({"max_input_bytes": 500}, "(1 files, 0.0 GB); a job may read at most 5,000 files and 0.0 GB."),
+    ({"max_input_bytes": 500, "max_input_files": 9}, "(1 files, 0.0 GB); a job may read at most 9 files and 0.0 GB.")])
+def test_media_too_much_to_fetch_fail_naming_the_bounds_before_anything_is_fetched(home, limit, counted):
     (home / "uploads" / "photos").mkdir()
     for i in range(3):
         (home / "uploads" / "photos" / f"{i}.jpg").write_bytes(b"\xff" * 200)
     lifecycle, backend = daemon(home, **limit)
-    queue(lifecycle, "big", input="uploads/photos/" if "max_input_files" in limit else "uploads/clip.mp4")
+    queue(lifecycle, "big", input="uploads/photos/" if limit.get("max_input_files") == 2 else "uploads/clip.mp4")
     record = lifecycle.store.get("big")
     assert record.state == "FAILED" and not backend.sent
     assert counted in record.error["message"] and "a job may read at most" in record.error["message"]
@@ -175,6 +177,10 @@ def test_a_backend_that_refuses_the_deployment_s_credentials_fails_the_job_and_n
 
     class Refusing(Backend):
         def preflight(self, job):
+            if job.id == "at-preflight":
+                raise Misconfigured("Bacalhau refused the API key (401)")
+
+        def submit(self, job, attempt, upstream):
             raise Misconfigured("Bacalhau refused the API key (401)")
 
     fallback = Backend(finishes_record=True)
@@ -182,7 +188,8 @@ def test_a_backend_that_refuses_the_deployment_s_credentials_fails_the_job_and_n
     lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), FileNotifier(home / "sent"),
                           {"bacalhau": Refusing(), "sagemaker": fallback}, settings, settings.policy, "bacalhau", "sagemaker",
                           schedule=lambda fn, *a, delay=0.0: fn(*a))
-    queue(lifecycle, "job-key")
-    record = lifecycle.store.get("job-key")
-    assert record.state == "FAILED" and "refused the API key" in record.error["message"]
-    assert record.error["kind"] == "internal" and not fallback.sent
+    for name in ("at-preflight", "at-submit"):
+        queue(lifecycle, name)
+        record = lifecycle.store.get(name)
+        assert record.state == "FAILED" and "refused the API key" in record.error["message"], name
+        assert record.error["kind"] == "internal" and not fallback.sent
