@@ -80,6 +80,8 @@ def test_a_slot_freed_by_a_job_s_end_goes_to_the_job_that_waited_longest(home):
     assert backend.sent == ["job-a"] and lifecycle.store.get("job-b").state in ("VALIDATED", "QUEUED")
     backend.finish("job-a")
     assert backend.sent == ["job-a", "job-b"] and lifecycle.store.get("job-a").state == "FAILED"
+    attempt = lifecycle.store.get("job-a").attempts[-1]
+    assert attempt["error"] == "Input clip.mp4 is not a readable video." and attempt["exit_code"] == 2
     backend.finish("job-b")
     backend.finish("job-c")
     assert backend.sent == ["job-a", "job-b", "job-c"] and lifecycle.slots.peak == 1
