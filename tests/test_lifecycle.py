@@ -23,19 +23,20 @@ class Backend:
 
     def __init__(self, finishes_record=False):
         self.finishes_record = finishes_record
-        self.sent, self.stopped, self.watching = [], [], {}
+        self.sent, self.stopped, self.watching, self.resumed = [], [], {}, {}
+        self.known = set()  # jobs whose attempt this backend has already (sent before a crash)
 
     def preflight(self, job):
         pass
 
     def find(self, job, attempt):
-        return False
+        return job.id in self.known
 
     def submit(self, job, attempt, upstream):
         self.sent.append(job.id)
 
     def watch(self, job, attempt, done, resumed=False):
-        self.watching[job.id] = done
+        self.watching[job.id], self.resumed[job.id] = done, resumed
 
     def stop(self, attempt, why):
         self.stopped.append(attempt.name)
@@ -195,3 +196,20 @@ def test_a_backend_that_refuses_the_deployment_s_credentials_fails_the_job_and_n
         record = lifecycle.store.get(name)
         assert record.state == "FAILED" and "refused the API key" in record.error["message"], name
         assert record.error["kind"] == "internal" and not fallback.sent
+
+
+def test_after_a_restart_an_attempt_sent_before_the_crash_is_followed_not_sent_again(home):
+    """The daemon died between sending an attempt and recording it: its successor finds the attempt at
+    the backend and follows it, asking the backend to look at it at once (it may have ended while no
+    daemon watched); a job whose attempt never left is sent."""
+    lifecycle, backend = daemon(home)
+    backend.known.add("job-sent")
+    (home / "jobs").mkdir()
+    for name in ("job-sent", "job-new"):
+        (home / "jobs" / f"{name}.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
+        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="QUEUED", owner="gone:1:x",
+                                         owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+        lifecycle.resume(lifecycle.store.get(name))
+    assert backend.sent == ["job-new"]
+    assert backend.resumed == {"job-sent": True, "job-new": False}
+    assert lifecycle.store.get("job-sent").state == "RUNNING" and lifecycle.store.get("job-sent").owner == lifecycle.owner
