@@ -132,3 +132,28 @@ def test_a_given_starting_scale_is_used_and_the_strategy_s_otherwise():
     assert TrainConfig().start == STRATEGY_START[TrainConfig().strategy]
     assert TrainConfig(init_scale=0.5).start == (STRATEGY_START[TrainConfig().strategy][0], 0.5)
     assert TrainConfig(init_opacity=0.3).start[0] == 0.3
+
+
+def test_escaped_quotes_do_not_end_a_string_for_the_nesting_bound():
+    from codsplat.pipeline.config import parse_document
+
+    text = json.dumps({"note": 'say \\"' + "[{" * 20 + '\\" and more ' + "}]" * 20})
+    assert parse_document(text.encode(), "quoted.json")["note"].startswith('say \\"[{')
+
+
+@pytest.mark.parametrize("marker", [{"input": "clip.mp4"}, {"output": "out/"}, {"version": 1}])
+def test_a_job_document_given_as_settings_lends_its_pipeline_sections(tmp_path, marker):
+    """`codsplat run --config job.json`: any one of a job document's own keys marks it as one."""
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({**marker, "notify": {"email": ["a@b.co"]}, "train": {"steps": 777}}))
+    assert load_pipeline_config(path).train.steps == 777
+
+
+@pytest.mark.parametrize("frames,valid", [({"start": 2.0}, True), ({"stop": 5.0}, True), ({"start": 1.0, "stop": 4.0}, True),
+                                          ({"start": 5.0, "stop": 3.0}, False), ({"start": 3.0, "stop": 3.0}, False)])
+def test_a_frame_range_needs_its_stop_after_its_start_only_when_both_are_given(frames, valid):
+    if valid:
+        assert build_config({"frames": frames}).frames.start == frames.get("start", build_config({}).frames.start)
+    else:
+        with pytest.raises(InputError, match="frames"):
+            build_config({"frames": frames})
