@@ -57,7 +57,7 @@ MODULES: dict[str, Module] = {
     "records": Module("orchestrator/records.py", ["test_store_contract", "test_intake", "test_daemon_ops",
                                                   "test_daemon_embedded", "test_dynamodb_local", "test_fallback"]),
     "ownership": Module("orchestrator/ownership.py", ["test_ownership", "test_daemon_ops"]),
-    "intake": Module("orchestrator/intake.py", ["test_intake", "test_daemon_aws"]),
+    "intake": Module("orchestrator/intake.py", ["test_intake", "test_hostile", "test_daemon_embedded", "test_daemon_aws"]),
     "lifecycle": Module("orchestrator/lifecycle.py", ["test_lifecycle", "test_daemon_embedded", "test_daemon_ops",
                                                       "test_daemon_aws", "test_fallback"]),
     "compute": Module("orchestrator/compute.py", ["test_job", "test_bacalhau_client", "test_daemon_ops",

@@ -46,3 +46,63 @@ def test_an_id_squatted_past_every_renumbering_still_gets_a_record_under_a_rando
     [victim] = intake.take_in([intake.read(JobEvent(None, "jobs/kitchen.json", upload="u2"))])
     assert victim.record is not None and re.fullmatch(r"kitchen-[0-9a-f]{8}", victim.record.job_id)
     assert victim.job.id == victim.record.job_id and victim.record.state == "VALIDATED"
+
+
+def intake_at(tmp_path):
+    (tmp_path / "jobs").mkdir(exist_ok=True)
+    settings = Settings()
+    return Intake(SQLiteStore(tmp_path / "db.sqlite"), FolderBlobs(tmp_path), settings.policy, settings, "me")
+
+
+def failed_with(intake, key):
+    [arrival] = intake.take_in([intake.read(JobEvent(None, key, upload="u1"))])
+    assert arrival.job is None and arrival.record.state == "FAILED", arrival.record
+    return arrival.record.error["message"]
+
+
+def test_every_document_that_cannot_be_a_job_gets_a_record_saying_why(tmp_path):
+    """Each becomes a FAILED record (so its user is told), never a traceback: a name that is not UTF-8,
+    a link out of the folder, too many bytes, not JSON, gone before it was read."""
+    import os
+
+    intake = intake_at(tmp_path)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.json"
+    outside.write_text("{}")
+    os.symlink(outside, tmp_path / "jobs" / "link.json")
+    (tmp_path / "jobs" / "big.json").write_text('{"version": 1, "pad": "' + "x" * 70_000 + '"}')
+    (tmp_path / "jobs" / "bad.json").write_text('{"version": 1,')
+    assert "is not UTF-8 text; rename the job document" in failed_with(intake, "jobs/caf\udce9.json")
+    assert "jobs/link.json cannot be read as a job document" in failed_with(intake, "jobs/link.json")
+    assert "a job document may be at most 64 KiB" in failed_with(intake, "jobs/big.json")
+    assert "jobs/bad.json is not valid JSON" in failed_with(intake, "jobs/bad.json")
+    assert "was deleted before it could be read" in failed_with(intake, "jobs/gone.json")
+
+
+def test_a_document_of_exactly_the_largest_size_is_read_whole(tmp_path):
+    from codsplat.pipeline.config import MAX_DOCUMENT_BYTES
+
+    intake = intake_at(tmp_path)
+    start, end = '{"version": 1,', ' "input": "uploads/x.mp4"}'  # its last byte closes it: a cut would show
+    (tmp_path / "jobs" / "full.json").write_text(start + " " * (MAX_DOCUMENT_BYTES - len(start) - len(end)) + end)
+    assert (tmp_path / "jobs" / "full.json").stat().st_size == MAX_DOCUMENT_BYTES
+    [arrival] = intake.take_in([intake.read(JobEvent(None, "jobs/full.json", upload="u1"))])
+    assert arrival.job is not None and arrival.record.state == "VALIDATED"
+
+
+def test_a_job_whose_output_became_a_link_out_of_the_folder_is_refused_alone(tmp_path):
+    """The folder may change between reading a batch and recording it: a link planted where one job
+    writes its results refuses that job only, naming its output; the batch's other job goes on."""
+    import os
+
+    intake = intake_at(tmp_path)
+    for name in ("planted", "fine"):
+        (tmp_path / "jobs" / f"{name}.json").write_text(json.dumps({"version": 1, "input": "uploads/x.mp4"}))
+    readings = [intake.read(JobEvent(None, f"jobs/{name}.json", upload="u1")) for name in ("planted", "fine")]
+    (tmp_path / "results").mkdir()
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, tmp_path / "results" / "planted")
+    planted, fine = intake.take_in(readings)
+    assert planted.job is None and planted.record.state == "FAILED"
+    assert "output: " in planted.record.error["message"] and "cannot be written" in planted.record.error["message"]
+    assert fine.job is not None and fine.record.state == "VALIDATED"
