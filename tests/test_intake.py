@@ -106,3 +106,26 @@ def test_a_job_whose_output_became_a_link_out_of_the_folder_is_refused_alone(tmp
     assert planted.job is None and planted.record.state == "FAILED"
     assert "output: " in planted.record.error["message"] and "cannot be written" in planted.record.error["message"]
     assert fine.job is not None and fine.record.state == "VALIDATED"
+
+
+def test_an_id_whose_every_renumbering_and_random_suffix_is_taken_gets_no_record_after_the_last_try(tmp_path):
+    """Every id tried is somebody else's: the renumberings, then each random suffix, all of them and
+    no more; then no record, rather than a loop or a record that overwrites another's."""
+    from codsplat.orchestrator.job import MAX_RENUMBER, RANDOM_TRIES
+    from codsplat.orchestrator.records import JobRecord
+
+    class Squatted(SQLiteStore):
+        tried = []
+
+        def create_or_get(self, record):
+            self.tried.append(record.job_id)
+            return JobRecord(job_id=record.job_id, job_key="jobs/someone-else.json", upload="theirs")
+
+    settings = Settings()
+    intake = Intake(Squatted(tmp_path / "db.sqlite"), FolderBlobs(tmp_path), settings.policy, settings, "me")
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "den.json").write_text(json.dumps({"version": 1, "input": "uploads/x.mp4"}))
+    [arrival] = intake.take_in([intake.read(JobEvent(None, "jobs/den.json", upload="mine"))])
+    assert arrival.record is None and not arrival.duplicate
+    assert len(Squatted.tried) == 1 + MAX_RENUMBER + RANDOM_TRIES
+    assert Squatted.tried[:3] == ["den", "den-r2", "den-r3"] and len(set(Squatted.tried)) == len(Squatted.tried)
