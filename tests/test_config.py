@@ -157,3 +157,12 @@ def test_a_frame_range_needs_its_stop_after_its_start_only_when_both_are_given(f
     else:
         with pytest.raises(InputError, match="frames"):
             build_config({"frames": frames})
+
+
+def test_yaml_nested_by_indentation_past_the_parser_s_stack_is_refused_not_a_crash():
+    """Block style nests without brackets (`- - - … 1`): 5,000 levels in 10 kB overflow the YAML
+    parser's recursion, which is refused like any document nested too deeply."""
+    from codsplat.pipeline.config import parse_document
+
+    with pytest.raises(InputError, match=r"settings.yaml nests too deeply; a document nests at most 16 levels"):
+        parse_document(("a:\n" + "- " * 5000 + "1\n").encode(), "settings.yaml", yaml_ok=True)
