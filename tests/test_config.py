@@ -104,6 +104,9 @@ def test_the_document_bounds_hold_at_their_edges_and_name_themselves():
     assert parse_document(values(MAX_NODES), "many.json")
     with pytest.raises(InputError, match=r"many.json expands to more than 10,000 values;"):
         parse_document(values(MAX_NODES + 1), "many.json")
+    last = json.dumps({"a": [0] * (MAX_NODES - 3), "b": [0]}).encode()  # the 10,000th value holds the 10,001st
+    with pytest.raises(InputError, match=r"many.json expands to more than 10,000 values;"):
+        parse_document(last, "many.json")
     with pytest.raises(InputError, match=r"big.json is 70,000 bytes; a document may be at most 64 KiB\.$"):
         parse_document(b" " * 70_000, "big.json")
 

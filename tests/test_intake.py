@@ -129,3 +129,16 @@ def test_an_id_whose_every_renumbering_and_random_suffix_is_taken_gets_no_record
     assert arrival.record is None and not arrival.duplicate
     assert len(Squatted.tried) == 1 + MAX_RENUMBER + RANDOM_TRIES
     assert Squatted.tried[:3] == ["den", "den-r2", "den-r3"] and len(set(Squatted.tried)) == len(Squatted.tried)
+
+
+def test_a_job_uploaded_again_whose_output_names_its_old_id_fails_saying_both_ids(tmp_path):
+    """Renumbered, a job whose document names its output under the id it wanted no longer fits it:
+    its record says the id was taken and why the new one cannot be used, rather than writing into
+    the first job's results."""
+    intake = intake_at(tmp_path)
+    (tmp_path / "jobs" / "scan.json").write_text(json.dumps({"version": 1, "input": "uploads/x.mp4", "output": "results/scan/"}))
+    [first] = intake.take_in([intake.read(JobEvent(None, "jobs/scan.json", upload="u1"))])
+    assert first.job is not None and first.record.job_id == "scan"
+    [again] = intake.take_in([intake.read(JobEvent(None, "jobs/scan.json", upload="u2"))])
+    assert again.job is None and again.record.job_id == "scan-r2" and again.record.state == "FAILED"
+    assert again.record.error["message"].startswith("The id scan is taken, and as scan-r2: "), again.record.error
