@@ -169,3 +169,15 @@ def test_yaml_nested_by_indentation_past_the_parser_s_stack_is_refused_not_a_cra
 
     with pytest.raises(InputError, match=r"settings.yaml nests too deeply; a document nests at most 16 levels"):
         parse_document(("a:\n" + "- " * 5000 + "1\n").encode(), "settings.yaml", yaml_ok=True)
+
+
+def test_a_settings_file_of_exactly_the_largest_size_is_read(tmp_path):
+    from codsplat.pipeline.config import MAX_DOCUMENT_BYTES, read_document
+
+    start, end = '{"train":', ' {"steps": 500}}'
+    path = tmp_path / "full.json"
+    path.write_text(start + " " * (MAX_DOCUMENT_BYTES - len(start) - len(end)) + end)
+    assert path.stat().st_size == MAX_DOCUMENT_BYTES and read_document(path)["train"]["steps"] == 500
+    path.write_text(start + " " * (MAX_DOCUMENT_BYTES + 1 - len(start) - len(end)) + end)
+    with pytest.raises(InputError, match=r"is 65,537 bytes; a document may be at most 64 KiB"):
+        read_document(path)
