@@ -109,6 +109,9 @@ def test_the_document_bounds_hold_at_their_edges_and_name_themselves():
         parse_document(last, "many.json")
     with pytest.raises(InputError, match=r"big.json is 70,000 bytes; a document may be at most 64 KiB\.$"):
         parse_document(b" " * 70_000, "big.json")
+    assert parse_document(b"{}" + b" " * (64 * 1024 - 2), "full.json") == {}  # exactly 64 KiB
+    with pytest.raises(InputError, match=r"is 65,537 bytes"):
+        parse_document(b"{}" + b" " * (64 * 1024 - 1), "full.json")
 
 
 def test_a_larger_document_s_value_bound_grows_with_its_size_bound():

@@ -41,7 +41,8 @@ class Backend:
     def stop(self, attempt, why):
         self.stopped.append(attempt.name)
 
-    def abandoned(self, attempt):
+    def abandoned(self, attempt):  # the protocol: asked only of a backend that finishes the record
+        assert self.finishes_record, f"asked whether {attempt.name} was abandoned, of a backend that cannot say"
         return None
 
     def finish(self, job_id):  # the worker refused its input (exit 2): the job fails, nothing is retried
@@ -213,3 +214,40 @@ def test_after_a_restart_an_attempt_sent_before_the_crash_is_followed_not_sent_a
     assert backend.sent == ["job-new"]
     assert backend.resumed == {"job-sent": True, "job-new": False}
     assert lifecycle.store.get("job-sent").state == "RUNNING" and lifecycle.store.get("job-sent").owner == lifecycle.owner
+
+
+def test_media_exactly_at_the_bounds_are_fetched(home):
+    (home / "uploads" / "photos").mkdir()
+    for i in range(3):
+        (home / "uploads" / "photos" / f"{i}.jpg").write_bytes(b"\xff" * 200)
+    lifecycle, backend = daemon(home, max_input_files=3, max_input_bytes=600)
+    queue(lifecycle, "at-bounds", input="uploads/photos/")
+    assert backend.sent == ["at-bounds"] and lifecycle.store.get("at-bounds").state == "RUNNING"
+
+
+def test_a_handed_over_job_whose_follower_died_is_failed_stopped_and_told_once(home):
+    """The fallback's state machine records the job's end; if its execution itself failed, the record
+    would stay RUNNING. A sweep finds it: the training job is stopped, the record FAILED naming the
+    execution's end, one message. A running execution, or a job this daemon follows, is left alone."""
+
+    class Fallback(Backend):
+        def abandoned(self, attempt):
+            return "FAILED" if "dead" in attempt.name else None
+
+    fallback = Fallback(finishes_record=True)
+    lifecycle, _ = daemon(home, {"bacalhau": Backend(), "sagemaker": fallback})
+    for name, backend in (("job-dead", "sagemaker"), ("job-alive", "sagemaker"), ("job-dead-here", "sagemaker"),
+                          ("job-dead-elsewhere", "bacalhau")):
+        attempt = Attempt.new(backend, name, "all", 1, state="Running")
+        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="RUNNING", backend=backend,
+                                         attempts=[attempt.to_dict()]))
+    lifecycle._flight(parse_job({"version": 1, "id": "job-dead-here", "input": "uploads/clip.mp4"}, lifecycle.policy),
+                      lifecycle.store.get("job-dead-here"))  # being handed over by this daemon right now
+    for _ in range(2):
+        lifecycle._looked_handed -= lifecycle.settings.claim_seconds
+        lifecycle.sweep()
+    dead = lifecycle.store.get("job-dead")
+    assert dead.state == "FAILED" and "execution FAILED" in dead.error["message"]
+    assert [n for n in fallback.stopped] == [lifecycle.store.get("job-dead").attempts[-1]["name"]]
+    assert all(lifecycle.store.get(n).state == "RUNNING" for n in ("job-alive", "job-dead-here", "job-dead-elsewhere"))
+    assert [(m["job_id"], m["status"]) for m in messages(home)] == [("job-dead", "FAILED")]
