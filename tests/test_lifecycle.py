@@ -14,7 +14,7 @@ from codsplat.orchestrator.events import JobEvent
 from codsplat.orchestrator.job import parse_job
 from codsplat.orchestrator.lifecycle import Lifecycle
 from codsplat.orchestrator.notify import FileNotifier
-from codsplat.orchestrator.records import JobRecord, SQLiteStore, change, request_cancel
+from codsplat.orchestrator.records import JobRecord, SQLiteStore, change, now, request_cancel
 from codsplat.orchestrator.settings import Settings
 
 
@@ -112,13 +112,14 @@ def test_a_job_handed_to_the_fallback_frees_its_slot_once(home):
 @pytest.mark.parametrize("limit,counted", [
     ({"max_input_files": 2}, "(2+ files, 0.0 GB); a job may read at most 2 files and 21.5 GB."),
     ({"max_input_bytes": 500}, "(1 files, 0.0 GB); a job may read at most 5,000 files and 0.0 GB."),
-    ({"max_input_bytes": 500, "max_input_files": 9}, "(1 files, 0.0 GB); a job may read at most 9 files and 0.0 GB.")])
+    ({"max_input_bytes": 500, "max_input_files": 9}, "(1 files, 0.0 GB); a job may read at most 9 files and 0.0 GB."),
+    ({"max_input_bytes": 500, "max_input_files": 3}, "(3 files, 0.0 GB); a job may read at most 3 files and 0.0 GB.")])
 def test_media_too_much_to_fetch_fail_naming_the_bounds_before_anything_is_fetched(home, limit, counted):
     (home / "uploads" / "photos").mkdir()
     for i in range(3):
         (home / "uploads" / "photos" / f"{i}.jpg").write_bytes(b"\xff" * 200)
     lifecycle, backend = daemon(home, **limit)
-    queue(lifecycle, "big", input="uploads/photos/" if limit.get("max_input_files") == 2 else "uploads/clip.mp4")
+    queue(lifecycle, "big", input="uploads/photos/" if limit.get("max_input_files") in (2, 3) else "uploads/clip.mp4")
     record = lifecycle.store.get("big")
     assert record.state == "FAILED" and not backend.sent
     assert counted in record.error["message"] and "a job may read at most" in record.error["message"]
@@ -251,3 +252,45 @@ def test_a_handed_over_job_whose_follower_died_is_failed_stopped_and_told_once(h
     assert [n for n in fallback.stopped] == [lifecycle.store.get("job-dead").attempts[-1]["name"]]
     assert all(lifecycle.store.get(n).state == "RUNNING" for n in ("job-alive", "job-dead-here", "job-dead-elsewhere"))
     assert [(m["job_id"], m["status"]) for m in messages(home)] == [("job-dead", "FAILED")]
+
+
+def test_a_failed_send_is_tried_again_on_a_growing_interval_until_it_goes_out_once(home):
+    class Flaky(FileNotifier):
+        fails = 4
+
+        def send(self, message):
+            if Flaky.fails:
+                Flaky.fails -= 1
+                raise ConnectionError("SNS said no")
+            super().send(message)
+
+    delays = []
+    settings = Settings(media_wait_seconds=0.0)
+    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), Flaky(home / "sent"), {"bacalhau": Backend()},
+                          settings, settings.policy, "bacalhau", None,
+                          schedule=lambda fn, *a, delay=0.0: (delays.append(delay), fn(*a)))
+    lifecycle.store.create(JobRecord(job_id="told", job_key="jobs/told.json", state="FAILED", error={"message": "x"},
+                                     notify_claimed_by=lifecycle.owner, notify_claimed_at=now()))
+    lifecycle.send(lifecycle.store.get("told"))
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    assert lifecycle.store.get("told").notified_at and [m["job_id"] for m in messages(home)] == ["told"]
+
+
+def test_announce_tells_only_an_ended_job_nobody_told(home):
+    lifecycle, _ = daemon(home)
+    lifecycle.announce(None)  # gone meanwhile: nothing to do, no error
+    for name, state, told in (("running", "RUNNING", None), ("told", "FAILED", now()), ("untold", "FAILED", None)):
+        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state=state, notified_at=told,
+                                         error={"message": "x"} if state == "FAILED" else None))
+        lifecycle.announce(lifecycle.store.get(name))
+    assert [m["job_id"] for m in messages(home)] == ["untold"]
+
+
+def test_duplicates_and_refusals_are_counted_apart(home):
+    lifecycle, _ = daemon(home)
+    (home / "jobs").mkdir()
+    (home / "jobs" / "once.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
+    (home / "jobs" / "bad.json").write_text("{")
+    lifecycle.receive([JobEvent(None, "jobs/once.json", upload="1")])
+    lifecycle.receive([JobEvent(None, "jobs/once.json", upload="1"), JobEvent(None, "jobs/bad.json", upload="1")])
+    assert (lifecycle.stats["created"], lifecycle.stats["duplicates"]) == (2, 1)
