@@ -56,11 +56,14 @@ def home(tmp_path):
     return tmp_path
 
 
-def daemon(home, backends=None, **settings):
+def daemon(home, backends=None, notifier=None, schedule=None, **settings):
+    """A daemon on Bacalhau (and SageMaker as its fallback when `backends` has it), whose scheduled work
+    runs at once, in the caller's thread."""
     settings = Settings(media_wait_seconds=0.0, **settings)
-    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), FileNotifier(home / "sent"),
-                          backends or {"bacalhau": Backend()}, settings, settings.policy, "bacalhau", None,
-                          schedule=lambda fn, *a, delay=0.0: fn(*a))
+    backends = backends or {"bacalhau": Backend()}
+    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), notifier or FileNotifier(home / "sent"),
+                          backends, settings, settings.policy, "bacalhau", "sagemaker" if "sagemaker" in backends else None,
+                          schedule=schedule or (lambda fn, *a, delay=0.0: fn(*a)))
     return lifecycle, lifecycle.executors.get("bacalhau")
 
 
@@ -99,10 +102,7 @@ def test_a_job_handed_to_the_fallback_frees_its_slot_once(home):
                 raise CannotRun("no node has a GPU free", None)
 
     fallback = Backend(finishes_record=True)
-    settings = Settings(media_wait_seconds=0.0, concurrency=1)
-    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), FileNotifier(home / "sent"),
-                          {"bacalhau": Full(), "sagemaker": fallback}, settings, settings.policy, "bacalhau", "sagemaker",
-                          schedule=lambda fn, *a, delay=0.0: fn(*a))
+    lifecycle, _ = daemon(home, {"bacalhau": Full(), "sagemaker": fallback}, concurrency=1)
     for name in ("job-a", "job-b", "job-c"):
         queue(lifecycle, name)
     assert fallback.sent == ["job-a"] and lifecycle.executors["bacalhau"].sent == ["job-b"]
@@ -189,10 +189,7 @@ def test_a_backend_that_refuses_the_deployment_s_credentials_fails_the_job_and_n
             raise Misconfigured("Bacalhau refused the API key (401)")
 
     fallback = Backend(finishes_record=True)
-    settings = Settings(media_wait_seconds=0.0)
-    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), FileNotifier(home / "sent"),
-                          {"bacalhau": Refusing(), "sagemaker": fallback}, settings, settings.policy, "bacalhau", "sagemaker",
-                          schedule=lambda fn, *a, delay=0.0: fn(*a))
+    lifecycle, _ = daemon(home, {"bacalhau": Refusing(), "sagemaker": fallback})
     for name in ("at-preflight", "at-submit"):
         queue(lifecycle, name)
         record = lifecycle.store.get(name)
@@ -265,10 +262,7 @@ def test_a_failed_send_is_tried_again_on_a_growing_interval_until_it_goes_out_on
             super().send(message)
 
     delays = []
-    settings = Settings(media_wait_seconds=0.0)
-    lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), Flaky(home / "sent"), {"bacalhau": Backend()},
-                          settings, settings.policy, "bacalhau", None,
-                          schedule=lambda fn, *a, delay=0.0: (delays.append(delay), fn(*a)))
+    lifecycle, _ = daemon(home, notifier=Flaky(home / "sent"), schedule=lambda fn, *a, delay=0.0: (delays.append(delay), fn(*a)))
     lifecycle.store.create(JobRecord(job_id="told", job_key="jobs/told.json", state="FAILED", error={"message": "x"},
                                      notify_claimed_by=lifecycle.owner, notify_claimed_at=now()))
     lifecycle.send(lifecycle.store.get("told"))
