@@ -59,14 +59,20 @@ def cancel(rig, name, job_id, stop_to=None):
     """As a user cancels a handed-over job: once its training job exists, `codsplat jobs cancel`."""
     if stop_to:
         httpx.post(f"{rig.control}/steer", json={"stop_to": {name: stop_to}})
-    for _ in range(300):
-        if rig.sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"]:
-            break
-        time.sleep(0.1)
+    created(rig, name)
     cancel_as_a_user(rig, job_id)
     if stop_to:
         time.sleep(2)  # a few polls see it Stopping
         status(rig, name, "Stopped", secondary="Stopped")
+
+
+def created(rig, name):
+    """Once the state machine has created the training job (a fixed wait raced a slow machine)."""
+    for _ in range(600):
+        if rig.sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} was never created")
 
 
 def cancel_as_a_user(rig, job_id):
@@ -110,7 +116,7 @@ SCENARIOS = {
     "cancelled-while-stopping": Scenario("CANCELLED", "was cancelled",
                                          drive=lambda rig, n, j: cancel(rig, n, j, stop_to="Stopping")),
     "stopped-elsewhere": Scenario("FAILED", "stopped outside codsplat", drive=lambda rig, n, j: (
-        time.sleep(1), rig.sm.stop_training_job(TrainingJobName=n))),
+        created(rig, n), rig.sm.stop_training_job(TrainingJobName=n))),
     "quota-then-room": Scenario("SUCCEEDED", "is ready", before=lambda rig, j: (
         worker_did_its_work(rig, j), httpx.post(f"{rig.control}/steer", json={"create_errors": {rig.name(j): 2}})),
         drive=lambda rig, n, j: status(rig, n, "Completed")),
