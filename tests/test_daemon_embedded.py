@@ -193,7 +193,7 @@ def crash_then_restart(home, point, env):
     assert code == 137, daemon_logs(home)
     progress = home / "results" / "crash" / "progress.json"
     at_crash = json.loads(progress.read_text()) if progress.exists() else None
-    for restart in range(2):  # the second restart comes after the end: its recovery must not tell anyone again
+    for _ in range(2):  # the second restart comes after the end: its recovery must not tell anyone again
         started = daemon_logs(home).count("unfinished jobs picked up")
         daemon = daemon_process(home, env)
         try:
