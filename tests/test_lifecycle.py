@@ -5,6 +5,7 @@ document is read, a daemon that lapsed and finds its jobs ended or gone, and who
 stops. The same paths run end to end, slower, in test_daemon_embedded and test_daemon_aws."""
 
 import json
+import time
 
 import pytest
 
@@ -59,7 +60,7 @@ def home(tmp_path):
 def daemon(home, backends=None, notifier=None, schedule=None, **settings):
     """A daemon on Bacalhau (and SageMaker as its fallback when `backends` has it), whose scheduled work
     runs at once, in the caller's thread."""
-    settings = Settings(media_wait_seconds=0.0, **settings)
+    settings = Settings(**{"media_wait_seconds": 0.0, **settings})
     backends = backends or {"bacalhau": Backend()}
     lifecycle = Lifecycle(SQLiteStore(home / "db.sqlite"), FolderBlobs(home), notifier or FileNotifier(home / "sent"),
                           backends, settings, settings.policy, "bacalhau", "sagemaker" if "sagemaker" in backends else None,
@@ -107,6 +108,8 @@ def test_a_job_handed_to_the_fallback_frees_its_slot_once(home):
         queue(lifecycle, name)
     assert fallback.sent == ["job-a"] and lifecycle.executors["bacalhau"].sent == ["job-b"]
     assert "job-a" not in lifecycle.flights and lifecycle.slots.peak == 1
+    # the record says where each runs: SageMaker runs every stage in one training job
+    assert (lifecycle.store.get("job-a").stage, lifecycle.store.get("job-b").stage) == ("sagemaker", "all")
 
 
 @pytest.mark.parametrize("limit,counted", [
@@ -288,3 +291,120 @@ def test_duplicates_and_refusals_are_counted_apart(home):
     lifecycle.receive([JobEvent(None, "jobs/once.json", upload="1")])
     lifecycle.receive([JobEvent(None, "jobs/once.json", upload="1"), JobEvent(None, "jobs/bad.json", upload="1")])
     assert (lifecycle.stats["created"], lifecycle.stats["duplicates"]) == (2, 1)
+
+
+def test_media_still_uploading_are_waited_for_until_the_deadline_then_the_job_fails(home):
+    """The job document may land before its media: the daemon looks again every poll until
+    `media_wait_seconds` after it first looked (not after each look), then fails naming the wait."""
+    waiting = []
+    lifecycle, backend = daemon(home, schedule=lambda fn, *a, delay=0.0: waiting.append((fn, a)),
+                                media_wait_seconds=0.4, media_poll_seconds=0.01)
+    queue(lifecycle, "late", input="uploads/late.mp4")
+    queue(lifecycle, "never", input="uploads/never.mp4")
+    assert [a[0].job.id for _, a in waiting] == ["late", "never"] and not backend.sent  # waiting, not failed
+    (home / "uploads" / "late.mp4").write_bytes(b"\0" * 10)
+    started = time.monotonic()
+    while waiting and time.monotonic() - started < 5:
+        fn, args = waiting.pop(0)
+        fn(*args)
+        time.sleep(0.01)
+    assert backend.sent == ["late"] and not waiting
+    never = lifecycle.store.get("never")
+    assert never.state == "FAILED" and "was not found (waited 0 s" in never.error["message"]
+    assert 0.3 < time.monotonic() - started < 4  # failed at its deadline: not at once, not never
+
+
+def test_a_split_job_s_next_stage_starts_fresh_and_a_crashed_stage_is_retried_saying_why(home):
+    """A stage that succeeded is followed by the next, as attempt 1, its end recorded first (the next
+    stage reads what it published); a crash is retried at the same stage, the retry naming the crash."""
+    lifecycle, backend = daemon(home)
+    queue(lifecycle, "split", compute={"split_stages": True, "retries": 1})
+    backend.watching.pop("split")(Result(Ending.CRASHED, "node lost"))
+    backend.watching.pop("split")(Result(Ending.SUCCEEDED))
+    attempts = lifecycle.store.get("split").attempts
+    assert [(a["stage"], a["number"], a["reason"]) for a in attempts] == [
+        ("preprocess", 1, None), ("preprocess", 2, "attempt 1 crashed"), ("train", 1, None)]
+    assert [a["ending"] for a in attempts] == ["crashed", "succeeded", None]
+    assert lifecycle.store.get("split").stage == "train"
+
+
+def resumed(lifecycle, home, name, attempt):
+    """A RUNNING record whose daemon died, with `attempt` its last, taken up by `lifecycle`."""
+    (home / "jobs").mkdir(exist_ok=True)
+    (home / "jobs" / f"{name}.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
+    lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="RUNNING", stage=attempt.stage,
+                                     backend=attempt.backend, attempts=[attempt.to_dict()], owner="gone:1:x",
+                                     owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+    lifecycle.resume(lifecycle.store.get(name))
+    return lifecycle.store.get(name)
+
+
+def test_after_a_restart_a_local_run_is_run_again_and_an_ended_attempt_is_decided_not_rerun(home):
+    """A local run dies with its daemon: its stage runs again as the next attempt, saying why. An
+    attempt whose end was recorded, but not what followed it, is decided from that end: a refused
+    input fails the job (told once), and nothing is sent again."""
+    local = Backend()
+    lifecycle, backend = daemon(home, {"bacalhau": Backend(), "local": local})
+    record = resumed(lifecycle, home, "was-local", Attempt.new("local", "was-local", "all", 1, state="Running", remote_id="4242"))
+    assert local.sent == ["was-local"] and record.state == "RUNNING"
+    assert [(a["number"], a["reason"]) for a in record.attempts] == [(1, None), (2, "resumed after a restart")]
+    ended = Attempt.new("bacalhau", "ended", "all", 1, state="Failed", ending="user-error", exit_code=2,
+                        error="Input clip.mp4 is not a readable video.", remote_id="j-1")
+    record = resumed(lifecycle, home, "ended", ended)
+    assert record.state == "FAILED" and record.error["message"] == "Input clip.mp4 is not a readable video."
+    assert not backend.sent and "ended" not in backend.watching
+    assert [(m["job_id"], m["status"]) for m in messages(home)] == [("ended", "FAILED")]
+
+
+def test_a_cancel_that_wins_the_race_with_the_start_stops_what_was_sent_quietly(home, caplog):
+    """The user cancelled a queued job while its first attempt was being sent: the attempt is stopped,
+    the job stays CANCELLED, and that race is not reported as an error (it is expected, not a fault)."""
+    class Racing(Backend):
+        def submit(self, job, attempt, upstream):
+            super().submit(job, attempt, upstream)
+            request_cancel(lifecycle.store, job.id)
+
+    lifecycle, backend = daemon(home, {"bacalhau": Racing()})
+    with caplog.at_level("INFO", logger="codsplat"):
+        queue(lifecycle, "raced")
+    assert lifecycle.store.get("raced").state == "CANCELLED" and len(backend.stopped) == 1
+    assert "raced" not in lifecycle.flights
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+def test_a_takeover_resumes_only_jobs_nobody_alive_holds(home):
+    """Every `claim_seconds` a daemon resumes the jobs of daemons whose heartbeat stopped: not a job a
+    live daemon holds, not one handed over to the fallback (its state machine finishes it), not its own."""
+    looked = []
+    lifecycle, _ = daemon(home, {"bacalhau": Backend(), "sagemaker": Backend(finishes_record=True)},
+                          schedule=lambda fn, *a, delay=0.0: looked.append(a[0].job_id))
+    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    lifecycle.store.beat("alive:1:x", now())
+    old = "2020-01-01T00:00:00.000+00:00"
+    for name, owner, seen, backend in (("held-elsewhere", "alive:1:x", now(), "bacalhau"),
+                                       ("dead-daemon-s", "gone:1:x", old, "bacalhau"),
+                                       ("handed", "gone:1:x", old, "sagemaker")):
+        attempt = Attempt.new(backend, name, "all", 1, state="Running", remote_id="r")
+        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="RUNNING", backend=backend,
+                                         attempts=[attempt.to_dict()], owner=owner, owner_seen_at=seen))
+    lifecycle._looked -= lifecycle.settings.claim_seconds
+    lifecycle.take_over()
+    assert looked == ["dead-daemon-s"]
+
+
+def test_a_sweep_lets_go_of_a_queued_job_the_user_cancelled_and_tells_them_once(home):
+    """A job waiting for a slot is cancelled from outside the daemon (`codsplat jobs cancel`): the
+    next sweep drops it from the queue and tells its user; the slot then goes to nobody else's
+    cancelled job, and a second sweep tells nobody again."""
+    lifecycle, backend = daemon(home, concurrency=1)
+    queue(lifecycle, "running")
+    queue(lifecycle, "waiting")
+    assert backend.sent == ["running"] and "waiting" in lifecycle.flights
+    request_cancel(lifecycle.store, "waiting")
+    lifecycle.sweep()
+    assert "waiting" not in lifecycle.flights
+    assert [(m["job_id"], m["status"]) for m in messages(home)] == [("waiting", "CANCELLED")]
+    backend.finish("running")
+    lifecycle.sweep()
+    assert backend.sent == ["running"]
+    assert [(m["job_id"], m["status"]) for m in messages(home)] == [("waiting", "CANCELLED"), ("running", "FAILED")]
