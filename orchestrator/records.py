@@ -458,11 +458,3 @@ def request_cancel(store: Store, job_id: str) -> JobRecord:
     if record.state in (RECEIVED, VALIDATED, QUEUED):
         record = change(store, job_id, lambda r: None, to=CANCELLED)
     return record
-
-
-def unfinished(store: Store, states: Iterable[str] = (RECEIVED, VALIDATED, QUEUED, RUNNING)) -> list[JobRecord]:
-    """Records a restarted daemon must pick up again."""
-    out: list[JobRecord] = []
-    for state in states:
-        out += store.list(state, limit=10_000)
-    return out

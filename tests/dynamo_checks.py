@@ -8,8 +8,10 @@ import uuid
 import boto3
 import pytest
 
+from codsplat.pipeline.contract import ADVICE, exit_code, failure_text
+
 from codsplat.orchestrator.records import (FAILED, QUEUED, RECEIVED, RUNNING, SUCCEEDED, VALIDATED, Conflict,
-                                           DynamoStore, InvalidTransition, JobRecord, change)
+                                           DynamoStore, InvalidTransition, JobRecord, change, now)
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +180,62 @@ def test_what_the_fallback_state_machine_writes_is_read_back(store):
                                    ":fb": {"M": {"status": {"S": "FAILED"}, "reason": {"S": "out of memory"}}}})
     record = store.get("f1")
     assert record.state == FAILED and record.version == 4 and "out of memory" in record.error["message"]
+
+
+@pytest.mark.parametrize("reason,fb_advice,expected", [
+    (failure_text("Input clip.mp4 is not a readable video.", 2), None,
+     ("Input clip.mp4 is not a readable video.", "input", 2, exit_code(2).advice)),
+    (failure_text("Input clip.mp4 is not a readable video.", 2), "Upload it again.",
+     ("Input clip.mp4 is not a readable video.", "input", 2, "Upload it again.")),
+    ("ClientError: capacity error", None, ("ClientError: capacity error", "internal", None, ADVICE["internal"]))])
+def test_a_fallback_failure_is_read_back_in_the_worker_s_words(store, reason, fb_advice, expected):
+    """The state machine records SageMaker's FailureReason: the worker's sentence, the advice its exit
+    code carries and the code come back as a Bacalhau run's error would (advice the state machine
+    wrote itself wins); SageMaker's own reasons come back whole, with the internal error's advice."""
+    job_id = f"fr-{uuid.uuid4().hex[:6]}"
+    store.create(JobRecord(job_id=job_id, job_key="k", state=RUNNING, stage="sagemaker"))
+    fb = {"status": {"S": "FAILED"}, "reason": {"S": reason}, **({"advice": {"S": fb_advice}} if fb_advice else {})}
+    store.client.update_item(TableName=store.table, Key={"job_id": {"S": job_id}},
+                             UpdateExpression="SET #s = :failed, version = version + :one, fallback = :fb",
+                             ExpressionAttributeNames={"#s": "state"},
+                             ExpressionAttributeValues={":failed": {"S": FAILED}, ":one": {"N": "1"}, ":fb": {"M": fb}})
+    error = store.get(job_id).error
+    assert (error["message"], error["kind"], error["exit_code"], error["advice"]) == expected
+
+
+def test_every_read_of_a_record_or_a_heartbeat_is_strongly_consistent(store):
+    """Each conditional write starts from a read: an eventually consistent one (DynamoDB's default)
+    could be a version behind, and a daemon could judge a live daemon dead from a stale heartbeat."""
+    asked = []
+    capture = lambda params, **kwargs: asked.append(params.get("ConsistentRead"))  # noqa: E731
+    store.client.meta.events.register("provide-client-params.dynamodb.GetItem", capture)
+    try:
+        store.create(JobRecord(job_id="cr1", job_key="k"))
+        change(store, "cr1", lambda r: None, to=VALIDATED)
+        store.get("cr1")
+        store.beat("daemon-cr", "2026-01-01T00:00:00.000+00:00")
+        store.seen("daemon-cr")
+    finally:
+        store.client.meta.events.unregister("provide-client-params.dynamodb.GetItem", capture)
+    assert len(asked) >= 3 and all(a is True for a in asked), asked
+
+
+def test_a_listing_longer_than_one_page_is_read_whole(store):
+    """DynamoDB answers a query at most 1 MB at a time: a listing goes on to the next page until it
+    has `limit` records (large records: a long history)."""
+    since = now()
+    for i in range(5):
+        store.create(JobRecord(job_id=f"big{i}", job_key="k", state=SUCCEEDED,
+                               history=[{"at": "x", "state": SUCCEEDED, "stage": None, "note": "n" * 300_000}]))
+    pages = []
+    count = lambda model, **kwargs: pages.append(model.name)  # noqa: E731
+    store.client.meta.events.register("before-call.dynamodb", count)
+    try:
+        listed = store.list(SUCCEEDED, limit=5, since=since)
+    finally:
+        store.client.meta.events.unregister("before-call.dynamodb", count)
+    assert {f"big{i}" for i in range(5)} <= {r.job_id for r in listed} and len(listed) == 5
+    assert len(pages) > 1  # the premise: more than one page was read
 
 
 def test_list_since_reads_only_recent_records(store):
