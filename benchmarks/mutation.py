@@ -3,8 +3,9 @@
     .venv/bin/pip install cosmic-ray==8.7.0 "coverage>=7.10"   # not test dependencies: this is a benchmark
     .venv/bin/python benchmarks/mutation.py           # every module below (hours on 2 cores)
     .venv/bin/python benchmarks/mutation.py records lifecycle
-    .venv/bin/python benchmarks/mutation.py --retest records   # only last run's survivors, with today's tests
-    .venv/bin/python benchmarks/mutation.py --resume records   # go on where an interrupted run stopped
+    .venv/bin/python benchmarks/mutation.py --retest records   # last run's survivors with today's tests, then any left unrun
+    .venv/bin/python benchmarks/mutation.py --resume records   # go on where an interrupted run stopped (mapped again
+                                                               # if a test file changed since)
 
 Each module is mutated, one mutant at a time, in a scratch copy of the working tree (so the tree
 stays editable meanwhile). Its test files run once under coverage first, subprocesses included, to
@@ -150,8 +151,9 @@ def run_module(name: str, retest: bool, resume: bool = False) -> dict:
     session, config = work / "session.sqlite", work / "config.toml"
     env = {**environment(work), **module.env}
     before = None
-    if resume:
-        pass  # the mutants not run yet, with the map made when the run began
+    if resume:  # the mutants not run yet, with the map made when the run began, unless a test file changed since
+        if any((ROOT / "tests" / f"{t}.py").stat().st_mtime > (work / "tests.json").stat().st_mtime for t in module.tests):
+            map_tests(name, work, repo, env)
     elif not retest:
         map_tests(name, work, repo, env)
         shutil.copy2(repo / path, work / "pristine.py")
@@ -172,11 +174,17 @@ def run_module(name: str, retest: bool, resume: bool = False) -> dict:
         if not (work / "first.sqlite").exists():
             shutil.copy2(session, work / "first.sqlite")
         before = score(name, session)
-        with sqlite3.connect(session) as db:
-            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
         map_tests(name, work, repo, env)
-        env["CODSPLAT_MUTATION_BUDGET"] = str(RETEST_BUDGET_SECONDS)
     started = time.monotonic()
+    if retest:  # last run's survivors first, with the slower tests' budget too; then whatever it left unrun
+        with sqlite3.connect(session) as db:
+            db.execute("INSERT INTO work_results (job_id, worker_outcome, output) SELECT s.job_id, 'SKIPPED', 'later' "
+                       "FROM mutation_specs s LEFT JOIN work_results r ON r.job_id = s.job_id WHERE r.job_id IS NULL")
+            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+        subprocess.run([bin_("cosmic-ray"), "exec", str(config), str(session)], cwd=repo,
+                       env={**env, "CODSPLAT_MUTATION_BUDGET": str(RETEST_BUDGET_SECONDS)}, check=True)
+        with sqlite3.connect(session) as db:
+            db.execute("DELETE FROM work_results WHERE worker_outcome = 'SKIPPED' AND output = 'later'")
     subprocess.run([bin_("cosmic-ray"), "exec", str(config), str(session)], cwd=repo, env=env, check=True)
     if not retest:  # the run before any test written against its survivors: the score's "before"
         shutil.copy2(session, work / "first.sqlite")
@@ -354,7 +362,7 @@ def main() -> None:
     if sys.argv[1:2] == ["run-tests"]:
         raise SystemExit(run_tests(sys.argv[2]))
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
-    parser.add_argument("--retest", action="store_true", help="run only the last run's survivors again")
+    parser.add_argument("--retest", action="store_true", help="run the last run's survivors again, then any not run yet")
     parser.add_argument("--resume", action="store_true", help="go on with the mutants an interrupted run left")
     parser.add_argument("--score", action="store_true", help="recount from the saved sessions, running nothing")
     args = parser.parse_args()

@@ -94,6 +94,19 @@ def test_transitions_bump_the_version_and_keep_history(store):
         change(store, "b1", lambda r: None, to=SUCCEEDED, current=record)
 
 
+def test_a_move_to_where_a_record_is_already_is_a_no_op_and_a_move_back_is_refused(store):
+    """A restarted daemon queues a job that was queued before its crash: that repeat is no move (no
+    history entry), while going back a state, or to the same state at another stage, is checked."""
+    store.create(JobRecord(job_id="b2", job_key="k"))
+    for state in (VALIDATED, QUEUED, QUEUED):
+        record = change(store, "b2", lambda r: None, to=state)
+    assert record.state == QUEUED and [h["state"] for h in record.history] == [VALIDATED, QUEUED]
+    with pytest.raises(InvalidTransition):
+        change(store, "b2", lambda r: None, to=VALIDATED)
+    with pytest.raises(InvalidTransition):
+        change(store, "b2", lambda r: None, to=QUEUED, stage="train")
+
+
 def test_a_stale_write_is_refused(store):
     store.create(JobRecord(job_id="c1", job_key="k"))
     stale = store.get("c1")
