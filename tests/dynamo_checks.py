@@ -107,6 +107,19 @@ def test_a_move_to_where_a_record_is_already_is_a_no_op_and_a_move_back_is_refus
         change(store, "b2", lambda r: None, to=QUEUED, stage="train")
 
 
+def test_a_move_through_states_in_one_write_records_each_of_them(store):
+    """A queued job's first attempt is recorded with the move QUEUED → RUNNING; one that was still
+    VALIDATED passes QUEUED on the way, and its history says so, each hop checked."""
+    store.create(JobRecord(job_id="b3", job_key="k"))
+    change(store, "b3", lambda r: None, to=VALIDATED)
+    record = change(store, "b3", lambda r: None, to=RUNNING, stage="all", passing=(VALIDATED, QUEUED))
+    assert [(h["state"], h["stage"]) for h in record.history] == [(VALIDATED, None), (QUEUED, None), (RUNNING, "all")]
+    assert store.get("b3").history == record.history and record.version == 2
+    store.create(JobRecord(job_id="b4", job_key="k"))
+    with pytest.raises(InvalidTransition):  # RECEIVED cannot pass QUEUED: it has not been validated
+        change(store, "b4", lambda r: None, to=RUNNING, passing=(QUEUED,))
+
+
 def test_a_stale_write_is_refused(store):
     store.create(JobRecord(job_id="c1", job_key="k"))
     stale = store.get("c1")
