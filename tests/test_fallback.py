@@ -40,6 +40,7 @@ class Scenario:
     drive: Callable | None = None  # what happens to the training job, given (rig, name)
     before: Callable | None = None  # before the execution starts
     checks: list[Callable] = field(default_factory=list)  # (record, message) -> None
+    settings: dict = field(default_factory=dict)  # the deployment's, for this job's execution
 
 
 def status(rig, name, to, **extra):
@@ -123,6 +124,7 @@ SCENARIOS = {
     "cancelled-while-waiting-for-quota": Scenario(  # no training job to stop: the wait reads the record's flag
         "CANCELLED", "was cancelled", training_jobs=0, before=lambda rig, j: httpx.post(
             f"{rig.control}/steer", json={"create_errors": {rig.name(j): 9}}),
+        settings={"fallback_quota_tries": 120},  # waiting for as long as it takes the user to cancel
         drive=lambda rig, n, j: (time.sleep(1.5), cancel_as_a_user(rig, j))),
     "no-quota": Scenario("FAILED", "no quota for ml.g5.2xlarge", training_jobs=0, before=lambda rig, j: httpx.post(
         f"{rig.control}/steer", json={"create_errors": {rig.name(j): 9}}),
@@ -199,7 +201,7 @@ class Rig:
             StoppingCondition={"MaxRuntimeInSeconds": 60},
             Environment={"CODSPLAT_EXECUTION_STARTED": "2025-01-01T00:00:00.000Z"})  # an earlier execution's
 
-    def start(self, job_id):
+    def start(self, job_id, **settings):
         job = parse_job({"version": 1, "id": job_id, "input": f"s3://{self.bucket}/uploads/{job_id}.mp4",
                          "compute": {"max_runtime_minutes": RUNTIME}, "notify": {"email": [f"{job_id}@example.com"]}},
                         self.settings.policy)
@@ -207,7 +209,8 @@ class Rig:
         record = JobRecord(job_id, f"jobs/{job_id}.json", state=RUNNING, backend="sagemaker", attempts=[attempt.to_dict()],
                            output=str(job.output_uri(self.settings.policy)), notify=job.notify.email)
         assert self.store.create(record)
-        self.executor.submit(job, attempt, {})
+        executor = SageMakerExecutor(self.sfn, self.sm, self.settings.model_copy(update=settings)) if settings else self.executor
+        executor.submit(job, attempt, {})
         self.jobs[job_id] = attempt.remote_id
 
     def ended(self):
@@ -233,8 +236,8 @@ def ended(moto_server):
                 scenario.before(rig, job_id)
         drivers = [threading.Thread(target=s.drive, args=(rig, rig.name(j), j), daemon=True)
                    for j, s in SCENARIOS.items() if s.drive]
-        for job_id in SCENARIOS:
-            rig.start(job_id)
+        for job_id, scenario in SCENARIOS.items():
+            rig.start(job_id, **scenario.settings)
         for driver in drivers:
             driver.start()
         deadline = time.monotonic() + 180
