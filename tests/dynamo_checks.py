@@ -80,6 +80,44 @@ def test_a_create_whose_answer_was_lost_is_found_to_be_ours_on_the_retry(store, 
     assert store.create_or_get(JobRecord(job_id=records[0].job_id, job_key="jobs/other.json")).job_key == "jobs/lost.json"
 
 
+def test_a_refused_transaction_that_does_not_say_why_is_created_record_by_record(store):
+    """A cancelled transaction names, item by item, why (DynamoDB does); a reply without the reasons
+    (a proxy that trims errors) still leaves no record behind: each is created alone, the taken id
+    answering with its holder."""
+    store.create(JobRecord(job_id="v1", job_key="jobs/v1.json"))
+
+    def without_reasons(parsed, **_):
+        parsed.pop("CancellationReasons", None)
+
+    store.client.meta.events.register("after-call.dynamodb.TransactWriteItems", without_reasons)
+    try:
+        taken = store.create_all([JobRecord(job_id=i, job_key=f"jobs/{i}-new.json") for i in ("v0", "v1", "v2")])
+    finally:
+        store.client.meta.events.unregister("after-call.dynamodb.TransactWriteItems", without_reasons)
+    assert taken[0] is None and taken[2] is None and taken[1].job_key == "jobs/v1.json"
+    assert [store.get(i).job_key for i in ("v0", "v1", "v2")] == ["jobs/v0-new.json", "jobs/v1.json", "jobs/v2-new.json"]
+
+
+def test_a_retried_create_refused_for_another_record_answers_with_that_record(store):
+    """The first try's answer was lost and botocore tried again; the id is held, but by a different
+    record (another daemon's, from a second upload): that is a duplicate, not our own write found."""
+    other = boto3.client("dynamodb", endpoint_url=os.environ["DYNAMO_ENDPOINT"], region_name="us-east-1",
+                         aws_access_key_id="local", aws_secret_access_key="local")
+
+    def lost_and_taken(attempts, **_):
+        if attempts == 1:  # what holds the id by the retry is not what this try sent
+            other.put_item(TableName=store.table, Item=store._item(JobRecord(job_id="w1", job_key="jobs/w1-theirs.json")))
+            return 0
+        return None
+
+    store.client.meta.events.register_first("needs-retry.dynamodb.PutItem", lost_and_taken)
+    try:
+        holder = store.create_or_get(JobRecord(job_id="w1", job_key="jobs/w1-ours.json"))
+    finally:
+        store.client.meta.events.unregister("needs-retry.dynamodb.PutItem", lost_and_taken)
+    assert holder is not None and holder.job_key == "jobs/w1-theirs.json"
+
+
 def test_transitions_bump_the_version_and_keep_history(store):
     store.create(JobRecord(job_id="b1", job_key="k"))
     for state, stage in ((VALIDATED, None), (QUEUED, None), (RUNNING, "preprocess"), (RUNNING, "train"), (SUCCEEDED, None)):
