@@ -42,9 +42,13 @@ def compose(record: JobRecord, links: dict[str, str]) -> Message:
     if record.state == "SUCCEEDED":
         metrics = (record.result or {}).get("metrics", {})
         lines = [f"Your splat for job {record.job_id} is ready.", ""]
-        if metrics:
-            lines += [f"Held-out quality: {metrics.get('psnr', 0):.2f} dB PSNR, SSIM {metrics.get('ssim', 0):.3f}",
-                      f"Gaussians: {metrics.get('gaussians', 0):,}", ""]
+        psnr, ssim, gaussians = (metrics.get(k) for k in ("psnr", "ssim", "gaussians"))
+        if psnr is not None:  # a figure the run did not report is left out (a summary may lack any of them)
+            lines.append(f"Held-out quality: {psnr:.2f} dB PSNR" + (f", SSIM {ssim:.3f}" if ssim is not None else ""))
+        if gaussians is not None:
+            lines.append(f"Gaussians: {gaussians:,}")
+        if psnr is not None or gaussians is not None:
+            lines.append("")
         lines += [f"{name}: {url}" for name, url in links.items()]
         lines += ["", "Links expire within 7 days."]
         subject = f"codsplat: {record.job_id} is ready"
