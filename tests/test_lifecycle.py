@@ -408,3 +408,91 @@ def test_a_sweep_lets_go_of_a_queued_job_the_user_cancelled_and_tells_them_once(
     lifecycle.sweep()
     assert backend.sent == ["running"]
     assert [(m["job_id"], m["status"]) for m in messages(home)] == [("waiting", "CANCELLED"), ("running", "FAILED")]
+
+
+@pytest.mark.parametrize("summary,state,told", [
+    (None, "FAILED", None), ({"psnr": 27.5}, "FAILED", None),
+    ({"files": ["splat.ply"], "psnr": 27.5, "ssim": 0.91, "gaussians": 48_000}, "SUCCEEDED",
+     "Held-out quality: 27.50 dB PSNR, SSIM 0.910\nGaussians: 48,000\n"),
+    ({"files": ["splat.ply"], "psnr": 27.5}, "SUCCEEDED", "Held-out quality: 27.50 dB PSNR\n\n")])
+def test_a_run_that_says_it_succeeded_without_its_outputs_fails(home, summary, state, told):
+    """Success is what the worker exported (its summary lists the files), not an exit code alone."""
+    lifecycle, backend = daemon(home)
+    queue(lifecycle, "ended")
+    backend.watching.pop("ended")(Result(Ending.SUCCEEDED, summary=summary))
+    record = lifecycle.store.get("ended")
+    assert record.state == state
+    if state == "FAILED":
+        assert "outputs are missing" in record.error["message"] and record.error["kind"] == "internal"
+    else:  # told, with the figures the run reported (one it did not is left out, not a message that fails)
+        assert record.result["outputs"][0].endswith("export/splat.ply") and record.notified_at
+        assert told in json.loads((home / "sent" / "ended.json").read_text())["body"]
+
+
+def test_after_a_restart_a_sent_attempt_is_followed_even_where_the_backend_has_no_room_now(home):
+    """The attempt sent before the crash may be what fills the node now: the lookup comes before the
+    check for room, or the job would be handed to the fallback and run twice."""
+    class Busy(Backend):
+        def preflight(self, job):
+            raise CannotRun("no node has a GPU free", None)
+
+    busy, fallback = Busy(), Backend(finishes_record=True)
+    busy.known.add("job-sent")
+    lifecycle, _ = daemon(home, {"bacalhau": busy, "sagemaker": fallback})
+    (home / "jobs").mkdir()
+    (home / "jobs" / "job-sent.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
+    lifecycle.store.create(JobRecord(job_id="job-sent", job_key="jobs/job-sent.json", state="QUEUED", owner="gone:1:x",
+                                     owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+    lifecycle.resume(lifecycle.store.get("job-sent"))
+    assert not fallback.sent and busy.resumed == {"job-sent": True}
+    assert lifecycle.store.get("job-sent").backend == "bacalhau"
+
+
+def test_after_a_restart_a_lookup_that_fails_sends_nothing_and_looks_again(home):
+    """The backend cannot say whether the attempt was sent (an API blip): nothing is sent, which could
+    run the job twice; the lookup is tried again later, and then finds it."""
+    class Blip(Backend):
+        blips = 2  # down for a while: the next lookup fails too
+
+        def find(self, job, attempt):
+            if Blip.blips:
+                Blip.blips -= 1
+                raise ConnectionError("Bacalhau did not answer")
+            return super().find(job, attempt)
+
+    later = []
+    blip = Blip()
+    blip.known.add("job-sent")
+    lifecycle, _ = daemon(home, {"bacalhau": blip}, schedule=lambda fn, *a, delay=0.0: later.append((fn, a, delay)))
+    (home / "jobs").mkdir()
+    (home / "jobs" / "job-sent.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
+    lifecycle.store.create(JobRecord(job_id="job-sent", job_key="jobs/job-sent.json", state="QUEUED", owner="gone:1:x",
+                                     owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+    lifecycle.resume(lifecycle.store.get("job-sent"))
+    for _ in range(2):
+        assert not blip.sent and [delay for *_, delay in later] == [lifecycle.settings.lookup_retry_seconds]
+        fn, args, _ = later.pop()
+        fn(*args)
+    assert not blip.sent and not later and blip.resumed == {"job-sent": True} and lifecycle.store.get("job-sent").state == "RUNNING"
+
+
+def test_after_a_restart_a_remote_run_is_watched_again_and_looked_at_at_once(home):
+    """A Bacalhau job outlives its daemon: the successor follows it (asking the backend to look at
+    once: it may have ended unwatched), and sends nothing."""
+    lifecycle, backend = daemon(home)
+    record = resumed(lifecycle, home, "remote", Attempt.new("bacalhau", "remote", "all", 1, state="Running", remote_id="j-9"))
+    assert record.state == "RUNNING" and not backend.sent and backend.resumed == {"remote": True}
+
+
+def test_a_sweep_stops_every_cancelled_job_whatever_runs_beside_it(home):
+    """Cancels are looked for in every running record, newest first: a running job nobody cancelled,
+    or one of another daemon, listed before a cancelled one does not hide it."""
+    lifecycle, backend = daemon(home, concurrency=3)
+    for name in ("cancelled", "running"):
+        queue(lifecycle, name)
+    attempt = Attempt.new("bacalhau", "others", "all", 1, state="Running")
+    lifecycle.store.create(JobRecord(job_id="others", job_key="jobs/others.json", state="RUNNING", backend="bacalhau",
+                                     attempts=[attempt.to_dict()], owner="another-daemon", cancel_requested=True))
+    request_cancel(lifecycle.store, "cancelled")
+    lifecycle.sweep()
+    assert [n.split("-")[1] for n in backend.stopped] == ["cancelled"]
