@@ -173,14 +173,16 @@ def run_module(name: str, retest: bool, resume: bool = False) -> dict:
         # Today's tests against last run's survivors: forget their results, so exec runs them again.
         if not (work / "first.sqlite").exists():
             shutil.copy2(session, work / "first.sqlite")
-        before = score(name, session)
+        listed: set[str] = set()
+        before = score(name, session, equivalent_ids=listed)
         map_tests(name, work, repo, env)
     started = time.monotonic()
     if retest:  # last run's survivors first, with the slower tests' budget too; then whatever it left unrun
         with sqlite3.connect(session) as db:
             db.execute("INSERT INTO work_results (job_id, worker_outcome, output) SELECT s.job_id, 'SKIPPED', 'later' "
                        "FROM mutation_specs s LEFT JOIN work_results r ON r.job_id = s.job_id WHERE r.job_id IS NULL")
-            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED' AND job_id NOT IN (SELECT value FROM json_each(?))",
+                       (json.dumps(sorted(listed)),))  # those listed as equivalent stay as they are
         subprocess.run([bin_("cosmic-ray"), "exec", str(config), str(session)], cwd=repo,
                        env={**env, "CODSPLAT_MUTATION_BUDGET": str(RETEST_BUDGET_SECONDS)}, check=True)
         with sqlite3.connect(session) as db:
@@ -308,9 +310,9 @@ def equivalents() -> list[dict]:
     return tomllib.loads(EQUIVALENT.read_text()).get("equivalent", []) if EQUIVALENT.exists() else []
 
 
-def score(name: str, session: Path, write: bool = True) -> dict:
+def score(name: str, session: Path, write: bool = True, equivalent_ids: set[str] | None = None) -> dict:
     """Killed / (killed + survivors not listed as equivalent). A mutant that breaks the import or
-    times out counts as killed, as cosmic-ray counts it."""
+    times out counts as killed, as cosmic-ray counts it. `equivalent_ids` collects the listed ones."""
     path = MODULES[name].path
     dump = subprocess.run([bin_("cosmic-ray"), "dump", str(session)], capture_output=True, text=True, check=True)
     source = (SCRATCH / name / "pristine.py").read_text().splitlines()  # the repo's copy may hold a mutant now
@@ -338,6 +340,8 @@ def score(name: str, session: Path, write: bool = True) -> dict:
         why = next((e["why"] for e in listed if e["operator"] == entry["operator"] and e["source"] == text
                     and e.get("mutant", "") in mutated), None)
         (equivalent if why else survivors).append({**entry, "why": why} if why else entry)
+        if why and equivalent_ids is not None:
+            equivalent_ids.add(item["job_id"])
     counted = killed + len(survivors)
     first = session.with_name("first.sqlite")
     if session.name == "session.sqlite" and first.exists():  # counted with today's list of equivalents
