@@ -3,6 +3,7 @@ namespace (DynamoDB Local binds every interface; the namespace has only its own 
 
 import os
 import threading
+import time
 import uuid
 
 import boto3
@@ -343,6 +344,18 @@ def test_the_console_lists_shows_and_cancels_jobs_kept_in_dynamodb(store, tmp_pa
         assert client.post("/api/jobs/c-done/cancel", headers={"X-CSRF-Token": csrf}).status_code == 422
 
 
+def test_only_an_ended_record_expires_and_only_after_the_deployment_s_record_days(store):
+    """DynamoDB's TTL deletes a record once its expires_at passes: never one still running."""
+    store.create(JobRecord(job_id="x1", job_key="k"))
+    raw = lambda: store.client.get_item(TableName=store.table, Key={"job_id": {"S": "x1"}})["Item"]  # noqa: E731
+    for state in (VALIDATED, QUEUED, RUNNING):
+        change(store, "x1", lambda r: None, to=state)
+        assert "expires_at" not in raw(), state
+    change(store, "x1", lambda r: None, to=FAILED)
+    days = store.settings.record_days * 86400
+    assert time.time() + days - 3600 < int(raw()["expires_at"]["N"]) <= time.time() + days + 3600
+
+
 def test_a_daemons_heartbeat_is_one_item_outside_the_index_and_the_listings(store):
     from codsplat.orchestrator.records import Beat
 
@@ -355,3 +368,6 @@ def test_a_daemons_heartbeat_is_one_item_outside_the_index_and_the_listings(stor
     listed = [r.job_id for r in store.list(None, 10_000)]
     assert "h1" in listed and not any(i.startswith("~") for i in listed)  # a scan skips the heartbeats
     assert store.get("~daemon/host:1:abc") is None  # never read as a job
+    # DynamoDB's TTL removes the heartbeat of a daemon gone for a day, never one still beating
+    item = store.client.get_item(TableName=store.table, Key={"job_id": {"S": "~daemon/host:1:abc"}})["Item"]
+    assert time.time() + 23 * 3600 < int(item["expires_at"]["N"]) <= time.time() + 25 * 3600
