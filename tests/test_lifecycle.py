@@ -488,11 +488,14 @@ def test_a_sweep_stops_every_cancelled_job_whatever_runs_beside_it(home):
     """Cancels are looked for in every running record, newest first: a running job nobody cancelled,
     or one of another daemon, listed before a cancelled one does not hide it."""
     lifecycle, backend = daemon(home, concurrency=3)
-    for name in ("cancelled", "running"):
-        queue(lifecycle, name)
+    queue(lifecycle, "cancelled")
+    request_cancel(lifecycle.store, "cancelled")
+    time.sleep(0.01)  # listed after the two below (newest first, by the millisecond)
+    queue(lifecycle, "running")
+    time.sleep(0.01)
     attempt = Attempt.new("bacalhau", "others", "all", 1, state="Running")
     lifecycle.store.create(JobRecord(job_id="others", job_key="jobs/others.json", state="RUNNING", backend="bacalhau",
                                      attempts=[attempt.to_dict()], owner="another-daemon", cancel_requested=True))
-    request_cancel(lifecycle.store, "cancelled")
+    assert [r.job_id for r in lifecycle.store.list("RUNNING")] == ["others", "running", "cancelled"]  # the premise
     lifecycle.sweep()
     assert [n.split("-")[1] for n in backend.stopped] == ["cancelled"]
