@@ -303,6 +303,36 @@ def test_a_listing_longer_than_one_page_is_read_whole(store):
     assert len(pages) > 1  # the premise: more than one page was read
 
 
+def test_a_damaged_record_is_left_out_of_a_listing_and_the_rest_is_listed(store, caplog):
+    """A record that no longer parses (damaged, or written by a newer version) is logged and skipped:
+    one bad record never stops a listing, a recovery or the console."""
+    since = now()
+    store.create(JobRecord(job_id="dm1", job_key="k", state=FAILED))
+    damaged = {"job_id": "dm2", "version": 1, "state": FAILED, "updated_at": now(), "body": '{"job_id": "dm2", "sta'}
+    if isinstance(store, DynamoStore):
+        store.client.put_item(TableName=store.table, Item={k: {"N": str(v)} if k == "version" else {"S": v}
+                                                           for k, v in damaged.items()})
+    else:  # the embedded SQLite store
+        store._db().execute("INSERT INTO jobs (job_id, version, state, updated_at, body) VALUES (?, ?, ?, ?, ?)",
+                            tuple(damaged.values()))
+    with caplog.at_level("ERROR"):
+        listed = [r.job_id for r in store.list(FAILED, since=since)]
+    assert listed == ["dm1"]
+    assert any("skipping an unreadable record" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cancel_is_a_top_level_attribute_the_state_machine_can_read(store):
+    """The fallback's state machine reads the cancel mark without parsing the body."""
+    from codsplat.orchestrator.records import request_cancel
+
+    store.create(JobRecord(job_id="cx1", job_key="k", state=RUNNING))
+    request_cancel(store, "cx1")
+    assert store.get("cx1").cancel_requested and store.get("cx1").state == RUNNING
+    if isinstance(store, DynamoStore):
+        item = store.client.get_item(TableName=store.table, Key={"job_id": {"S": "cx1"}})["Item"]
+        assert item["cancel_requested"] == {"BOOL": True}
+
+
 def test_list_since_reads_only_recent_records(store):
     store.create(JobRecord(job_id="old1", job_key="k", state=FAILED, updated_at="2020-01-01T00:00:00.000+00:00"))
     store.create(JobRecord(job_id="new1", job_key="k", state=FAILED))

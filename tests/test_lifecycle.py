@@ -254,7 +254,9 @@ def test_a_handed_over_job_whose_follower_died_is_failed_stopped_and_told_once(h
     assert [(m["job_id"], m["status"]) for m in messages(home)] == [("job-dead", "FAILED")]
 
 
-def test_a_failed_send_is_tried_again_on_a_growing_interval_until_it_goes_out_once(home):
+@pytest.mark.parametrize("claim_seconds,delays", [(120.0, [1.0, 2.0, 4.0, 8.0]), (6.0, [1.0, 2.0, 3.0, 3.0])])
+def test_a_failed_send_is_tried_again_on_a_growing_interval_until_it_goes_out_once(home, claim_seconds, delays):
+    """Doubling, up to half the claim's life: the claim is renewed at each try, well before it lapses."""
     class Flaky(FileNotifier):
         fails = 4
 
@@ -264,12 +266,13 @@ def test_a_failed_send_is_tried_again_on_a_growing_interval_until_it_goes_out_on
                 raise ConnectionError("SNS said no")
             super().send(message)
 
-    delays = []
-    lifecycle, _ = daemon(home, notifier=Flaky(home / "sent"), schedule=lambda fn, *a, delay=0.0: (delays.append(delay), fn(*a)))
+    waited = []
+    lifecycle, _ = daemon(home, notifier=Flaky(home / "sent"), schedule=lambda fn, *a, delay=0.0: (waited.append(delay), fn(*a)),
+                          claim_seconds=claim_seconds)
     lifecycle.store.create(JobRecord(job_id="told", job_key="jobs/told.json", state="FAILED", error={"message": "x"},
                                      notify_claimed_by=lifecycle.owner, notify_claimed_at=now()))
     lifecycle.send(lifecycle.store.get("told"))
-    assert delays == [1.0, 2.0, 4.0, 8.0]
+    assert waited == delays
     assert lifecycle.store.get("told").notified_at and [m["job_id"] for m in messages(home)] == ["told"]
 
 
@@ -426,7 +429,11 @@ def test_a_run_that_says_it_succeeded_without_its_outputs_fails(home, summary, s
         assert "outputs are missing" in record.error["message"] and record.error["kind"] == "internal"
     else:  # told, with the figures the run reported (one it did not is left out, not a message that fails)
         assert record.result["outputs"][0].endswith("export/splat.ply") and record.notified_at
-        assert told in json.loads((home / "sent" / "ended.json").read_text())["body"]
+        body = json.loads((home / "sent" / "ended.json").read_text())["body"]
+        assert told in body
+        # links to what a user opens: the splat, the report and the metrics, not the cameras file
+        linked = [line.split(":")[0] for line in body.splitlines() if ": " in line and "/" in line]
+        assert linked == ["splat.ply", "metrics.json", "report.html"], body
 
 
 def test_after_a_restart_a_sent_attempt_is_followed_even_where_the_backend_has_no_room_now(home):
@@ -499,3 +506,83 @@ def test_a_sweep_stops_every_cancelled_job_whatever_runs_beside_it(home):
     assert [r.job_id for r in lifecycle.store.list("RUNNING")] == ["others", "running", "cancelled"]  # the premise
     lifecycle.sweep()
     assert [n.split("-")[1] for n in backend.stopped] == ["cancelled"]
+
+
+def test_a_slot_is_taken_once_per_job_and_a_resumed_job_takes_one_even_when_all_are_held(home):
+    """A job asking again keeps its slot (not a second one, not a place in the queue); a job found
+    running after a restart takes one whatever the bound: it runs already."""
+    from codsplat.orchestrator.lifecycle import Slots
+
+    slots = Slots(1)
+    assert slots.take("a") and slots.take("a") and slots.held == {"a"} and not slots.waiting
+    assert not slots.take("b") and list(slots.waiting) == ["b"]
+    assert slots.take("resumed", force=True) and slots.held == {"a", "resumed"} and slots.peak == 2
+    assert slots.take("resumed") and not slots.take("c")
+
+
+def test_a_job_whose_document_went_bad_or_away_fails_at_its_resume_naming_it(home):
+    """After a restart the job is read again from its document: gone, or no longer valid, the job
+    cannot go on; it fails saying which, and its user is told."""
+    lifecycle, backend = daemon(home)
+    (home / "jobs").mkdir()
+    (home / "jobs" / "bad.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4", "frames": "many"}))
+    for name in ("gone", "bad"):
+        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="QUEUED", owner="gone:1:x",
+                                         owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+        lifecycle.resume(lifecycle.store.get(name))
+    gone, bad = lifecycle.store.get("gone"), lifecycle.store.get("bad")
+    assert gone.state == bad.state == "FAILED" and not backend.sent
+    assert gone.error["message"] == "Its job document jobs/gone.json can no longer be read (FileNotFoundError)."
+    assert "frames" in bad.error["message"] and "can no longer be read" not in bad.error["message"]
+    assert sorted(m["job_id"] for m in messages(home)) == ["bad", "gone"]
+
+
+def test_a_heartbeat_the_store_refuses_is_written_again_at_the_next_sweep(home):
+    class Refusing(SQLiteStore):
+        refuse = 1
+
+        def beat(self, owner, at, alive=True):
+            if Refusing.refuse:
+                Refusing.refuse -= 1
+                raise ConnectionError("the store did not answer")
+            super().beat(owner, at, alive)
+
+    lifecycle, _ = daemon(home)
+    lifecycle.store = lifecycle.holds.store = Refusing(home / "db.sqlite")
+    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    lifecycle.heartbeat()  # refused: logged, not raised, and not counted as written
+    assert lifecycle.store.seen(lifecycle.owner) is None and lifecycle.stats.get("beats", 0) == 0
+    lifecycle.heartbeat()
+    assert lifecycle.store.seen(lifecycle.owner).alive and lifecycle.stats["beats"] == 1
+
+
+def test_a_message_another_daemon_holds_is_looked_at_again_only_while_it_is_untold(home):
+    """Another live daemon claimed the message: this one looks again after claim_seconds, in case
+    that daemon dies; if the message went out meanwhile, there is nothing to look at again."""
+    later = []
+    lifecycle, _ = daemon(home, schedule=lambda fn, *a, delay=0.0: later.append(delay))
+    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    lifecycle.store.beat("alive:1:x", now())
+    for name in ("untold", "told-meanwhile"):
+        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="FAILED", error={"message": "x"},
+                                         notify_claimed_by="alive:1:x", notify_claimed_at=now()))
+    stale = lifecycle.store.get("told-meanwhile")
+    change(lifecycle.store, "told-meanwhile", lambda r: setattr(r, "notified_at", now()))
+    lifecycle.announce(lifecycle.store.get("untold"))
+    assert later == [lifecycle.settings.claim_seconds]
+    lifecycle.announce(stale)
+    assert later == [lifecycle.settings.claim_seconds] and not messages(home)
+
+
+def test_a_job_that_keeps_crashing_is_handed_over_as_the_fallback_s_first_attempt(home):
+    """Past its retries a crashing job goes to the fallback, as that backend's attempt 1 (its name
+    is how a restarted daemon finds it again), saying why."""
+    fallback = Backend(finishes_record=True)
+    lifecycle, backend = daemon(home, {"bacalhau": Backend(), "sagemaker": fallback})
+    queue(lifecycle, "crashing", compute={"retries": 0})
+    backend.watching.pop("crashing")(Result(Ending.CRASHED, "node lost", executions=1))
+    record = lifecycle.store.get("crashing")
+    assert fallback.sent == ["crashing"] and record.backend == "sagemaker"
+    handed = record.attempts[-1]
+    assert (handed["backend"], handed["number"], handed["name"]) == ("sagemaker", 1, "codsplat-crashing-sm-a1")
+    assert handed["reason"] == "bacalhau cannot run it: all failed 1 time; last error: node lost"

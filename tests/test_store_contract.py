@@ -8,6 +8,8 @@ from codsplat.orchestrator.records import SQLiteStore
 from dynamo_checks import (test_a_change_from_the_callers_copy_reads_only_when_it_is_stale,  # noqa: F401
                            test_a_move_to_where_a_record_is_already_is_a_no_op_and_a_move_back_is_refused,
                            test_a_move_through_states_in_one_write_records_each_of_them,
+                           test_a_damaged_record_is_left_out_of_a_listing_and_the_rest_is_listed,
+                           test_a_cancel_is_a_top_level_attribute_the_state_machine_can_read,
                            test_a_stale_write_is_refused, test_concurrent_writers_lose_nothing,
                            test_conditional_create_is_idempotent, test_list_since_reads_only_recent_records,
                            test_transitions_bump_the_version_and_keep_history)
