@@ -293,14 +293,18 @@ def test_a_listing_longer_than_one_page_is_read_whole(store):
         store.create(JobRecord(job_id=f"big{i}", job_key="k", state=SUCCEEDED,
                                history=[{"at": "x", "state": SUCCEEDED, "stage": None, "note": "n" * 300_000}]))
     pages = []
-    count = lambda model, **kwargs: pages.append(model.name)  # noqa: E731
-    store.client.meta.events.register("before-call.dynamodb", count)
+    count = lambda parsed, **kwargs: pages.append(parsed.get("Count"))  # noqa: E731
+    store.client.meta.events.register("after-call.dynamodb.Query", count)
     try:
         listed = store.list(SUCCEEDED, limit=5, since=since)
+        assert {f"big{i}" for i in range(5)} <= {r.job_id for r in listed} and len(listed) == 5
+        assert len(pages) > 1  # the premise: more than one page was read
+        first = pages[0]
+        pages.clear()
+        assert len(store.list(SUCCEEDED, limit=first, since=since)) == first
+        assert pages == [first]  # and no page past the one that completes the listing
     finally:
-        store.client.meta.events.unregister("before-call.dynamodb", count)
-    assert {f"big{i}" for i in range(5)} <= {r.job_id for r in listed} and len(listed) == 5
-    assert len(pages) > 1  # the premise: more than one page was read
+        store.client.meta.events.unregister("after-call.dynamodb.Query", count)
 
 
 def test_a_damaged_record_is_left_out_of_a_listing_and_the_rest_is_listed(store, caplog):
