@@ -586,3 +586,34 @@ def test_a_job_that_keeps_crashing_is_handed_over_as_the_fallback_s_first_attemp
     handed = record.attempts[-1]
     assert (handed["backend"], handed["number"], handed["name"]) == ("sagemaker", 1, "codsplat-crashing-sm-a1")
     assert handed["reason"] == "bacalhau cannot run it: all failed 1 time; last error: node lost"
+
+
+def test_a_job_resumed_after_a_restart_holds_a_slot_and_gives_it_back_when_it_ends(home):
+    lifecycle, backend = daemon(home, concurrency=1)
+    resumed(lifecycle, home, "remote", Attempt.new("bacalhau", "remote", "all", 1, state="Running", remote_id="j-9"))
+    queue(lifecycle, "next")
+    assert backend.sent == []  # the resumed job holds the one slot
+    backend.finish("remote")
+    assert backend.sent == ["next"] and lifecycle.store.get("remote").state == "FAILED"
+
+
+def test_handed_over_jobs_are_looked_up_once_per_claim_seconds_not_at_every_sweep(home):
+    """Each look asks the fallback's API about every handed-over job: once per claim_seconds."""
+    class Fallback(Backend):
+        asked = 0
+
+        def abandoned(self, attempt):
+            Fallback.asked += 1
+            return None
+
+    lifecycle, _ = daemon(home, {"bacalhau": Backend(), "sagemaker": Fallback(finishes_record=True)})
+    attempt = Attempt.new("sagemaker", "handed", "all", 1, state="Running")
+    lifecycle.store.create(JobRecord(job_id="handed", job_key="jobs/handed.json", state="RUNNING", backend="sagemaker",
+                                     attempts=[attempt.to_dict()]))
+    lifecycle._looked_handed -= lifecycle.settings.claim_seconds
+    for _ in range(3):
+        lifecycle.sweep()
+    assert Fallback.asked == 1
+    lifecycle._looked_handed -= lifecycle.settings.claim_seconds
+    lifecycle.sweep()
+    assert Fallback.asked == 2
