@@ -329,6 +329,7 @@ def test_a_split_job_s_next_stage_starts_fresh_and_a_crashed_stage_is_retried_sa
         ("preprocess", 1, None), ("preprocess", 2, "attempt 1 crashed"), ("train", 1, None)]
     assert [a["ending"] for a in attempts] == ["crashed", "succeeded", None]
     assert lifecycle.store.get("split").stage == "train"
+    assert "attempt 1 crashed" in [h["note"] for h in lifecycle.store.get("split").history]  # the history says why too
 
 
 def resumed(lifecycle, home, name, attempt):
@@ -617,3 +618,72 @@ def test_handed_over_jobs_are_looked_up_once_per_claim_seconds_not_at_every_swee
     lifecycle._looked_handed -= lifecycle.settings.claim_seconds
     lifecycle.sweep()
     assert Fallback.asked == 2
+
+
+def test_crashes_are_counted_across_attempts_and_past_the_retries_the_job_stops_retrying(home):
+    lifecycle, backend = daemon(home)
+    queue(lifecycle, "crashing", compute={"retries": 1, "backend": "bacalhau"})
+    for _ in range(2):
+        backend.watching.pop("crashing")(Result(Ending.CRASHED, "node lost", executions=1))
+    record = lifecycle.store.get("crashing")
+    assert backend.sent == ["crashing", "crashing"] and record.state == "FAILED"
+    assert "all failed 2 times; last error: node lost" in record.error["message"]
+
+
+@pytest.mark.parametrize("pinned", ["bacalhau", "sagemaker"])
+def test_a_job_that_cannot_run_where_it_must_fails_and_is_never_moved(home, pinned):
+    """A job pinned to a backend (or already on the fallback) that cannot run there fails, naming why:
+    it is not moved to the other backend, nor handed to the fallback it is on."""
+    class Full(Backend):
+        def preflight(self, job):
+            raise CannotRun("no node has a GPU free", None)
+
+    backends = {"bacalhau": Full(), "sagemaker": Full(finishes_record=True)}
+    lifecycle, _ = daemon(home, backends)
+    queue(lifecycle, "pinned", compute={"backend": pinned})
+    record = lifecycle.store.get("pinned")
+    assert record.state == "FAILED" and "No backend could run the job: no node has a GPU free" in record.error["message"]
+    assert not backends["bacalhau"].sent and not backends["sagemaker"].sent
+
+
+def test_an_attempt_that_ends_after_the_job_ended_elsewhere_changes_nothing(home):
+    """Another writer ended the job while its attempt ran (a second daemon's follower, the hand-over
+    check): the late end is dropped quietly, the slot is freed, and that ending's message stands."""
+    lifecycle, backend = daemon(home, concurrency=1)
+    queue(lifecycle, "ended-elsewhere")
+    queue(lifecycle, "next")
+    change(lifecycle.store, "ended-elsewhere", lambda r: setattr(r, "error", {"message": "failed elsewhere"}), to="FAILED")
+    backend.finish("ended-elsewhere")
+    record = lifecycle.store.get("ended-elsewhere")
+    assert record.state == "FAILED" and record.error == {"message": "failed elsewhere"}
+    assert backend.sent == ["ended-elsewhere", "next"]
+
+
+def test_after_a_restart_the_next_stage_sent_before_the_crash_is_followed_not_sent_again(home):
+    """The daemon died after the first stage's end was recorded and the next stage sent, before that
+    was recorded: its successor decides again from the recorded end, finds the sent stage, follows it."""
+    lifecycle, backend = daemon(home)
+    backend.known.add("split")
+    (home / "jobs").mkdir()
+    (home / "jobs" / "split.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4",
+                                                           "compute": {"split_stages": True}}))
+    done = Attempt.new("bacalhau", "split", "preprocess", 1, state="Completed", ending="succeeded", remote_id="j-1",
+                       published="results/split/work/a1/")
+    lifecycle.store.create(JobRecord(job_id="split", job_key="jobs/split.json", state="RUNNING", stage="preprocess",
+                                     backend="bacalhau", attempts=[done.to_dict()], owner="gone:1:x",
+                                     owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+    lifecycle.resume(lifecycle.store.get("split"))
+    record = lifecycle.store.get("split")
+    assert not backend.sent and backend.resumed == {"split": True}
+    assert [(a["stage"], a["number"], a["state"]) for a in record.attempts] == [
+        ("preprocess", 1, "Completed"), ("train", 1, "Running")]
+
+
+def test_after_a_restart_a_job_handed_to_the_fallback_is_left_to_it(home):
+    """Its state machine follows it and records its end: the daemon takes no slot for it and watches nothing."""
+    fallback = Backend(finishes_record=True)
+    lifecycle, _ = daemon(home, {"bacalhau": Backend(), "sagemaker": fallback}, concurrency=1)
+    record = resumed(lifecycle, home, "handed", Attempt.new("sagemaker", "handed", "all", 1, state="Running",
+                                                             remote_id="arn:execution"))
+    assert record.state == "RUNNING" and not fallback.watching and not fallback.sent
+    assert not lifecycle.slots.held and "handed" not in lifecycle.flights or not lifecycle.flights["handed"].holds_slot
