@@ -159,6 +159,25 @@ def test_a_move_through_states_in_one_write_records_each_of_them(store):
         change(store, "b4", lambda r: None, to=RUNNING, passing=(QUEUED,))
 
 
+def test_a_claim_made_on_a_stale_copy_reads_the_record_again_and_judges_it_again(store):
+    """A claim is one conditional put on the version read: when the record moved meanwhile it is read
+    again, and taken only if it is still free to take (never written over the other writer's change)."""
+    from codsplat.orchestrator.records import claim
+
+    refuse = lambda r: bool(r.notified_at)  # noqa: E731 - told already: nothing to claim
+    stamp = lambda r: setattr(r, "notify_claimed_by", "me")  # noqa: E731
+    for job_id, meanwhile, taken in (("cl1", lambda r: setattr(r, "cancel_requested", True), True),
+                                     ("cl2", lambda r: setattr(r, "notified_at", now()), False)):
+        store.create(JobRecord(job_id=job_id, job_key="k", state=RUNNING))
+        stale = store.get(job_id)
+        change(store, job_id, meanwhile)
+        claimed = claim(store, stale, refuse, stamp)
+        stored = store.get(job_id)
+        assert (claimed is not None) == taken and (stored.notify_claimed_by == "me") == taken, job_id
+        if taken:  # on the fresh record: the other writer's change is kept
+            assert stored.cancel_requested and stored.version == claimed.version == stale.version + 2
+
+
 def test_a_stale_write_is_refused(store):
     store.create(JobRecord(job_id="c1", job_key="k"))
     stale = store.get("c1")

@@ -10,6 +10,7 @@ from dynamo_checks import (test_a_change_from_the_callers_copy_reads_only_when_i
                            test_a_move_through_states_in_one_write_records_each_of_them,
                            test_a_damaged_record_is_left_out_of_a_listing_and_the_rest_is_listed,
                            test_a_cancel_is_a_top_level_attribute_the_state_machine_can_read,
+                           test_a_claim_made_on_a_stale_copy_reads_the_record_again_and_judges_it_again,
                            test_a_stale_write_is_refused, test_concurrent_writers_lose_nothing,
                            test_conditional_create_is_idempotent, test_list_since_reads_only_recent_records,
                            test_transitions_bump_the_version_and_keep_history)
