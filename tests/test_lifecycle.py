@@ -519,6 +519,9 @@ def test_a_slot_is_taken_once_per_job_and_a_resumed_job_takes_one_even_when_all_
     assert not slots.take("b") and list(slots.waiting) == ["b"]
     assert slots.take("resumed", force=True) and slots.held == {"a", "resumed"} and slots.peak == 2
     assert slots.take("resumed") and not slots.take("c")
+    # over the bound (a forced resume): a freed slot goes to nobody until the bound is kept again
+    assert slots.give_back("a") is None and slots.held == {"resumed"}
+    assert slots.give_back("resumed") == "b" and slots.held == {"b"}
 
 
 def test_a_job_whose_document_went_bad_or_away_fails_at_its_resume_naming_it(home):
@@ -649,14 +652,19 @@ def test_a_job_that_cannot_run_where_it_must_fails_and_is_never_moved(home, pinn
 def test_an_attempt_that_ends_after_the_job_ended_elsewhere_changes_nothing(home):
     """Another writer ended the job while its attempt ran (a second daemon's follower, the hand-over
     check): the late end is dropped quietly, the slot is freed, and that ending's message stands."""
-    lifecycle, backend = daemon(home, concurrency=1)
+    lifecycle, backend = daemon(home, concurrency=1, schedule=lambda fn, *a, delay=0.0: None if delay else fn(*a))
+    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    lifecycle.store.beat("alive:1:x", now())
     queue(lifecycle, "ended-elsewhere")
     queue(lifecycle, "next")
-    change(lifecycle.store, "ended-elsewhere", lambda r: setattr(r, "error", {"message": "failed elsewhere"}), to="FAILED")
+    change(lifecycle.store, "ended-elsewhere", lambda r: (setattr(r, "error", {"message": "failed elsewhere"}),
+                                                          setattr(r, "notify_claimed_by", "alive:1:x"),
+                                                          setattr(r, "notify_claimed_at", now())), to="FAILED")
     backend.finish("ended-elsewhere")
     record = lifecycle.store.get("ended-elsewhere")
     assert record.state == "FAILED" and record.error == {"message": "failed elsewhere"}
     assert backend.sent == ["ended-elsewhere", "next"]
+    assert not messages(home)  # the daemon that ended it tells its user, not this one
 
 
 def test_after_a_restart_the_next_stage_sent_before_the_crash_is_followed_not_sent_again(home):
@@ -687,3 +695,70 @@ def test_after_a_restart_a_job_handed_to_the_fallback_is_left_to_it(home):
                                                              remote_id="arn:execution"))
     assert record.state == "RUNNING" and not fallback.watching and not fallback.sent
     assert not lifecycle.slots.held and "handed" not in lifecycle.flights or not lifecycle.flights["handed"].holds_slot
+
+
+def test_a_message_sent_meanwhile_by_a_daemon_since_gone_is_not_sent_again(home):
+    """Announced from a stale copy: the claim's conditional put fails, the record is read again, and
+    a message already sent is never sent again, whoever's claim it was."""
+    lifecycle, _ = daemon(home)
+    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    lifecycle.store.create(JobRecord(job_id="told", job_key="jobs/told.json", state="FAILED", error={"message": "x"},
+                                     notify_claimed_by="gone:1:x", notify_claimed_at="2020-01-01T00:00:00.000+00:00"))
+    stale = lifecycle.store.get("told")
+    change(lifecycle.store, "told", lambda r: setattr(r, "notified_at", now()))
+    lifecycle.announce(stale)
+    assert not messages(home)
+
+
+def test_after_a_restart_a_job_sent_to_a_backend_this_daemon_lacks_starts_afresh_here(home):
+    """The record's last attempt ran on a backend this deployment no longer has (a local run, taken
+    up by a daemon on Bacalhau): the job starts again on this daemon's backend."""
+    lifecycle, backend = daemon(home)
+    record = resumed(lifecycle, home, "moved", Attempt.new("local", "moved", "all", 1, state="Running", remote_id="77"))
+    assert backend.sent == ["moved"] and record.attempts[-1]["backend"] == "bacalhau"
+
+
+def test_a_job_document_is_read_whole_at_a_resume_up_to_the_size_bound_and_refused_past_it(home):
+    from codsplat.pipeline.config import MAX_DOCUMENT_BYTES
+
+    lifecycle, backend = daemon(home)
+    (home / "jobs").mkdir()
+    head = '{"version": 1, "input": "uploads/clip.mp4"'
+    for name, size in (("full", MAX_DOCUMENT_BYTES), ("over", MAX_DOCUMENT_BYTES + 1)):
+        (home / "jobs" / f"{name}.json").write_text(head + " " * (size - len(head) - 1) + "}")  # its last byte matters
+        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="QUEUED", owner="gone:1:x",
+                                         owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+        lifecycle.resume(lifecycle.store.get(name))
+    assert backend.sent == ["full"]
+    assert "a document may be at most 64 KiB" in lifecycle.store.get("over").error["message"]
+
+
+def test_a_heartbeat_on_time_reads_no_job_and_one_after_a_lapse_reads_each(home):
+    """Every claim_seconds / 3 a daemon writes one heartbeat; only after a lapse (two thirds of the
+    claim's life) does it read each of its jobs again, to let go of any another daemon took."""
+    lifecycle, backend = daemon(home, concurrency=4)
+    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    for name in ("job-a", "job-b"):
+        queue(lifecycle, name)
+    reads, real = [], lifecycle.store.get
+    lifecycle.store.get = lambda job_id: (reads.append(job_id), real(job_id))[1]
+    claim = lifecycle.settings.claim_seconds
+    for since, read in ((claim * 0.4, []), (claim * 0.7, ["job-a", "job-b"])):
+        lifecycle._beat = time.monotonic() - since
+        reads.clear()
+        lifecycle.heartbeat()
+        assert sorted(reads) == read, since
+
+
+def test_a_daemon_that_cannot_mark_its_stop_still_stops(home):
+    """On shutdown the daemon marks its heartbeat stopped, so others take its jobs at once; if the
+    store says no, its holds lapse by themselves after claim_seconds and the shutdown goes on."""
+    class Refusing(SQLiteStore):
+        def beat(self, owner, at, alive=True):
+            raise ConnectionError("the store did not answer")
+
+    lifecycle, _ = daemon(home)
+    lifecycle.store = lifecycle.holds.store = Refusing(home / "db.sqlite")
+    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    lifecycle.let_go()  # logged, not raised
+    assert lifecycle.stats.get("beats", 0) == 0
