@@ -340,7 +340,7 @@ def test_a_damaged_record_is_left_out_of_a_listing_and_the_rest_is_listed(store,
                             tuple(damaged.values()))
     with caplog.at_level("ERROR"):
         listed = [r.job_id for r in store.list(FAILED, since=since)]
-    assert listed == ["dm1"]
+    assert [i for i in listed if i.startswith("dm")] == ["dm1"]  # (other checks leave records dated in the future)
     assert any("skipping an unreadable record" in r.getMessage() for r in caplog.records)
 
 
@@ -349,11 +349,12 @@ def test_a_cancel_is_a_top_level_attribute_the_state_machine_can_read(store):
     from codsplat.orchestrator.records import request_cancel
 
     store.create(JobRecord(job_id="cx1", job_key="k", state=RUNNING))
+    store.create(JobRecord(job_id="cx2", job_key="k", state=RUNNING))
     request_cancel(store, "cx1")
-    assert store.get("cx1").cancel_requested and store.get("cx1").state == RUNNING
+    assert store.get("cx1").cancel_requested and store.get("cx1").state == RUNNING and not store.get("cx2").cancel_requested
     if isinstance(store, DynamoStore):
-        item = store.client.get_item(TableName=store.table, Key={"job_id": {"S": "cx1"}})["Item"]
-        assert item["cancel_requested"] == {"BOOL": True}
+        item = lambda job_id: store.client.get_item(TableName=store.table, Key={"job_id": {"S": job_id}})["Item"]  # noqa: E731
+        assert item("cx1")["cancel_requested"] == {"BOOL": True} and "cancel_requested" not in item("cx2")
 
 
 def test_list_since_reads_only_recent_records(store):
