@@ -38,3 +38,10 @@ def test_a_success_result_carries_what_the_worker_reported():
     assert result["estimated_cost_usd"] == round(1200 / 3600 * settings.gpu_hour_usd + 30 / 3600 * settings.cpu_hour_usd, 4)
     empty = success_result({}, "results/j/export/", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00", 1, settings)
     assert empty["outputs"] == [] and empty["stage_seconds"] == {} and empty["gpu_seconds"] == 0.0
+
+
+def test_the_embedded_store_makes_the_folders_its_file_goes_in(tmp_path):
+    from codsplat.orchestrator.records import JobRecord
+
+    store = SQLiteStore(tmp_path / "new" / "state" / "codsplat.db")
+    assert store.create(JobRecord(job_id="f1", job_key="k")) and store.get("f1").job_key == "k"
