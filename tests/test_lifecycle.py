@@ -762,3 +762,25 @@ def test_a_daemon_that_cannot_mark_its_stop_still_stops(home):
     lifecycle.others_alive = lifecycle.holds.others_alive = True
     lifecycle.let_go()  # logged, not raised
     assert lifecycle.stats.get("beats", 0) == 0
+
+
+def test_media_that_lead_out_of_the_folder_fail_the_job_naming_them(home):
+    """A link planted where the media should be is never followed: the job fails naming the media."""
+    (home / "uploads" / "planted.mp4").symlink_to("/etc/passwd")
+    lifecycle, backend = daemon(home)
+    queue(lifecycle, "planted", input="uploads/planted.mp4")
+    record = lifecycle.store.get("planted")
+    assert record.state == "FAILED" and not backend.sent
+    assert "uploads/planted.mp4 cannot be read: planted.mp4 leads outside" in record.error["message"]
+    assert record.error["kind"] == "input" and record.error["exit_code"] == 2
+
+
+def test_a_job_resumed_over_the_bound_is_never_started_again_when_a_slot_frees(home):
+    """A job found running after a restart takes a slot even when all are held: it runs already. Its
+    slot is held, not waited for: when another job frees one, it is not started a second time."""
+    lifecycle, backend = daemon(home, concurrency=1)
+    queue(lifecycle, "first")
+    resumed(lifecycle, home, "remote", Attempt.new("bacalhau", "remote", "all", 1, state="Running", remote_id="j-9"))
+    assert lifecycle.slots.held == {"first", "remote"} and not lifecycle.slots.waiting
+    backend.finish("first")
+    assert backend.sent == ["first"]
