@@ -81,8 +81,9 @@ def test_health_endpoint_and_sigterm(tmp_path):
             health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert 0 < health["cpu_seconds"]["intake"] < health["cpu_seconds"]["process"]
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        _, stderr = proc.communicate(timeout=30)  # read while waiting: a full pipe would block the daemon's logging
+        assert proc.returncode == 0
+        logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
         assert logs[0]["message"].startswith("daemon started") and logs[-1]["message"] == "daemon stopped"
     finally:
         if proc.poll() is None:
