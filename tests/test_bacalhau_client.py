@@ -195,6 +195,24 @@ def test_translated_specs_are_valid_and_use_only_api_keys(standin):
         assert client.submit(translate_all(job, Settings())[0]).job_id.startswith("j-")
 
 
+@pytest.mark.parametrize("model, region, endpoint", [("NVIDIA-A10G", "eu-west-1", "http://127.0.0.1:9000"), (None, None, None)])
+def test_a_spec_carries_the_job_s_limits_gpu_model_and_the_deployment_s_s3(model, region, endpoint):
+    """Bacalhau takes timeouts in seconds (ExecutionTimeout for the run, QueueTimeout for placement,
+    TotalTimeout both); a GPU model is a constraint on GPU stages only; every S3 source and the
+    publisher name the deployment's region and endpoint where it has them, and nothing where not."""
+    job = parse_job({"version": 1, "input": "s3://codsplat-data/uploads/a.mp4",
+                     "compute": {"split_stages": True, "max_runtime_minutes": 90, "queue_timeout_minutes": 7,
+                                 **({"gpu_model": model} if model else {})}}, default_id="limits")
+    settings = Settings(region=region, s3_endpoint=endpoint)
+    for spec in translate_all(job, settings):
+        task, stage = spec["Tasks"][0], spec["Name"].split("-")[-2]
+        assert task["Timeouts"] == {"ExecutionTimeout": 5400, "QueueTimeout": 420, "TotalTimeout": 5820}, stage
+        constraints = [{"Key": "GPU-0", "Operator": "=", "Values": [model]}] if model and stage == "train" else []
+        assert spec.get("Constraints", []) == constraints, stage
+        for params in [source["Source"]["Params"] for source in task["InputSources"]] + [task["Publisher"]["Params"]]:
+            assert (params.get("Region"), params.get("Endpoint")) == (region, endpoint), stage
+
+
 @pytest.mark.parametrize("gpus, devices", [(1, ["cpu", "cuda", "cpu"]), (0, ["cpu", "cpu", "cpu"])])
 def test_a_stage_that_asks_for_a_gpu_is_pinned_to_cuda_and_every_other_to_the_cpu(gpus, devices):
     """A GPU stage never falls back to training on its node's CPU for hours: the worker is told cuda,
