@@ -371,7 +371,6 @@ def main() -> None:
     parser.add_argument("--score", action="store_true", help="recount from the saved sessions, running nothing")
     args = parser.parse_args()
     summary_path = RESULTS / "mutation.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"modules": {}}
     unknown = set(args.modules) - set(MODULES)
     if unknown:
         parser.error(f"no module {', '.join(sorted(unknown))}; valid: {', '.join(MODULES)}")
@@ -380,6 +379,8 @@ def main() -> None:
             report = score(name, SCRATCH / name / "session.sqlite")
         else:
             report = run_module(name, args.retest, args.resume)
+        # read just before writing: runs of other modules, in other processes, write it too
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"modules": {}}
         summary["modules"][name] = {**summary["modules"].get(name, {}), **report}
         summary_path.write_text(json.dumps(summary, indent=2))
         print(json.dumps({name: report}), flush=True)
