@@ -784,3 +784,20 @@ def test_a_job_resumed_over_the_bound_is_never_started_again_when_a_slot_frees(h
     assert lifecycle.slots.held == {"first", "remote"} and not lifecycle.slots.waiting
     backend.finish("first")
     assert backend.sent == ["first"]
+
+
+@pytest.mark.parametrize("code,ending", [(0, Ending.SUCCEEDED), (2, Ending.USER_ERROR), (3, Ending.USER_ERROR),
+                                         (4, Ending.USER_ERROR), (1, Ending.CRASHED), (5, Ending.CRASHED),
+                                         (137, Ending.CRASHED), (None, Ending.CRASHED)])
+def test_a_worker_s_exit_code_says_whether_the_job_is_at_fault_or_the_run_crashed(code, ending):
+    """2, 3 and 4 are the job's own fault (not retried); anything else is a crash (retried), even a
+    code the worker does not define."""
+    assert Result.of_exit(code, None).ending is ending
+
+
+def test_a_job_s_fault_is_recorded_with_the_worker_s_code_and_stage(home):
+    lifecycle, backend = daemon(home)
+    queue(lifecycle, "bad-scene")
+    backend.watching.pop("bad-scene")(Result(Ending.USER_ERROR, "Only 3 of 40 frames were placed.", exit_code=3, stage="sfm"))
+    error = lifecycle.store.get("bad-scene").error
+    assert (error["exit_code"], error["stage"], error["message"]) == (3, "sfm", "Only 3 of 40 frames were placed.")
