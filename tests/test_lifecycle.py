@@ -330,6 +330,9 @@ def test_a_split_job_s_next_stage_starts_fresh_and_a_crashed_stage_is_retried_sa
     assert [a["ending"] for a in attempts] == ["crashed", "succeeded", None]
     assert lifecycle.store.get("split").stage == "train"
     assert "attempt 1 crashed" in [h["note"] for h in lifecycle.store.get("split").history]  # the history says why too
+    # retries are counted per stage: train's first crash is retried, whatever preprocess used
+    backend.watching.pop("split")(Result(Ending.CRASHED, "node lost"))
+    assert [(a["stage"], a["number"]) for a in lifecycle.store.get("split").attempts][-1] == ("train", 2)
 
 
 def resumed(lifecycle, home, name, attempt):
@@ -801,3 +804,21 @@ def test_a_job_s_fault_is_recorded_with_the_worker_s_code_and_stage(home):
     backend.watching.pop("bad-scene")(Result(Ending.USER_ERROR, "Only 3 of 40 frames were placed.", exit_code=3, stage="sfm"))
     error = lifecycle.store.get("bad-scene").error
     assert (error["exit_code"], error["stage"], error["message"]) == (3, "sfm", "Only 3 of 40 frames were placed.")
+
+
+def test_an_attempt_name_is_a_valid_unique_bacalhau_name_however_long_the_job_id():
+    """At most 63 characters of [a-z0-9-], never ending in '-'; a long id is cut and marked with a
+    hash of the whole of it, so ids that share their first 40 characters still name different jobs."""
+    import re
+
+    from codsplat.orchestrator.compute import attempt_name
+
+    assert attempt_name("short-id", "train", 2) == "codsplat-short-id-train-a2"
+    names = set()
+    for job_id in ("a" * 62, "a" * 61 + "b", "a" * 39 + "-" + "c" * 22, "a" * 39 + "-" + "d" * 22):
+        for stage in ("all", "preprocess", "sm"):
+            name = attempt_name(job_id, stage, 12)
+            assert len(name) == 63 and re.fullmatch(r"[a-z0-9-]*[a-z0-9]", name) and name.endswith(f"-{stage}-a12"), name
+            assert "--" not in name and name.startswith("codsplat-aaaa"), name
+            names.add(name)
+    assert len(names) == 12
