@@ -814,6 +814,7 @@ def test_an_attempt_name_is_a_valid_unique_bacalhau_name_however_long_the_job_id
     from codsplat.orchestrator.compute import attempt_name
 
     assert attempt_name("short-id", "train", 2) == "codsplat-short-id-train-a2"
+    assert attempt_name("x" * 47, "all", 1) == f"codsplat-{'x' * 47}-all-a1"  # exactly 63: kept whole
     names = set()
     for job_id in ("a" * 62, "a" * 61 + "b", "a" * 39 + "-" + "c" * 22, "a" * 39 + "-" + "d" * 22):
         for stage in ("all", "preprocess", "sm"):
@@ -822,3 +823,14 @@ def test_an_attempt_name_is_a_valid_unique_bacalhau_name_however_long_the_job_id
             assert "--" not in name and name.startswith("codsplat-aaaa"), name
             names.add(name)
     assert len(names) == 12
+
+
+def test_a_stage_reads_what_the_last_successful_attempt_of_each_earlier_stage_published():
+    """A crashed attempt may have published part of its folders: only a success's prefix is read."""
+    from codsplat.orchestrator.compute import upstream_of
+
+    attempts = [Attempt.new("bacalhau", "up", "preprocess", 1, ending="crashed", published="results/up/work/p1/"),
+                Attempt.new("bacalhau", "up", "preprocess", 2, ending="succeeded", published="results/up/work/p2/"),
+                Attempt.new("bacalhau", "up", "train", 1, ending="crashed", published="results/up/work/t1/"),
+                Attempt.new("bacalhau", "up", "train", 2, ending="succeeded", published=None)]
+    assert upstream_of(attempts) == {"preprocess": "results/up/work/p2/"}
