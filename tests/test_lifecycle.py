@@ -834,3 +834,15 @@ def test_a_stage_reads_what_the_last_successful_attempt_of_each_earlier_stage_pu
                 Attempt.new("bacalhau", "up", "train", 1, ending="crashed", published="results/up/work/t1/"),
                 Attempt.new("bacalhau", "up", "train", 2, ending="succeeded", published=None)]
     assert upstream_of(attempts) == {"preprocess": "results/up/work/p2/"}
+
+
+def test_an_attempt_stopped_while_running_ends_the_job_cancelled_and_tells_its_user_once(home):
+    lifecycle, backend = daemon(home)
+    queue(lifecycle, "stopped")
+    request_cancel(lifecycle.store, "stopped")
+    lifecycle.sweep()
+    backend.watching.pop("stopped")(Result(Ending.STOPPED, "stopped by the user"))
+    record = lifecycle.store.get("stopped")
+    assert record.state == "CANCELLED" and record.attempts[-1]["ending"] == "stopped" and len(backend.stopped) == 1
+    assert "stopped while running" in [h["note"] for h in record.history]
+    assert [(m["job_id"], m["status"]) for m in messages(home)] == [("stopped", "CANCELLED")]
