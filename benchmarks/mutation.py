@@ -170,7 +170,7 @@ def run_module(name: str, retest: bool, resume: bool = False) -> dict:
         subprocess.run([bin_("cr-filter-operators"), str(session), str(config)], cwd=repo, env=env, check=True)
         skip(session, repo / path, module.functions)
     else:
-        # Today's tests against last run's survivors: forget their results, so exec runs them again.
+        # Today's tests against last run's survivors: mapped again; their results are forgotten below.
         if not (work / "first.sqlite").exists():
             shutil.copy2(session, work / "first.sqlite")
         listed: set[str] = set()

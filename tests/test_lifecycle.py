@@ -74,6 +74,21 @@ def queue(lifecycle, job_id, **doc):
     lifecycle.admit(lifecycle._flight(job, lifecycle.store.get(job_id)))
 
 
+def refuse_heartbeats(lifecycle, times):
+    """Other daemons are about, and the store says no to this one's next `times` heartbeat writes."""
+    real = lifecycle.store.beat
+
+    def beat(owner, at, alive=True):
+        nonlocal times
+        if times:
+            times -= 1
+            raise ConnectionError("the store did not answer")
+        real(owner, at, alive)
+
+    lifecycle.store.beat = beat
+    lifecycle.others_alive = lifecycle.holds.others_alive = True
+
+
 def messages(home):
     log = home / "sent" / "sent.jsonl"
     return [json.loads(line)["attributes"] for line in log.read_text().splitlines()] if log.exists() else []
@@ -206,12 +221,8 @@ def test_after_a_restart_an_attempt_sent_before_the_crash_is_followed_not_sent_a
     daemon watched); a job whose attempt never left is sent."""
     lifecycle, backend = daemon(home)
     backend.known.add("job-sent")
-    (home / "jobs").mkdir()
     for name in ("job-sent", "job-new"):
-        (home / "jobs" / f"{name}.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
-        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="QUEUED", owner="gone:1:x",
-                                         owner_seen_at="2020-01-01T00:00:00.000+00:00"))
-        lifecycle.resume(lifecycle.store.get(name))
+        resumed(lifecycle, home, name)
     assert backend.sent == ["job-new"]
     assert backend.resumed == {"job-sent": True, "job-new": False}
     assert lifecycle.store.get("job-sent").state == "RUNNING" and lifecycle.store.get("job-sent").owner == lifecycle.owner
@@ -335,13 +346,19 @@ def test_a_split_job_s_next_stage_starts_fresh_and_a_crashed_stage_is_retried_sa
     assert [(a["stage"], a["number"]) for a in lifecycle.store.get("split").attempts][-1] == ("train", 2)
 
 
-def resumed(lifecycle, home, name, attempt):
-    """A RUNNING record whose daemon died, with `attempt` its last, taken up by `lifecycle`."""
-    (home / "jobs").mkdir(exist_ok=True)
-    (home / "jobs" / f"{name}.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
-    lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="RUNNING", stage=attempt.stage,
-                                     backend=attempt.backend, attempts=[attempt.to_dict()], owner="gone:1:x",
-                                     owner_seen_at="2020-01-01T00:00:00.000+00:00"))
+DOCUMENT = json.dumps({"version": 1, "input": "uploads/clip.mp4"})
+
+
+def resumed(lifecycle, home, name, attempt=None, document=DOCUMENT):
+    """A job whose daemon died, taken up by `lifecycle`: its record QUEUED, or RUNNING with `attempt`
+    its last; `document` is its job file's text (None: the file is gone). Returns the record after."""
+    if document is not None:
+        (home / "jobs").mkdir(exist_ok=True)
+        (home / "jobs" / f"{name}.json").write_text(document)
+    state = {"state": "QUEUED"} if attempt is None else {
+        "state": "RUNNING", "stage": attempt.stage, "backend": attempt.backend, "attempts": [attempt.to_dict()]}
+    lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", owner="gone:1:x",
+                                     owner_seen_at="2020-01-01T00:00:00.000+00:00", **state))
     lifecycle.resume(lifecycle.store.get(name))
     return lifecycle.store.get(name)
 
@@ -450,11 +467,7 @@ def test_after_a_restart_a_sent_attempt_is_followed_even_where_the_backend_has_n
     busy, fallback = Busy(), Backend(finishes_record=True)
     busy.known.add("job-sent")
     lifecycle, _ = daemon(home, {"bacalhau": busy, "sagemaker": fallback})
-    (home / "jobs").mkdir()
-    (home / "jobs" / "job-sent.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
-    lifecycle.store.create(JobRecord(job_id="job-sent", job_key="jobs/job-sent.json", state="QUEUED", owner="gone:1:x",
-                                     owner_seen_at="2020-01-01T00:00:00.000+00:00"))
-    lifecycle.resume(lifecycle.store.get("job-sent"))
+    resumed(lifecycle, home, "job-sent")
     assert not fallback.sent and busy.resumed == {"job-sent": True}
     assert lifecycle.store.get("job-sent").backend == "bacalhau"
 
@@ -475,11 +488,7 @@ def test_after_a_restart_a_lookup_that_fails_sends_nothing_and_looks_again(home)
     blip = Blip()
     blip.known.add("job-sent")
     lifecycle, _ = daemon(home, {"bacalhau": blip}, schedule=lambda fn, *a, delay=0.0: later.append((fn, a, delay)))
-    (home / "jobs").mkdir()
-    (home / "jobs" / "job-sent.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4"}))
-    lifecycle.store.create(JobRecord(job_id="job-sent", job_key="jobs/job-sent.json", state="QUEUED", owner="gone:1:x",
-                                     owner_seen_at="2020-01-01T00:00:00.000+00:00"))
-    lifecycle.resume(lifecycle.store.get("job-sent"))
+    resumed(lifecycle, home, "job-sent")
     for _ in range(2):
         assert not blip.sent and [delay for *_, delay in later] == [lifecycle.settings.lookup_retry_seconds]
         fn, args, _ = later.pop()
@@ -531,12 +540,8 @@ def test_a_job_whose_document_went_bad_or_away_fails_at_its_resume_naming_it(hom
     """After a restart the job is read again from its document: gone, or no longer valid, the job
     cannot go on; it fails saying which, and its user is told."""
     lifecycle, backend = daemon(home)
-    (home / "jobs").mkdir()
-    (home / "jobs" / "bad.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4", "frames": "many"}))
-    for name in ("gone", "bad"):
-        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="QUEUED", owner="gone:1:x",
-                                         owner_seen_at="2020-01-01T00:00:00.000+00:00"))
-        lifecycle.resume(lifecycle.store.get(name))
+    resumed(lifecycle, home, "gone", document=None)
+    resumed(lifecycle, home, "bad", document=json.dumps({"version": 1, "input": "uploads/clip.mp4", "frames": "many"}))
     gone, bad = lifecycle.store.get("gone"), lifecycle.store.get("bad")
     assert gone.state == bad.state == "FAILED" and not backend.sent
     assert gone.error["message"] == "Its job document jobs/gone.json can no longer be read (FileNotFoundError)."
@@ -545,18 +550,8 @@ def test_a_job_whose_document_went_bad_or_away_fails_at_its_resume_naming_it(hom
 
 
 def test_a_heartbeat_the_store_refuses_is_written_again_at_the_next_sweep(home):
-    class Refusing(SQLiteStore):
-        refuse = 1
-
-        def beat(self, owner, at, alive=True):
-            if Refusing.refuse:
-                Refusing.refuse -= 1
-                raise ConnectionError("the store did not answer")
-            super().beat(owner, at, alive)
-
     lifecycle, _ = daemon(home)
-    lifecycle.store = lifecycle.holds.store = Refusing(home / "db.sqlite")
-    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    refuse_heartbeats(lifecycle, times=1)
     lifecycle.heartbeat()  # refused: logged, not raised, and not counted as written
     assert lifecycle.store.seen(lifecycle.owner) is None and lifecycle.stats.get("beats", 0) == 0
     lifecycle.heartbeat()
@@ -675,16 +670,10 @@ def test_after_a_restart_the_next_stage_sent_before_the_crash_is_followed_not_se
     was recorded: its successor decides again from the recorded end, finds the sent stage, follows it."""
     lifecycle, backend = daemon(home)
     backend.known.add("split")
-    (home / "jobs").mkdir()
-    (home / "jobs" / "split.json").write_text(json.dumps({"version": 1, "input": "uploads/clip.mp4",
-                                                           "compute": {"split_stages": True}}))
     done = Attempt.new("bacalhau", "split", "preprocess", 1, state="Completed", ending="succeeded", remote_id="j-1",
                        published="results/split/work/a1/")
-    lifecycle.store.create(JobRecord(job_id="split", job_key="jobs/split.json", state="RUNNING", stage="preprocess",
-                                     backend="bacalhau", attempts=[done.to_dict()], owner="gone:1:x",
-                                     owner_seen_at="2020-01-01T00:00:00.000+00:00"))
-    lifecycle.resume(lifecycle.store.get("split"))
-    record = lifecycle.store.get("split")
+    record = resumed(lifecycle, home, "split", done, document=json.dumps(
+        {"version": 1, "input": "uploads/clip.mp4", "compute": {"split_stages": True}}))
     assert not backend.sent and backend.resumed == {"split": True}
     assert [(a["stage"], a["number"], a["state"]) for a in record.attempts] == [
         ("preprocess", 1, "Completed"), ("train", 1, "Running")]
@@ -725,13 +714,9 @@ def test_a_job_document_is_read_whole_at_a_resume_up_to_the_size_bound_and_refus
     from codsplat.pipeline.config import MAX_DOCUMENT_BYTES
 
     lifecycle, backend = daemon(home)
-    (home / "jobs").mkdir()
     head = '{"version": 1, "input": "uploads/clip.mp4"'
     for name, size in (("full", MAX_DOCUMENT_BYTES), ("over", MAX_DOCUMENT_BYTES + 1)):
-        (home / "jobs" / f"{name}.json").write_text(head + " " * (size - len(head) - 1) + "}")  # its last byte matters
-        lifecycle.store.create(JobRecord(job_id=name, job_key=f"jobs/{name}.json", state="QUEUED", owner="gone:1:x",
-                                         owner_seen_at="2020-01-01T00:00:00.000+00:00"))
-        lifecycle.resume(lifecycle.store.get(name))
+        resumed(lifecycle, home, name, document=head + " " * (size - len(head) - 1) + "}")  # its last byte matters
     assert backend.sent == ["full"]
     assert "a document may be at most 64 KiB" in lifecycle.store.get("over").error["message"]
 
@@ -756,13 +741,8 @@ def test_a_heartbeat_on_time_reads_no_job_and_one_after_a_lapse_reads_each(home)
 def test_a_daemon_that_cannot_mark_its_stop_still_stops(home):
     """On shutdown the daemon marks its heartbeat stopped, so others take its jobs at once; if the
     store says no, its holds lapse by themselves after claim_seconds and the shutdown goes on."""
-    class Refusing(SQLiteStore):
-        def beat(self, owner, at, alive=True):
-            raise ConnectionError("the store did not answer")
-
     lifecycle, _ = daemon(home)
-    lifecycle.store = lifecycle.holds.store = Refusing(home / "db.sqlite")
-    lifecycle.others_alive = lifecycle.holds.others_alive = True
+    refuse_heartbeats(lifecycle, times=1)
     lifecycle.let_go()  # logged, not raised
     assert lifecycle.stats.get("beats", 0) == 0
 
