@@ -67,7 +67,7 @@ MODULES: dict[str, Module] = {
     "translate": Module("orchestrator/translate.py", ["test_bacalhau_client", "test_job", "test_entrypoint"]),
     "executor_bacalhau": Module("orchestrator/executors/bacalhau.py", ["test_bacalhau_client", "test_daemon_aws"]),
     "executor_local": Module("orchestrator/executors/local.py", ["test_local_executor", "test_daemon_embedded", "test_daemon_ops"]),
-    "executor_sagemaker": Module("orchestrator/executors/sagemaker.py", ["test_fallback"]),
+    "executor_sagemaker": Module("orchestrator/executors/sagemaker.py", ["test_sagemaker_executor", "test_fallback"]),
     "config": Module("pipeline/config.py", ["test_config", "test_job", "test_hostile"]),
     "stages": Module("pipeline/stages.py", ["test_stages", "test_export", "test_hostile", "test_pipeline"]),
     "export": Module("pipeline/export.py", ["test_export", "test_formats", "test_pipeline"]),
