@@ -14,6 +14,7 @@ from codsplat.orchestrator.backends import build_daemon
 from codsplat.orchestrator.events import Delivery, SqsSource
 from codsplat.orchestrator.records import DynamoStore
 from conftest import CPU_ONLY, QUICK, aws_deployment, sagemaker_did_its_work
+from servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -452,6 +453,15 @@ def until(predicate, timeout=60):
     raise AssertionError("timed out")
 
 
+def answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def bacalhau_jobs(standin, job_id):
     import httpx
 
@@ -566,14 +576,17 @@ def test_two_daemons_on_one_queue_one_killed_every_job_runs_once_and_is_told_onc
            "CODSPLAT_TABLE": aws["table"], "CODSPLAT_TOPIC_ARN": aws["topic_arn"],
            "CODSPLAT_AWS_ENDPOINT": settings.aws_endpoint, "CODSPLAT_S3_ENDPOINT": settings.aws_endpoint,
            "CODSPLAT_IMAGE": settings.image, "CODSPLAT_QUEUE_WAIT_SECONDS": "1", "CODSPLAT_BACALHAU_POLL_SECONDS": "0.2",
-           "CODSPLAT_CLAIM_SECONDS": "3", "CODSPLAT_CANCEL_CHECK_SECONDS": "0.5", "CODSPLAT_HEALTH_PORT": "0",
+           "CODSPLAT_CLAIM_SECONDS": "3", "CODSPLAT_CANCEL_CHECK_SECONDS": "0.5",
            "CODSPLAT_CONCURRENCY": "20", "BACALHAU_API_HOST": "127.0.0.1", "BACALHAU_API_PORT": str(settings.bacalhau_port)}
-    daemons = [subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    ports = [free_port(), free_port()]
+    daemons = [subprocess.Popen([sys.executable, "-m", "codsplat.orchestrator.cli", "daemon"],
+                                env={**env, "CODSPLAT_HEALTH_PORT": str(port)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in ports]
     store = DynamoStore(aws["table"], boto3.client("dynamodb", endpoint_url=settings.aws_endpoint, region_name="us-east-1"))
     ids = [f"pair-{i:02d}" for i in range(12)]
     try:
-        time.sleep(2)
+        until(lambda: all(answers(f"http://127.0.0.1:{port}/health") for port in ports), timeout=90)  # both up
+        time.sleep(1)  # and receiving: a slow start of one (a loaded machine) would leave it no job
         for job_id in ids:
             aws["s3"].put_object(Bucket=aws["bucket"], Key=f"jobs/u/{job_id}.json", Body=json.dumps(
                 {"version": 1, "input": "uploads/u/clip.mp4", "notify": {"email": ["u@example.com"]}}))
