@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+import pycolmap
 import pytest
 import torch
+import trimesh
 from PIL import Image
 
-from codsplat.pipeline import export, splats
+from codsplat.pipeline import export, mesh, splats
 from codsplat.pipeline.config import build_config
 from codsplat.pipeline.errors import QualityError
 from codsplat.pipeline.stages import StageContext, run_stage
@@ -34,8 +37,26 @@ def gaussians(n: int, sh_degree: int = 1, nonfinite: int = 0) -> dict[str, torch
     return params
 
 
-def trained(tmp_path, settings=None, n=40, nonfinite=0, psnr=23.375, cameras=True) -> StageContext:
-    """A work folder whose frames, sfm and train stages have run: their manifests through `run_stage`."""
+def synthetic_sfm(undistorted, frames=9, points=400, size=(480, 360)) -> np.ndarray:
+    """An undistorted SfM model as the sfm stage leaves it (PINHOLE cameras, grey photos), made by
+    pycolmap's own synthesizer; its 3D points."""
+    options = pycolmap.SyntheticDatasetOptions()
+    options.num_rigs, options.num_cameras_per_rig, options.num_frames_per_rig, options.num_points3D = 1, 1, frames, points
+    options.camera_width, options.camera_height = size
+    options.camera_model_id = pycolmap.CameraModelId.PINHOLE
+    options.camera_params = [size[0], size[0], size[0] / 2, size[1] / 2]
+    model = pycolmap.synthesize_dataset(options)
+    (undistorted / "sparse").mkdir(parents=True)
+    (undistorted / "images").mkdir()
+    model.write(str(undistorted / "sparse"))
+    for image in model.images.values():
+        Image.new("RGB", size, (120, 120, 120)).save(undistorted / "images" / image.name)
+    return np.array([p.xyz for p in model.points3D.values()])
+
+
+def trained(tmp_path, settings=None, n=40, nonfinite=0, psnr=23.375, cameras=True, scene=False) -> StageContext:
+    """A work folder whose frames, sfm and train stages have run: their manifests through `run_stage`.
+    With `scene`, sfm leaves a synthetic model and training one Gaussian on each of its points."""
     ctx = StageContext(tmp_path / "work", build_config({"preset": "tiny", **(settings or {})}),
                        input=tmp_path / "clip.mp4")
     ctx.input.write_bytes(b"media")
@@ -44,13 +65,19 @@ def trained(tmp_path, settings=None, n=40, nonfinite=0, psnr=23.375, cameras=Tru
         (c.dir("frames") / "f0000.png").write_bytes(b"png")
         return {"kept": 16, "kind": "video"}
 
+    points = []
+
     def sfm(c):
         (c.dir("sfm") / "sfm.json").write_text("{}")
+        if scene:
+            points.append(synthetic_sfm(c.dir("sfm") / "undistorted"))
         return SFM
 
     def train(c):
         out = c.dir("train")
-        splats.save(out / "splats.pt", gaussians(n, nonfinite=nonfinite), 1)
+        params = (splats.init_from_points(points[0], np.full_like(points[0], 0.5), 1, 0.95, 0, init_scale=1.5) if scene
+                  else gaussians(n, nonfinite=nonfinite))
+        splats.save(out / "splats.pt", params, 1)
         (out / "eval.json").write_text(json.dumps({"psnr": psnr, "ssim": 0.79, "views": VIEWS}))
         (out / "holdout").mkdir()
         for i, view in enumerate(VIEWS):
@@ -107,7 +134,9 @@ def test_previews_put_each_held_out_render_beside_its_photo_and_the_report_shows
     for i, name in enumerate(metrics["previews"]):
         image = Image.open(out / name)
         assert image.size == (64 * 5 * 2 + 8, 48 * 5 + 22)  # scaled up to PREVIEW_MIN_HEIGHT, then side by side
-        assert image.getpixel((10, 100)) == (200, 10 * i, 0) and image.getpixel((64 * 5 + 8 + 10, 100)) == (0, 10 * i, 200)
+        for y in (22, 100, 48 * 5 + 21):  # each fills its half below the 22-px caption band, to the last row
+            assert image.getpixel((10, y)) == (200, 10 * i, 0) and image.getpixel((64 * 5 + 8 + 10, y)) == (0, 10 * i, 200)
+        assert image.getpixel((10, 21)) == image.getpixel((64 * 5 + 8 + 10, 21)) == (255, 255, 255)
     assert json.loads((out / CAMERAS).read_text()) == {"cameras": [1, 2]}  # a viewer opens at a photo's viewpoint
 
     report = (out / "report.html").read_text()
@@ -158,3 +187,41 @@ def test_a_splat_the_gate_stops_leaves_no_file_behind(tmp_path, case, says):
     with pytest.raises(QualityError, match=says):
         run_stage("export", export.run, ctx)
     assert list(ctx.dir("export").iterdir()) == []  # nothing that looks like a result, no manifest
+
+
+@pytest.mark.parametrize("tries, said", [([], "after 1 mapping try"), ([{"kept": False}, {"kept": False}, {"kept": True}],
+                                                                        "after 3 mapping tries")])
+def test_a_weak_sfm_model_is_named_with_the_mapping_tries_it_took(tries, said):
+    weak = export.sfm_weakness({"registered_images": 5, "total_images": 10, "tries": tries})
+    assert said in weak and "placed 5 of 10 frames (the verified matches connect 10)" in weak
+
+
+def test_with_mesh_export_adds_a_mesh_rendered_at_the_training_resolution_and_says_how_it_fits(tmp_path, monkeypatch):
+    ctx = trained(tmp_path, {"train": {"max_side": 80}, "export": {"mesh": True, "mesh_resolution": 32}}, scene=True)
+    seen = []
+    real = mesh.build
+
+    def build(params, sh_degree, views, points, resolution, progress):
+        seen.append([tuple(v.image.shape[:2]) for v in views])
+        return real(params, sh_degree, views, points, resolution, progress)
+
+    monkeypatch.setattr(mesh, "build", build)
+    run_stage("export", export.run, ctx)
+    out = ctx.dir("export")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert seen == [[(60, 80)] * 9]  # every view, held-out ones too, at the training side (80), not the photos' 480
+    stats = metrics["mesh"]
+    loaded = trimesh.load(out / "mesh.ply", force="mesh")
+    assert (stats["vertices"], stats["faces"]) == (len(loaded.vertices), len(loaded.faces)) and stats["faces"] > 100
+    assert stats["resolution"] == 32 and stats["views"] == 9 and 0 <= stats["seconds"] < 300
+    points = np.array([p.xyz for p in pycolmap.Reconstruction(str(ctx.dir("sfm") / "undistorted" / "sparse")).points3D.values()])
+    assert stats["tolerance"] == pytest.approx(0.01 * mesh.extent(points), rel=1e-3)
+    assert 0 < stats["points_on_mesh"] <= 1 and 0 < stats["mesh_near_points"] <= 1
+    for fmt in ("ply", "glb"):
+        assert metrics["files"][f"mesh_{fmt}"] == {"file": f"mesh.{fmt}", "bytes": (out / f"mesh.{fmt}").stat().st_size}
+
+    monkeypatch.setattr(mesh, "build", lambda *args: None)  # this time no surface is seen
+    ctx.config = build_config({"preset": "tiny", "train": {"max_side": 80}, "export": {"mesh": True, "mesh_resolution": 33}})
+    with pytest.raises(QualityError, match="no surface could be fused"):
+        run_stage("export", export.run, ctx)
+    assert not list(out.glob("mesh.*"))  # the last run's mesh is not left to pass for this one's
