@@ -137,6 +137,9 @@ def test_previews_put_each_held_out_render_beside_its_photo_and_the_report_shows
         for y in (22, 100, 48 * 5 + 21):  # each fills its half below the 22-px caption band, to the last row
             assert image.getpixel((10, y)) == (200, 10 * i, 0) and image.getpixel((64 * 5 + 8 + 10, y)) == (0, 10 * i, 200)
         assert image.getpixel((10, 21)) == image.getpixel((64 * 5 + 8 + 10, 21)) == (255, 255, 255)
+        inked = [x for x in range(image.width) if any(image.getpixel((x, y)) != (255, 255, 255) for y in range(22))]
+        assert inked[0] < 10 and not [x for x in inked if 64 * 5 - 4 <= x < 64 * 5 + 8]  # each caption over its own half
+        assert [x for x in inked if 64 * 5 + 8 <= x < 64 * 5 + 20]
     assert json.loads((out / CAMERAS).read_text()) == {"cameras": [1, 2]}  # a viewer opens at a photo's viewpoint
 
     report = (out / "report.html").read_text()
@@ -206,7 +209,12 @@ def test_with_mesh_export_adds_a_mesh_rendered_at_the_training_resolution_and_sa
         return real(params, sh_degree, views, points, resolution, progress)
 
     monkeypatch.setattr(mesh, "build", build)
+    notes = []
+    ctx.progress = lambda fraction, note: notes.append((fraction, note))
     run_stage("export", export.run, ctx)
+    fractions = [f for f, _ in notes]
+    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] == 1.0  # the mesh's notes in order too
+    assert any(note.startswith("mesh: ") and 0.7 <= f <= 0.9 for f, note in notes)
     out = ctx.dir("export")
     metrics = json.loads((out / "metrics.json").read_text())
     assert seen == [[(60, 80)] * 9]  # every view, held-out ones too, at the training side (80), not the photos' 480
