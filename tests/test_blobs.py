@@ -74,17 +74,21 @@ def test_copy_prefix_copies_every_object_to_the_new_prefix_and_keeps_the_old(blo
     assert blobs.copy_prefix("results/none/", "results/m/") == [] and not blobs.exists_prefix("results/m/")
 
 
-def test_a_folder_uploaded_downloads_as_it_was(blobs, tmp_path):
+def test_a_folder_uploaded_downloads_as_it_was_again_and_again(blobs, tmp_path):
     src = tmp_path / "out"
-    (src / "previews").mkdir(parents=True)
+    (src / "previews" / "deep").mkdir(parents=True)
     (src / "splat.ply").write_bytes(b"ply")
-    (src / "previews" / "v.png").write_bytes(b"png")
+    (src / "previews" / "deep" / "v.png").write_bytes(b"png")
     keys = blobs.upload_dir(src, "results/j/")
-    assert sorted(keys) == ["results/j/previews/v.png", "results/j/splat.ply"]
-    got = blobs.download("results/j/", tmp_path / "dl")
-    assert (got / "splat.ply").read_bytes() == b"ply" and (got / "previews" / "v.png").read_bytes() == b"png"
+    assert sorted(keys) == ["results/j/previews/deep/v.png", "results/j/splat.ply"]
+    (src / "splat.ply").write_bytes(b"ply, trained longer")
+    assert sorted(blobs.upload_dir(src, "results/j/")) == sorted(keys)  # uploaded again over the first
+    for _ in range(2):  # downloaded twice into the same folder, which need not exist yet
+        got = blobs.download("results/j/", tmp_path / "new" / "dl")
+        assert (got / "splat.ply").read_bytes() == b"ply, trained longer"
+        assert (got / "previews" / "deep" / "v.png").read_bytes() == b"png"
     one = blobs.download("results/j/splat.ply", tmp_path / "one")
-    assert one.name == "splat.ply" and one.read_bytes() == b"ply"
+    assert one.name == "splat.ply" and one.read_bytes() == b"ply, trained longer"
 
 
 def test_s3_never_downloads_an_object_to_outside_the_folder_given(s3, tmp_path):
@@ -95,6 +99,11 @@ def test_s3_never_downloads_an_object_to_outside_the_folder_given(s3, tmp_path):
     with pytest.raises(Refused, match="outside"):
         blobs.download("uploads/u/", tmp_path / "dl")
     assert not (tmp_path / "escaped.txt").exists() and not list(tmp_path.rglob("escaped.txt"))
+    # a `..` that would land inside is refused too: S3 holds `v/../a` and `a` as two objects, one file here
+    blobs.write("uploads/v/a", b"a")
+    blobs.write("uploads/v/sub/../a", b"not a")
+    with pytest.raises(Refused):
+        blobs.download("uploads/v/", tmp_path / "dl2")
 
 
 def test_s3_links_open_the_object_and_never_outlive_sigv4s_seven_days(s3, moto_server):
@@ -147,6 +156,10 @@ def test_a_folder_refuses_every_key_that_leads_outside_it(tmp_path):
     assert blobs.exists("uploads/" + "n" * 300) is False  # a name the disk refuses names nothing
     assert blobs.exists_prefix("../outside/") is False and blobs.exists_prefix("uploads/") is False  # links not counted
     assert blobs.list("uploads/") == [] and blobs.usage("uploads/", 5) == (0, 0)
+    for i in range(20):  # beside the links, the files that are there are all counted
+        (home / "uploads" / f"f{i:02d}").write_bytes(b"x" * i)
+    assert blobs.usage("uploads/", 100) == (20, sum(range(20)))
+    assert sorted(blobs.list("uploads/")) == [f"uploads/f{i:02d}" for i in range(20)]
     with pytest.raises(Refused, match="not a plain file"):
         blobs.size("uploads")
 
@@ -182,6 +195,11 @@ def test_opening_beneath_a_folder_follows_no_link_on_the_way_or_at_the_end(tmp_p
     assert not (root / "b").exists()
     os.close(open_beneath(root, "b/c/new", os.O_WRONLY | os.O_CREAT))
     assert (root / "b" / "c" / "new").is_file()
+    with pytest.raises(FileNotFoundError):
+        walk_beneath(root, "d/e")  # a folder is made only when asked
+    assert not (root / "d").exists()
+    with pytest.raises(NotADirectoryError):
+        walk_beneath(root / "a" / "file", "")  # the root itself must be a folder
     fd = walk_beneath(root, "")
     try:
         assert sorted(os.listdir(fd)) == ["a", "b"]
