@@ -137,6 +137,9 @@ def test_previews_put_each_held_out_render_beside_its_photo_and_the_report_shows
         for y in (22, 100, 48 * 5 + 21):  # each fills its half below the 22-px caption band, to the last row
             assert image.getpixel((10, y)) == (200, 10 * i, 0) and image.getpixel((64 * 5 + 8 + 10, y)) == (0, 10 * i, 200)
         assert image.getpixel((10, 21)) == image.getpixel((64 * 5 + 8 + 10, 21)) == (255, 255, 255)
+        row = [image.getpixel((x, 100)) for x in range(image.width)]  # render | 8-px white gutter | photo, edge to edge
+        assert row[64 * 5 - 1] == (200, 10 * i, 0) and row[64 * 5: 64 * 5 + 8] == [(255, 255, 255)] * 8
+        assert row[64 * 5 + 8] == row[-1] == (0, 10 * i, 200)
         inked = [x for x in range(image.width) if any(image.getpixel((x, y)) != (255, 255, 255) for y in range(22))]
         assert inked[0] < 10 and not [x for x in inked if 64 * 5 - 4 <= x < 64 * 5 + 8]  # each caption over its own half
         assert [x for x in inked if 64 * 5 + 8 <= x < 64 * 5 + 20]
@@ -233,3 +236,13 @@ def test_with_mesh_export_adds_a_mesh_rendered_at_the_training_resolution_and_sa
     with pytest.raises(QualityError, match="no surface could be fused"):
         run_stage("export", export.run, ctx)
     assert not list(out.glob("mesh.*"))  # the last run's mesh is not left to pass for this one's
+
+
+@pytest.mark.parametrize("max_side, rendered", [(None, (300, 400)), (2000, (300, 400))])
+def test_the_mesh_s_views_are_never_rendered_larger_than_mesh_side(tmp_path, monkeypatch, max_side, rendered):
+    ctx = trained(tmp_path, {"train": {"max_side": max_side}, "export": {"mesh": True}}, scene=True)
+    seen = []
+    monkeypatch.setattr(mesh, "build", lambda params, sh, views, *rest: seen.append({tuple(v.image.shape[:2]) for v in views}))
+    with pytest.raises(QualityError):  # the spy builds nothing
+        run_stage("export", export.run, ctx)
+    assert seen == [{rendered}] and max(rendered) == export.MESH_SIDE  # the 480×360 photos, at 400 px at most
