@@ -168,3 +168,13 @@ def test_on_s3_the_run_works_in_its_cache_folder_on_the_media_it_downloaded(s3, 
     work = tmp_path / "cache" / "job-1"
     assert attempt.published == str(work) and (work / "export" / "splat.ply").is_file()
     assert (work / "media" / "clip.mp4").read_bytes() == b"\0" * 100
+
+
+def test_the_run_sees_the_deployment_s_extra_environment_and_a_new_daemon_finds_no_run_to_follow(home):
+    said = python("import os, sys; print(os.environ['CODSPLAT_DEVICE_NOTE'], os.environ['PATH'] != '', file=sys.stderr); "
+                  "sys.exit(1)")
+    executor = LocalExecutor(FolderBlobs(home), POLICY, home / "cache", worker=said, extra_env={"CODSPLAT_DEVICE_NOTE": "cpu-only"})
+    attempt, ended = run(executor, job())
+    assert ended.get(timeout=60).message == "cpu-only True"  # added to the daemon's environment, not in place of it
+    assert executor.find(job(), attempt) is False  # a run is never resumed: the next submit stops it and resumes its stages
+    assert executor.finishes_record is False and executor.name == "local"
