@@ -138,7 +138,7 @@ def test_previews_put_each_held_out_render_beside_its_photo_and_the_report_shows
             assert image.getpixel((10, y)) == (200, 10 * i, 0) and image.getpixel((64 * 5 + 8 + 10, y)) == (0, 10 * i, 200)
         assert image.getpixel((10, 21)) == image.getpixel((64 * 5 + 8 + 10, 21)) == (255, 255, 255)
         row = [image.getpixel((x, 100)) for x in range(image.width)]  # render | 8-px white gutter | photo, edge to edge
-        assert row[64 * 5 - 1] == (200, 10 * i, 0) and row[64 * 5: 64 * 5 + 8] == [(255, 255, 255)] * 8
+        assert row[0] == row[64 * 5 - 1] == (200, 10 * i, 0) and row[64 * 5: 64 * 5 + 8] == [(255, 255, 255)] * 8
         assert row[64 * 5 + 8] == row[-1] == (0, 10 * i, 200)
         inked = [x for x in range(image.width) if any(image.getpixel((x, y)) != (255, 255, 255) for y in range(22))]
         assert inked[0] < 10 and not [x for x in inked if 64 * 5 - 4 <= x < 64 * 5 + 8]  # each caption over its own half
