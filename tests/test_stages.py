@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from codsplat.pipeline import stages
 from codsplat.pipeline.config import build_config
 from codsplat.pipeline.contract import MANIFEST, PROGRESS, RUN_LOG, STAGES
 from codsplat.pipeline.errors import InputError
@@ -171,3 +175,43 @@ def test_a_run_summary_reads_a_stage_from_its_results_or_else_from_its_folder(ct
     other = RunSummary(ctx.work)
     assert other.manifest("frames") == ran.manifest and other.manifest("sfm") is None
     assert os.path.isdir(ctx.work)
+
+
+def test_where_proc_cannot_be_read_the_peak_comes_from_getrusage(monkeypatch):
+    class Unreadable:
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            raise PermissionError("/proc is not mounted here")
+
+    monkeypatch.setattr(stages, "Path", Unreadable)
+    assert process_peak_rss() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+class FakeCuda:
+    """What a stage reads of torch.cuda on a GPU machine: its peak since the last reset."""
+
+    def __init__(self):
+        self.resets = 0
+
+    def is_available(self):
+        return True
+
+    def reset_peak_memory_stats(self):
+        self.resets += 1
+
+    def max_memory_allocated(self):
+        return 3 * 2**20 if self.resets else 99 * 2**20  # the peak of an earlier stage, until reset
+
+
+def test_a_stage_that_trained_on_a_gpu_records_its_own_gpu_peak(ctx, monkeypatch):
+    cuda = FakeCuda()
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    manifest = run_stage("frames", stage("frames", "a.png"), ctx).manifest
+    assert manifest["peak_gpu_mb"] == 3.0 and cuda.resets == 1
+    monkeypatch.setattr(cuda, "is_available", lambda: False)  # torch loaded, no GPU
+    assert run_stage("frames", stage("frames", "a.png"), ctx, force=True).manifest["peak_gpu_mb"] is None
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # a stage that never loaded torch does not load it to ask
+    assert run_stage("frames", stage("frames", "a.png"), ctx, force=True).manifest["peak_gpu_mb"] is None
+    assert "torch" not in sys.modules
