@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from codsplat.orchestrator.compute import Attempt, attempt_name
-from codsplat.orchestrator.executors.sagemaker import (AROUND_THE_LOOP, ASL_PATH, HISTORY_LIMIT, SageMakerExecutor,
-                                                      history_events, longest_followed_seconds)
+from codsplat.orchestrator.executors.sagemaker import (AROUND_THE_LOOP, ASL_PATH, HISTORY_LIMIT, POLL_GROWTH,
+                                                      SageMakerExecutor, history_events, longest_followed_seconds)
 from codsplat.orchestrator.job import parse_job
 from codsplat.orchestrator.provision import provision
 from codsplat.orchestrator.records import FAILED, RUNNING, DynamoStore, JobRecord, change
@@ -284,10 +284,9 @@ def test_training_jobs_run_isolated_from_the_network_under_the_job_s_time_limit(
     assert described["CheckpointConfig"]["S3Uri"] == f"s3://{rig.bucket}/results/completed/"
 
 
-def test_the_longest_allowed_job_stays_inside_the_execution_history_limit():
-    """Walk the polling loop of the ASL as an execution would, with the intervals the daemon hands it
-    (execution_input's poll: read, not assumed), every look the longer way round, for the longest job
-    the default settings allow plus SageMaker's hour: the history stays under 25,000 events."""
+def events_to_follow(poll: dict, seconds: float) -> tuple[int, float]:
+    """Walk the polling loop of the ASL as an execution would, from its first interval `poll` (wait,
+    step, cap), every look the longer way round, until `seconds` have passed: (events, seconds passed)."""
     states = json.loads(ASL_PATH.read_text())["States"]
     assert states["Wait"]["Next"] == "DescribeTrainingJob" and states["DescribeTrainingJob"]["Next"] == "Ended?"
     assert states["Ended?"]["Default"] == "Looked" and states["Looked"]["Next"] == "Slower?"
@@ -296,18 +295,37 @@ def test_the_longest_allowed_job_stays_inside_the_execution_history_limit():
     look = max(sum(history_events(states[s]) for s in ("Wait", "DescribeTrainingJob", "Ended?", "Looked", "Slower?")),
                sum(history_events(states[s]) for s in ("Wait", "DescribeTrainingJob", "KeepFollowing?", "MissedOne"))
                + 3 * states["DescribeTrainingJob"]["Retry"][0]["MaxAttempts"])
+    poll, elapsed, events = dict(poll), 0, AROUND_THE_LOOP
+    while elapsed < seconds:
+        elapsed, events = elapsed + poll["wait"], events + look
+        if poll["wait"] < poll["cap"]:  # Slower
+            poll["wait"], events = poll["wait"] + poll["step"], events + history_events(states["Slower"])
+    return events, elapsed
+
+
+def test_the_longest_allowed_job_stays_inside_the_execution_history_limit():
+    """The longest job the default settings allow plus SageMaker's hour, followed with the intervals the
+    daemon hands the execution (execution_input's poll: read, not assumed): under 25,000 events."""
+    longest_followed_seconds.cache_clear()  # computed here, not remembered from another test
     settings = Settings(bucket="codsplat-data", state_machine_arn="arn:aws:states:us-east-1:1:stateMachine:m")
     job = parse_job({"version": 1, "id": "long", "input": "s3://codsplat-data/uploads/a.mp4",
                      "compute": {"max_runtime_minutes": settings.max_runtime_minutes}}, settings.policy)
     given = SageMakerExecutor(None, None, settings).execution_input(job, Attempt("sagemaker", "all", 1, "long-sm-1"))
-    poll, elapsed, events = dict(given["poll"]), 0, AROUND_THE_LOOP
-    while elapsed < given["max_runtime_seconds"] + SAGEMAKER_OVERHEAD_SECONDS:
-        elapsed, events = elapsed + poll["wait"], events + look
-        if poll["wait"] < poll["cap"]:  # Slower
-            poll["wait"], events = poll["wait"] + poll["step"], events + history_events(states["Slower"])
+    events, elapsed = events_to_follow(given["poll"], given["max_runtime_seconds"] + SAGEMAKER_OVERHEAD_SECONDS)
     print(f"{events} events for {elapsed / 3600:.0f} h; the code's bound: {longest_followed_seconds(settings.fallback_poll_seconds) / 3600:.0f} h")
     assert events <= HISTORY_LIMIT
-    assert longest_followed_seconds(settings.fallback_poll_seconds) >= elapsed - poll["cap"]
+    assert longest_followed_seconds(settings.fallback_poll_seconds) >= elapsed - given["poll"]["cap"]
+
+
+@pytest.mark.parametrize("poll", [1, 7, 20, 60, 300])
+def test_the_longest_job_the_fallback_says_it_can_follow_fits_the_history_and_a_little_longer_would_not(poll):
+    """The bound settings validation trusts, against a walk of the ASL: following a job that long stays
+    inside the 25,000 events, and following it one longest interval longer does not."""
+    longest_followed_seconds.cache_clear()
+    longest = longest_followed_seconds(poll)
+    intervals = {"wait": poll, "step": poll, "cap": poll * POLL_GROWTH}
+    assert events_to_follow(intervals, longest)[0] <= HISTORY_LIMIT
+    assert events_to_follow(intervals, longest + poll * POLL_GROWTH)[0] > HISTORY_LIMIT
 
 
 @pytest.mark.parametrize("minutes", [10, 24 * 60, 3 * 24 * 60])
@@ -317,6 +335,7 @@ def test_a_poll_interval_that_cannot_follow_the_longest_job_is_refused_naming_th
     from codsplat.orchestrator.settings import load_settings
     from codsplat.pipeline.errors import InputError
 
+    longest_followed_seconds.cache_clear()
     needed = minutes * 60 * 3 + SAGEMAKER_OVERHEAD_SECONDS
     least = next(p for p in range(1, 3601) if longest_followed_seconds(p) >= needed)
     env = {"CODSPLAT_MAX_RUNTIME_MINUTES": str(minutes)}

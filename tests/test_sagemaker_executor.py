@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from codsplat.orchestrator.compute import Attempt, CannotRun
-from codsplat.orchestrator.executors.sagemaker import POLL_GROWTH, SageMakerExecutor
+from codsplat.orchestrator.executors.sagemaker import POLL_GROWTH, SageMakerExecutor, history_events
 from codsplat.orchestrator.job import parse_job
 from codsplat.orchestrator.settings import Settings
 from codsplat.pipeline.contract import OUTCOME_FILE, decode_settings
@@ -85,6 +85,7 @@ def test_starting_an_attempt_twice_starts_one_execution_which_a_restarted_daemon
     again = Attempt("sagemaker", "all", 1, "fb-job-sm-a1")
     executor.submit(job(), again, {})  # a daemon that died after starting it, before recording so
     assert again.remote_id == arn
+    assert executor.finishes_record  # the state machine writes the record's end and sends the message, not the daemon
     executions = sfn.list_executions(stateMachineArn=executor.settings.state_machine_arn)["executions"]
     assert [e["name"] for e in executions] == ["fb-job-sm-a1"]
     found = Attempt("sagemaker", "all", 1, "fb-job-sm-a1")
@@ -112,6 +113,8 @@ def test_only_an_execution_that_failed_timed_out_or_was_aborted_left_its_record_
         time.sleep(0.1)
     said = executor.abandoned(attempt)
     assert said.startswith("failed (Codsplat.EndNotWritten: history limit xxx") and len(said) == len("failed ()") + 300
+    # an attempt recorded before its execution's id was (a daemon that died between the two): found by its name
+    assert executor.abandoned(Attempt("sagemaker", "all", 1, "failed-sm-a1")) == said
 
     waiting, sfn, _ = rig(WAITS)
     attempt = Attempt("sagemaker", "all", 1, "waits-sm-a1")
@@ -142,3 +145,32 @@ def test_a_stop_stops_the_training_job_and_one_not_made_yet_or_ended_is_no_error
     assert sm.describe_training_job(TrainingJobName="stop-sm-a1")["TrainingJobStatus"] == "Stopped"
     executor.stop(Attempt("sagemaker", "all", 1, "stop-sm-a1"), "cancelled")  # ended: SageMaker refuses, nothing to do
     executor.stop(Attempt("sagemaker", "all", 1, "unmade-sm-a1"), "cancelled")
+
+
+def test_each_kind_of_state_adds_to_an_execution_s_history_what_step_functions_records(rig):
+    """history_events, which bounds how long the fallback can follow a job, against an execution's own
+    history: a Task (an AWS SDK call, as the fallback's are), a Wait, a Choice and a Pass."""
+    executor, sfn, _ = rig({
+        "Pass": {"Type": "Pass", "Next": "Wait"},
+        "Wait": {"Type": "Wait", "Seconds": 0, "Next": "Task"},
+        "Task": {"Type": "Task", "Resource": "arn:aws:states:::aws-sdk:s3:listBuckets", "Parameters": {}, "Next": "Choice"},
+        "Choice": {"Type": "Choice", "Choices": [{"Variable": "$.Buckets", "IsPresent": True, "Next": "Done"}],
+                   "Default": "Done"},
+        "Done": {"Type": "Succeed"}})
+    arn = sfn.start_execution(stateMachineArn=executor.settings.state_machine_arn, name="count", input="{}")["executionArn"]
+    for _ in range(100):
+        if sfn.describe_execution(executionArn=arn)["status"] != "RUNNING":
+            break
+        time.sleep(0.1)
+    assert sfn.describe_execution(executionArn=arn)["status"] == "SUCCEEDED"
+    counted, current = {}, None
+    for event in sfn.get_execution_history(executionArn=arn, maxResults=1000)["events"]:
+        kind = event["type"]
+        if kind.endswith("StateEntered"):
+            current = kind[: -len("StateEntered")]
+            counted[current] = 0
+        if current:
+            counted[current] += 1
+        if kind.endswith("StateExited"):
+            current = None
+    assert counted == {kind: history_events({"Type": kind}) for kind in ("Pass", "Wait", "Task", "Choice", "Succeed")}
