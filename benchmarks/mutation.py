@@ -9,8 +9,8 @@
 
 Each module is mutated, one mutant at a time, in a scratch copy of the working tree (so the tree
 stays editable meanwhile). Its test files run once under coverage first, subprocesses included, to
-map which tests reach each line; each mutant then runs the tests that reach its line, fastest first,
-stopping at the first failure. The copy is imported as `codsplat` through a shim on PYTHONPATH, so
+map which tests reach each line; each mutant then runs the tests that reach its line, cheapest first
+(a test's own time plus the set-up of the shared fixtures it uses), stopping at the first failure. The copy is imported as `codsplat` through a shim on PYTHONPATH, so
 the tests' subprocesses (daemons, pipeline stages) run the mutant too. cosmic-ray rather than
 mutmut: mutmut 3 names mutants by file path, and our folders install as `codsplat.*`; and it only
 sees calls made in the pytest process, where most of our promises are kept in subprocesses.
