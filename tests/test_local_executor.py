@@ -19,7 +19,7 @@ import pytest
 from codsplat.orchestrator.blobs import FolderBlobs, S3Blobs
 from codsplat.orchestrator.compute import Attempt, CannotRun, Ending, Result
 from codsplat.orchestrator.executors import local
-from codsplat.orchestrator.executors.local import LocalExecutor, run_outcome
+from codsplat.orchestrator.executors.local import LocalExecutor, _at_stage, run_outcome
 from codsplat.orchestrator.job import parse_job
 from codsplat.orchestrator.settings import Settings
 
@@ -147,8 +147,9 @@ def test_a_run_that_cannot_start_ends_the_job_saying_why(home, tmp_path_factory)
     (home / "results").mkdir()
     (home / "results" / "job-1").write_text("a file where the job's folder goes")
     executor = LocalExecutor(FolderBlobs(home), POLICY, home / "cache", worker=STUB)
-    with pytest.raises(CannotRun, match="its run could not start: .*results/job-1"):
+    with pytest.raises(CannotRun) as caught:
         executor.submit(job(), Attempt("local", "all", 1, "job-1-a1"), {})
+    assert caught.value.reason == f"its run could not start: File exists ({(home / 'results' / 'job-1').resolve()})"
     outside = tmp_path_factory.mktemp("outside")
     (home / "results" / "job-2").symlink_to(outside)
     with pytest.raises(CannotRun, match="its run could not start: .*leads outside"):
@@ -178,3 +179,64 @@ def test_the_run_sees_the_deployment_s_extra_environment_and_a_new_daemon_finds_
     assert ended.get(timeout=60).message == "cpu-only True"  # added to the daemon's environment, not in place of it
     assert executor.find(job(), attempt) is False  # a run is never resumed: the next submit stops it and resumes its stages
     assert executor.finishes_record is False and executor.name == "local"
+
+
+def test_a_run_whose_pid_file_is_gone_when_it_ends_still_ends_by_its_own_outcome(home):
+    forgets = python("import os, subprocess, sys, time; time.sleep(0.5); out = sys.argv[sys.argv.index('--out') + 1]; "
+                     "os.remove(os.path.join(out, '.run.pid')); "
+                     f"sys.exit(subprocess.call([{STUB[0]!r}, {STUB[1]!r}, *sys.argv[1:]]))")
+    executor = LocalExecutor(FolderBlobs(home), POLICY, home / "cache", worker=forgets)
+    assert run(executor, job())[1].get(timeout=60).ending is Ending.SUCCEEDED
+
+
+def test_a_stop_after_the_run_ended_and_a_pid_that_leads_no_group_are_no_errors(home):
+    executor = LocalExecutor(FolderBlobs(home), POLICY, home / "cache", worker=python("pass"))
+    attempt = Attempt("local", "all", 1, "job-1-a1")
+    executor.submit(job(), attempt, {})
+    os.waitpid(int(attempt.remote_id), 0)  # ended and reaped before anyone stops it
+    executor.stop(attempt, "cancelled")
+
+    work = home / "results" / "job-1"
+    member = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "--out", str(work)])  # in our group
+    try:
+        (work / ".run.pid").write_text(str(member.pid))  # names the folder, but no group of its own to stop
+        assert run(LocalExecutor(FolderBlobs(home), POLICY, home / "cache", worker=STUB), job(), 2)[1].get(timeout=60).ending \
+            is Ending.SUCCEEDED
+    finally:
+        member.kill()
+        member.wait()
+
+
+def test_a_daemon_that_exits_does_not_wait_for_the_runs_it_was_following(home):
+    """The waiting threads are daemon threads: a daemon that stops leaves its runs behind (the next one stops
+    them and resumes their jobs from the stages they finished)."""
+    script = (f"import sys; sys.path[:0] = {sys.path!r}\n"
+              "from pathlib import Path\n"
+              "from codsplat.orchestrator.blobs import FolderBlobs\n"
+              "from codsplat.orchestrator.compute import Attempt\n"
+              "from codsplat.orchestrator.executors.local import LocalExecutor\n"
+              "from codsplat.orchestrator.job import parse_job\n"
+              "from codsplat.orchestrator.settings import Settings\n"
+              f"home = Path({str(home)!r}); policy = Settings().policy\n"
+              "executor = LocalExecutor(FolderBlobs(home), policy, home / 'cache', "
+              "worker=[sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "document = parse_job({'version': 1, 'id': 'job-1', 'input': 'uploads/clip.mp4'}, policy)\n"
+              "attempt = Attempt('local', 'all', 1, 'job-1-a1')\n"
+              "executor.submit(document, attempt, {}); executor.watch(document, attempt, print)\n"
+              "print(attempt.remote_id, flush=True)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0 and time.monotonic() - started < 30, done.stderr
+    run_pid = int(done.stdout.split()[0])
+    os.kill(run_pid, 0)  # the run goes on
+    os.killpg(run_pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("written, stage, at", [
+    ('{"stage": "sfm", "fraction": 0.3}', "sfm", True), ('{"stage": "sfm"}', "train", False),
+    (None, "sfm", False), ("{half", "sfm", False), ('{"fraction": 0.3}', "sfm", False),
+])
+def test_the_crash_tests_know_which_stage_a_run_is_in_from_its_progress_file(tmp_path, written, stage, at):
+    if written is not None:
+        (tmp_path / "progress.json").write_text(written)
+    assert _at_stage(tmp_path, stage) is at
