@@ -49,8 +49,9 @@ def test_a_stage_that_ran_leaves_a_manifest_of_what_it_did(ctx):
     assert manifest["fingerprint"] == fingerprint(ctx, "frames")
     assert manifest["settings"] == ctx.config.section("frames")
     assert manifest["outputs"] == ["a.png", "sub/b.png"]  # every file it wrote, not its own manifest
-    assert manifest["seconds"] >= 0 and manifest["peak_gpu_mb"] is None
+    assert 0 <= manifest["seconds"] < 60 and manifest["peak_gpu_mb"] is None  # the stage's own time, not a clock reading
     assert 0 < manifest["peak_rss_mb"] <= manifest["process_peak_rss_mb"] + 1
+    assert manifest["process_peak_rss_mb"] <= process_peak_rss() / 2**20 + 1  # in MB, as high as the process has been
     assert not list(ctx.dir("frames").glob("*.tmp"))
     logged = [json.loads(line) for line in (ctx.work / RUN_LOG).read_text().splitlines()]
     assert logged == [{"stage": "frames", "fingerprint": manifest["fingerprint"], "finished_at": manifest["finished_at"],
@@ -129,9 +130,20 @@ def test_content_hashes_see_names_and_bytes_but_not_links(tmp_path):
     (folder / "a.jpg").write_bytes(b"A" * 2_999_999 + b"a")
     assert hash_path(folder) != renamed
     assert hash_path(folder / "a.jpg") != hash_path(folder / "sub" / "c.jpg")
+    here = hash_path(folder)
+    folder.rename(tmp_path / "renamed")
+    assert hash_path(tmp_path / "renamed") == here  # a folder's hash is of what is in it, whatever it is called
+    (tmp_path / "renamed").rename(folder)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "a.jpg").write_bytes(b"A" * 2_999_999 + b"a")
     assert hash_path(tmp_path / "other" / "a.jpg") == hash_path(folder / "a.jpg")  # a file: its name and bytes
+    (tmp_path / "other" / "a.jpg").rename(tmp_path / "other" / "b.jpg")
+    assert hash_path(tmp_path / "other" / "b.jpg") != hash_path(folder / "a.jpg")
+
+
+def test_a_fingerprint_does_not_depend_on_the_order_keys_are_listed():
+    assert stages.hash_json({"a": 1, "b": {"c": 2, "d": 3}}) == stages.hash_json({"b": {"d": 3, "c": 2}, "a": 1})
+    assert stages.hash_json({"a": 1}) != stages.hash_json({"a": 2})
 
 
 def test_progress_is_written_whole_at_most_once_a_period_and_always_at_a_stage_s_end(tmp_path):
