@@ -65,7 +65,7 @@ MODULES: dict[str, Module] = {
                                                   "test_daemon_embedded"]),
     "blobs": Module("orchestrator/blobs.py", ["test_blobs", "test_intake", "test_lifecycle", "test_console_api", "test_daemon_aws"]),
     "translate": Module("orchestrator/translate.py", ["test_bacalhau_client", "test_job", "test_entrypoint"]),
-    "executor_bacalhau": Module("orchestrator/executors/bacalhau.py", ["test_bacalhau_outcomes", "test_bacalhau_client", "test_daemon_aws"]),
+    "executor_bacalhau": Module("orchestrator/executors/bacalhau.py", ["test_bacalhau_outcomes", "test_bacalhau_watcher", "test_bacalhau_client", "test_daemon_aws"]),
     "executor_local": Module("orchestrator/executors/local.py", ["test_local_executor", "test_daemon_embedded", "test_daemon_ops"]),
     "executor_sagemaker": Module("orchestrator/executors/sagemaker.py", ["test_sagemaker_executor", "test_fallback"]),
     "config": Module("pipeline/config.py", ["test_config", "test_job", "test_hostile"]),

@@ -118,7 +118,7 @@ def test_a_completed_job_ends_as_its_last_completed_execution_s_exit_says():
     assert (result.ending, result.exit_code, result.stage, result.message) == (
         Ending.USER_ERROR, 2, "frames", "Input a.mp4 has only 1 frame")
 
-    said = execution(E.COMPLETED, 1, exit_code=139, stderr="loading\nerror: CUDA out of memory\nerror: gave up\ntrailing")
+    said = execution(E.COMPLETED, 1, exit_code=139, stderr="loading\nerror: CUDA out of memory\nerror: retrying on the CPU\nerror: gave up\ntrailing")
     result = result_of(job(JobState.COMPLETED, said))
     assert result.ending is Ending.CRASHED and result.message == "gave up"  # the last `error: ` line of its stderr
     quiet = execution(E.COMPLETED, 1, exit_code=137, stderr="  " + "x" * 600 + "  ")
