@@ -372,6 +372,22 @@ def test_at_start_a_refused_key_stops_the_daemon_and_an_unreachable_network_does
     assert "unreachable at start" in caplog.text
 
 
+@pytest.mark.parametrize("refusal, raised, said", [
+    (Unauthorized(403, "the key may not submit"), Misconfigured, "the key may not submit"),
+    (Unavailable(503, "connection reset"), CannotRun, "Bacalhau is unreachable: connection reset"),
+])
+def test_a_submission_the_network_refuses_says_why_and_names_the_stage(server, refusal, raised, said):
+    """A refused key stops the daemon taking jobs; an unreachable network hands the job on."""
+    document = job_document(compute={"split_stages": True})
+    attempt = Attempt.new("bacalhau", document.id, "preprocess", 1)
+    server.fail["submit"] = [refusal]
+    with pytest.raises(raised, match=said) as caught:
+        BacalhauExecutor(server, Settings()).submit(document, attempt, {})
+    assert attempt.remote_id is None and attempt.published is None
+    if raised is CannotRun:
+        assert caught.value.stage == "preprocess"
+
+
 def test_an_attempt_is_found_again_only_where_bacalhau_has_it(server):
     executor, document = BacalhauExecutor(server, Settings()), job_document()
     attempt = Attempt.new("bacalhau", document.id, "all", 1)
