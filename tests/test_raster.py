@@ -285,3 +285,31 @@ def test_gradients_match_finite_differences_on_a_smooth_scene():
             assert want.abs().max() > 0, name
             error = ((got.double() - want).abs().max() / want.abs().max()).item()
             assert error < rtol, f"{kernels.name} {dtype} {name}: {error:.1e}"
+
+
+def test_a_gaussian_is_skipped_where_its_sigma_is_negative_by_both_passes():
+    """The compositing contract (raster.py): where a Gaussian's sigma is negative (its conic is not
+    positive definite, as rounding can leave a needle's) it adds nothing to the pixel, and so takes no
+    gradient there. The compiled backward must skip what the compiled forward skipped."""
+    from codsplat.pipeline import raster, raster_cpu
+
+    size, depths = 16, torch.tensor([1.0, 2.0])
+    radii = torch.tensor([[8, 8], [8, 8]], dtype=torch.int32)
+    inputs = (torch.tensor([[8.0, 8.0], [7.5, 8.5]]),
+              torch.tensor([[0.05, 0.12, 0.05], [0.02, 0.0, 0.02]]),  # the front one's conic is indefinite
+              torch.tensor([0.6, 0.8]), torch.tensor([[1.0, 0.2, 0.1], [0.1, 0.3, 0.9]]))
+    px = torch.arange(size) + 0.5 - 8.0
+    dx, dy = px[None, :], px[:, None]
+    sigma = 0.5 * 0.05 * (dx * dx + dy * dy) + 0.12 * dx * dy
+    assert (sigma < 0).sum() > 20 and (sigma >= 0).sum() > 20, "it is skipped on one diagonal, drawn on the other"
+    weights = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(9))
+    out = []
+    for composite in (raster.composite, raster_cpu.composite):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        image, alpha = composite(*leaves, depths, radii, size, size, 8)
+        ((image * weights).sum() + alpha.sum()).backward()
+        out.append((image.detach(), [leaf.grad for leaf in leaves]))
+    (ref_image, ref_grads), (image, grads) = out
+    torch.testing.assert_close(image, ref_image, atol=IMAGE_ATOL, rtol=0)
+    for name, r, g in zip(("means2d", "conics", "opacities", "colors"), ref_grads, grads):
+        torch.testing.assert_close(g, r, atol=GRAD_RTOL * float(r.abs().max()), rtol=0, msg=name)
