@@ -290,12 +290,13 @@ def test_gradients_match_finite_differences_on_a_smooth_scene():
 def test_a_gaussian_is_skipped_where_its_sigma_is_negative_by_both_passes():
     """The compositing contract (raster.py): where a Gaussian's sigma is negative (its conic is not
     positive definite, as rounding can leave a needle's) it adds nothing to the pixel, and so takes no
-    gradient there. The compiled backward must skip what the compiled forward skipped."""
+    gradient there; where it is exactly 0 (a pixel centre on the mean) it counts. The compiled backward
+    must skip what the compiled forward skipped, and only that."""
     from codsplat.pipeline import raster, raster_cpu
 
     size, depths = 16, torch.tensor([1.0, 2.0])
     radii = torch.tensor([[8, 8], [8, 8]], dtype=torch.int32)
-    inputs = (torch.tensor([[8.0, 8.0], [7.5, 8.5]]),
+    inputs = (torch.tensor([[8.0, 8.0], [7.5, 8.5]]),  # the second on the centre of pixel (7, 8): sigma 0 there
               torch.tensor([[0.05, 0.12, 0.05], [0.02, 0.0, 0.02]]),  # the front one's conic is indefinite
               torch.tensor([0.6, 0.8]), torch.tensor([[1.0, 0.2, 0.1], [0.1, 0.3, 0.9]]))
     px = torch.arange(size) + 0.5 - 8.0
