@@ -301,7 +301,8 @@ def test_a_gaussian_is_skipped_where_its_sigma_is_negative_by_both_passes():
               torch.tensor([0.6, 0.8]), torch.tensor([[1.0, 0.2, 0.1], [0.1, 0.3, 0.9]]))
     px = torch.arange(size) + 0.5 - 8.0
     dx, dy = px[None, :], px[:, None]
-    sigma = 0.5 * 0.05 * (dx * dx + dy * dy) + 0.12 * dx * dy
+    a, b, c = inputs[1][0].tolist()
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
     assert (sigma < 0).sum() > 20 and (sigma >= 0).sum() > 20, "it is skipped on one diagonal, drawn on the other"
     weights = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(9))
     out = []
